@@ -1,0 +1,3 @@
+from attribindex.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""The `attribindex` command line: parse, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from attribindex.errors import AttribIndexError
+
+
+class _Group(click.Group):
+    """Turns AttribIndexError into one clean error line (exit code 2) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AttribIndexError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="attribindex")
+def main() -> None:
+    """Training-data attribution at corpus scale: LoGra gradients in a FAISS index.
+
+    \b
+    Typical use:
+      attribindex build --config tiny --model ./my-model --data corpus.jsonl --out my-index
+      attribindex query my-index --text "a model output" -k 5
+    """
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, help="YAML config file, or a preset name from index_configs/.")
+@click.option("--model", required=True, help="Model folder (save_pretrained) or hub id.")
+@click.option(
+    "--data", required=True, help="A .jsonl file, a folder of .txt files, a saved HF dataset, or a hub dataset."
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Index folder to create.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text (jsonl / datasets).")
+@click.option("--id-field", default=None, help="Field holding a stable id (default: content hash of the text).")
+@click.option("--split", default="train", show_default=True, help="Dataset split (HF datasets).")
+@click.option("--limit", type=int, default=None, help="Index only the first N documents.")
+@click.option("--max-length", type=int, default=None, help="Truncate documents to N tokens (overrides the config).")
+@click.option("--batch-size", type=int, default=None, help="Examples per forward+backward (overrides the config).")
+@click.option("--skip-empty", is_flag=True, help="Leave out documents that tokenise to nothing instead of failing.")
+@click.option("--overwrite", is_flag=True, help="Replace an index already in --out.")
+def build(
+    config_path, model, data, out, text_field, id_field, split, limit, max_length, batch_size, skip_empty, overwrite
+):
+    """Build an attribution index over a corpus.
+
+    \b
+    Example:
+      attribindex build --config index_configs/tiny.yaml --model ./tiny-gpt2 \\
+          --data corpus.jsonl --id-field id --out my-index
+    """
+    from attribindex.config import load_config
+    from attribindex.pipeline import build_index
+
+    config = load_config(config_path)
+    overrides = {k: v for k, v in {"max_length": max_length, "batch_size": batch_size}.items() if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, extract=_replace_checked(config.extract, overrides))
+    summary = build_index(
+        config,
+        model,
+        data,
+        out,
+        text_field=text_field,
+        id_field=id_field,
+        split=split,
+        limit=limit,
+        overwrite=overwrite,
+        skip_empty=skip_empty,
+    )
+    click.echo(summary.format())
+
+
+def _replace_checked(section, overrides: dict):
+    from attribindex.config import config_from_dict, config_to_dict
+
+    return config_from_dict(type(section), config_to_dict(section) | overrides, where="command-line options")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, help="A query text (repeatable).")
+@click.option("--prompt", default=None, help="Prompt of a (prompt, completion) query; only completion tokens count.")
+@click.option("--completion", default=None, help="Completion of a (prompt, completion) query.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Number of most influential examples.")
+@click.option("--bottom", type=int, default=0, show_default=True, help="Number of least influential examples.")
+@click.option("--model", default=None, help="Use this model folder instead of the one recorded in the index.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--width", type=int, default=100, show_default=True, help="Characters of text shown per result.")
+def query(index_dir, texts, prompt, completion, k, bottom, model, as_json, width):
+    """Find the training examples that most influenced a text.
+
+    \b
+    Examples:
+      attribindex query my-index --text "Now is the winter of our discontent" -k 5
+      attribindex query my-index --prompt "Q: Who killed Duncan?\\nA:" --completion " Macbeth" --bottom 3
+      attribindex query my-index --text "first" --text "second" --json
+    """
+    from attribindex.data import PromptCompletion
+    from attribindex.query import AttributionIndex
+
+    queries: list = list(texts)
+    if (prompt is None) != (completion is None):
+        raise click.UsageError("--prompt and --completion go together; give both.")
+    if prompt is not None:
+        queries.append(PromptCompletion(prompt, completion))
+    if not queries:
+        raise click.UsageError("give at least one --text, or --prompt with --completion.")
+    index = AttributionIndex.open(index_dir, model=model)
+    answer = index.attribute(queries, k=k, bottom=bottom)
+    if as_json:
+        click.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
+        return
+    for result in answer.results:
+        shown = result.query if isinstance(result.query, str) else f"{result.query.prompt} ⟶ {result.query.completion}"
+        click.secho(f"\nquery: {_clip(shown, width)}   (loss {result.loss:.2f})", bold=True)
+        for title, attributions in (("most influential", result.top), ("least influential", result.bottom)):
+            if attributions:
+                click.echo(f"  {title}:")
+            for rank, a in enumerate(attributions, start=1):
+                click.echo(f"  {rank:3d}. {a.score:+.4f}  {a.id}  {_clip(a.text, width)}")
+    click.echo(
+        f"\n{answer.index_id}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms ({answer.mode}, exact)"
+    )
+
+
+def _clip(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def info(index_dir, as_json):
+    """Summarise an index: rows, dims, model, Hessian, sizes on disk.
+
+    \b
+    Example:
+      attribindex info my-index
+    """
+    from attribindex.store import read_manifest
+
+    manifest = read_manifest(index_dir)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    sizes: dict[str, int] = {}
+    for path in index_dir.rglob("*"):
+        if path.is_file():
+            top = path.relative_to(index_dir).parts[0]
+            sizes[top] = sizes.get(top, 0) + path.stat().st_size
+    modules = manifest["modules"]
+    hessian = manifest["hessian"]
+    lines = [
+        f"index        {manifest['index_id']}  (format v{manifest['format_version']}, created {manifest['created']})",
+        f"rows         {manifest['rows']:,}  in {len(manifest['store']['chunks'])} chunks ({manifest['store']['dtype']})",
+        f"vector       {manifest['dim']:,} dims from {len(modules)} modules, rank {modules[0]['rank_out']}×{modules[0]['rank_in']}",
+        f"model        {manifest['model']['name_or_path']} ({manifest['model']['class']})",
+        f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples",
+        f"scores       {manifest['normalization']}  ({manifest['index']['kind']} {manifest['index']['metric']} index)",
+        f"projection   seed {manifest['projection']['seed']}, {manifest['projection']['hash'][:23]}…",
+        "on disk      " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())),
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("demo-index"),
+    show_default=True,
+    help="Where the demo index goes.",
+)
+@click.option("--speeches", type=int, default=None, help="Number of Shakespeare speeches to index (default: preset).")
+@click.option("--overwrite/--reuse", default=False, help="Rebuild an existing demo index instead of reusing it.")
+def demo(out, speeches, overwrite):
+    """Build a demo index (SmolLM2-135M on Shakespeare) offline and answer a few queries.
+
+    \b
+    Example:
+      attribindex demo --speeches 400
+    """
+    from attribindex.demo import run_demo
+
+    run_demo(out, speeches=speeches, overwrite=overwrite)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Typed build configuration and YAML presets."""
+
+from attribindex.config._load import config_from_dict, config_to_dict, load_config
+from attribindex.config._schema import (
+    BuildConfig,
+    ExtractConfig,
+    HessianConfig,
+    IndexConfig,
+    ProjectionConfig,
+    StoreConfig,
+)
+
+__all__ = [
+    "BuildConfig",
+    "ExtractConfig",
+    "HessianConfig",
+    "IndexConfig",
+    "ProjectionConfig",
+    "StoreConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]

@@ -1,0 +1,165 @@
+"""Typed, validated build configuration. YAML presets in `index_configs/` load into these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from attribindex.errors import AttribIndexError
+
+HessianKind = Literal["raw", "identity"]
+ScoreMode = Literal["dot", "cosine"]
+StoreDtype = Literal["float16", "bfloat16", "float32"]
+ComputeDtype = Literal["float32", "float64", "bfloat16", "float16"]
+IndexKind = Literal["flat"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AttribIndexError(message)
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Which layers are captured and how their gradients are projected (LoGra).
+
+    Args:
+        modules: fnmatch patterns on module names (``model.layers.3.mlp.up_proj``); a module is
+            captured when it is a Linear / GPT-2 Conv1D and matches one pattern. ``"*"`` = all.
+        exclude: patterns removed after ``modules`` (the LM head is excluded by default: it is as
+            large as the vocabulary and mostly measures token frequency).
+        last_n_blocks: keep only modules inside the last N transformer blocks (None = all blocks).
+        rank_in: rows of ``P_in`` (projected activation dimension) per module.
+        rank_out: rows of ``P_out`` (projected output-gradient dimension) per module.
+        seed: seed of the Gaussian projections; same seed + config = identical matrices anywhere.
+
+    Example:
+        >>> ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=4, rank_in=16, rank_out=16)
+        ProjectionConfig(modules=('*.mlp.*',), exclude=('*lm_head*',), last_n_blocks=4, rank_in=16, rank_out=16, seed=0)
+    """
+
+    modules: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("*lm_head*",)
+    last_n_blocks: int | None = None
+    rank_in: int = 16
+    rank_out: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(len(self.modules) > 0, "projection.modules is empty; use ['*'] to capture all linear layers.")
+        _require(self.rank_in >= 1 and self.rank_out >= 1, "projection.rank_in/rank_out must be >= 1.")
+        _require(
+            self.last_n_blocks is None or self.last_n_blocks >= 1,
+            f"projection.last_n_blocks must be >= 1 or null, got {self.last_n_blocks}.",
+        )
+        _require(self.seed >= 0, f"projection.seed must be >= 0, got {self.seed}.")
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """Curvature used to whiten gradients so influence becomes an inner product.
+
+    Args:
+        kind: ``raw`` = projected empirical Fisher per module (E[g gᵀ]); ``identity`` = no
+            whitening (plain gradient similarity).
+        damping: α in ``λ = α · mean(eigenvalues)`` added before ``H^{-1/2}``.
+
+    Example:
+        >>> HessianConfig(kind="raw", damping=0.1)
+        HessianConfig(kind='raw', damping=0.1)
+    """
+
+    kind: HessianKind = "raw"
+    damping: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(
+            self.damping > 0, f"hessian.damping must be > 0 (relative to the mean eigenvalue), got {self.damping}."
+        )
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How the model is run to capture gradients.
+
+    Args:
+        batch_size: examples per forward+backward pass (results do not depend on it).
+        max_length: documents are truncated to this many tokens.
+        dtype: dtype the model computes in (float64 for exactness tests, bfloat16 on GPUs).
+        device: ``auto`` picks CUDA when available.
+
+    Example:
+        >>> ExtractConfig(batch_size=16, max_length=256)
+        ExtractConfig(batch_size=16, max_length=256, dtype='float32', device='auto')
+    """
+
+    batch_size: int = 8
+    max_length: int = 512
+    dtype: ComputeDtype = "float32"
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"extract.batch_size must be >= 1, got {self.batch_size}.")
+        _require(
+            self.max_length >= 2,
+            f"extract.max_length must be >= 2 (one token predicts the next), got {self.max_length}.",
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """On-disk storage of raw projected gradients.
+
+    Args:
+        dtype: element type of stored raw gradients. float16 values are stored divided by a
+            per-row, per-module fp32 scale so tiny gradients do not flush to zero.
+        chunk_rows: rows per chunk file; peak build memory is bounded by one chunk.
+
+    Example:
+        >>> StoreConfig(dtype="bfloat16", chunk_rows=8192)
+        StoreConfig(dtype='bfloat16', chunk_rows=8192)
+    """
+
+    dtype: StoreDtype = "float16"
+    chunk_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        _require(self.chunk_rows >= 1, f"store.chunk_rows must be >= 1, got {self.chunk_rows}.")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The searchable FAISS index built over whitened vectors.
+
+    Args:
+        mode: ``dot`` = influence ``⟨H^{-1/2}g_q, H^{-1/2}g_t⟩``; ``cosine`` = the same on
+            unit-normalised vectors (robust to gradient-norm outliers).
+        kind: ``flat`` = exact inner-product search.
+        device: ``auto`` uses a GPU when GPU faiss and a GPU are present.
+
+    Example:
+        >>> IndexConfig(mode="dot")
+        IndexConfig(mode='dot', kind='flat', device='auto')
+    """
+
+    mode: ScoreMode = "cosine"
+    kind: IndexKind = "flat"
+    device: Device = "auto"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines an index, loaded from a YAML preset.
+
+    Example:
+        >>> cfg = BuildConfig(projection=ProjectionConfig(rank_in=8, rank_out=8))
+        >>> cfg.index.mode
+        'cosine'
+    """
+
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)

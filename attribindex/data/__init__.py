@@ -1,0 +1,17 @@
+"""Reading corpora, stable ids, tokenisation and batching."""
+
+from attribindex.data._batching import Batch, PromptCompletion, TokenizedExample, batched, collate, tokenize
+from attribindex.data._documents import Corpus, Document, content_id, open_corpus
+
+__all__ = [
+    "Batch",
+    "Corpus",
+    "Document",
+    "PromptCompletion",
+    "TokenizedExample",
+    "batched",
+    "collate",
+    "content_id",
+    "open_corpus",
+    "tokenize",
+]

@@ -1,0 +1,226 @@
+"""Corpus readers: jsonl files, folders of .txt files, HF datasets on disk or on the hub.
+
+Every document gets a stable external id (from the corpus, or a content hash) and a `source`
+pointer back to where its text came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attribindex.errors import AttribIndexError
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training example.
+
+    Example:
+        >>> Document(id="doc-1", text="To be, or not to be", source="plays.jsonl:1")
+        Document(id='doc-1', text='To be, or not to be', source='plays.jsonl:1')
+    """
+
+    id: str
+    text: str
+    source: str
+
+
+def content_id(text: str) -> str:
+    """A stable id derived from the text alone (used when the corpus has no id field)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Corpus:
+    """An iterable of Documents with a known length when the source has one.
+
+    Use `open_corpus` to make one. Iterating twice yields the same documents in the same order.
+    """
+
+    def __init__(self, description: str, records: Any, text_field: str, id_field: str | None, limit: int | None):
+        self.description = description
+        self._records = records  # callable returning an iterator of (source, record dict)
+        self.text_field = text_field
+        self.id_field = id_field
+        self.limit = limit
+        self._length: int | None = None
+
+    def __len__(self) -> int:
+        if self._length is None:
+            raise TypeError("length unknown for a streaming corpus")
+        return self._length
+
+    def known_length(self) -> int | None:
+        return self._length
+
+    def __iter__(self) -> Iterator[Document]:
+        seen: dict[str, int] = {}
+        count = 0
+        for source, record in self._records():
+            if self.limit is not None and count >= self.limit:
+                return
+            yield self._to_document(source, record, seen)
+            count += 1
+        if count == 0:
+            raise AttribIndexError(
+                f"the corpus {self.description} holds no documents. Point --data at a non-empty corpus."
+            )
+
+    def _to_document(self, source: str, record: Any, seen: dict[str, int]) -> Document:
+        if not isinstance(record, dict):
+            raise AttribIndexError(f"{source}: expected a JSON object per record, got {type(record).__name__}.")
+        if self.text_field not in record:
+            fields = ", ".join(sorted(map(str, record))) or "(none)"
+            raise AttribIndexError(
+                f"{source}: no field {self.text_field!r} in the record. Fields present: {fields}. "
+                f"Choose the text field with --text-field."
+            )
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise AttribIndexError(f"{source}: field {self.text_field!r} is {type(text).__name__}, not a string.")
+        if self.id_field is not None:
+            if record.get(self.id_field) is None:
+                raise AttribIndexError(
+                    f"{source}: no id field {self.id_field!r} in the record. "
+                    f"Fix the record, or drop --id-field to use content-hash ids."
+                )
+            doc_id = str(record[self.id_field])
+            if doc_id in seen:
+                raise AttribIndexError(
+                    f"{source}: duplicate id {doc_id!r} (first seen at record {seen[doc_id]}). Ids must be unique."
+                )
+        else:
+            doc_id = base_id = content_id(text)
+            copy = 1
+            while doc_id in seen:  # an exact duplicate text: keep it, under a distinct but stable id
+                copy += 1
+                doc_id = f"{base_id}~{copy}"
+        seen[doc_id] = len(seen)
+        return Document(id=doc_id, text=text, source=source)
+
+
+def _jsonl_records(path: Path):
+    def records():
+        with path.open("rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise AttribIndexError(
+                        f"{path}:{line_no} is not valid UTF-8 ({err.reason} at byte {err.start}). "
+                        f"Re-encode the file, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`."
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise AttribIndexError(
+                        f"{path}:{line_no} is not valid JSON ({err.msg}). Fix or remove that line."
+                    ) from None
+                yield f"{path.name}:{line_no}", record
+
+    return records
+
+
+def _txt_folder_records(folder: Path, files: list[Path]):
+    def records():
+        for file in files:
+            rel = file.relative_to(folder).as_posix()
+            try:
+                text = file.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise AttribIndexError(
+                    f"{file} is not valid UTF-8 ({err.reason} at byte {err.start}). "
+                    f"Re-encode it, e.g. `iconv -f latin1 -t utf-8`, or remove it from the folder."
+                ) from None
+            yield rel, {"text": text, "id": rel}
+
+    return records
+
+
+def _dataset_records(dataset: Any, name: str):
+    def records():
+        for i, record in enumerate(dataset):
+            yield f"{name}[{i}]", record
+
+    return records
+
+
+def _load_hf_dataset(data: str, split: str, on_disk: bool):
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a hard dependency
+        raise AttribIndexError("reading HF datasets needs `pip install datasets`.") from None
+    try:
+        if on_disk:
+            loaded = datasets.load_from_disk(data)
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise AttribIndexError(
+                        f"dataset {data} has no split {split!r}; splits: {', '.join(loaded)}. Choose one with --split."
+                    )
+                loaded = loaded[split]
+            return loaded
+        return datasets.load_dataset(data, split=split, streaming=True)
+    except AttribIndexError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the cause, not the stack
+        raise AttribIndexError(
+            f"could not load dataset {data!r} ({type(err).__name__}: {err}). Check the name or path, the split "
+            f"{split!r}, and network access for hub datasets."
+        ) from None
+
+
+def open_corpus(
+    data: str | Path,
+    text_field: str = "text",
+    id_field: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+) -> Corpus:
+    """Open a corpus: a `.jsonl` file, a folder of `.txt` files, an HF dataset saved with
+    `save_to_disk`, or a hub dataset name (streamed).
+
+    Example:
+        >>> corpus = open_corpus("corpus.jsonl", text_field="text", id_field="id")  # doctest: +SKIP
+        >>> next(iter(corpus)).id  # doctest: +SKIP
+        'doc-1'
+    """
+    if limit is not None and limit < 1:
+        raise AttribIndexError(f"--limit must be >= 1, got {limit}.")
+    path = Path(data)
+    if path.is_file():
+        if path.suffix != ".jsonl":
+            raise AttribIndexError(
+                f"{path}: unsupported file type {path.suffix!r}. Use a .jsonl file (one JSON object per line)."
+            )
+        corpus = Corpus(str(path), _jsonl_records(path), text_field, id_field, limit)
+        with path.open("rb") as handle:
+            lines = sum(1 for raw in handle if raw.strip())
+        corpus._length = min(lines, limit) if limit else lines
+    elif path.is_dir():
+        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if any((path / m).exists() for m in markers):
+            dataset = _load_hf_dataset(str(path), split, on_disk=True)
+            corpus = Corpus(str(path), _dataset_records(dataset, path.name), text_field, id_field, limit)
+            corpus._length = min(len(dataset), limit) if limit else len(dataset)
+        else:
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise AttribIndexError(
+                    f"folder {path} holds no .txt files and is not a saved HF dataset. "
+                    f"Point --data at a .jsonl file, a folder of .txt files, or a dataset saved with save_to_disk."
+                )
+            corpus = Corpus(str(path), _txt_folder_records(path, files), "text", "id", limit)
+            corpus._length = min(len(files), limit) if limit else len(files)
+    elif str(data).startswith((".", "/", "~")) or str(data).endswith((".jsonl", ".json", ".txt")):
+        raise AttribIndexError(f"--data {data!r} does not exist. Check the path.")
+    else:
+        dataset = _load_hf_dataset(str(data), split, on_disk=False)
+        corpus = Corpus(str(data), _dataset_records(dataset, str(data)), text_field, id_field, limit)
+    return corpus

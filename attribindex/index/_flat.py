@@ -1,0 +1,110 @@
+"""Exact inner-product search with FAISS over whitened vectors; labels are row positions.
+
+Bottom-k (opponents) is a top-k search with the negated query, so it never scans with k = N.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from attribindex.errors import AttribIndexError
+from attribindex.store import atomic_path
+
+GPU_MAX_K = 2048  # faiss GPU kernels select at most this many results per query
+
+
+def import_faiss():
+    """Import faiss lazily with an install hint (faiss-cpu and faiss-gpu are alternative extras)."""
+    try:
+        import faiss
+    except ImportError:
+        raise AttribIndexError(
+            "faiss is not installed. Install exactly one of: `pip install 'attribindex[cpu]'` (faiss-cpu) or "
+            "`pip install 'attribindex[gpu]'` (faiss-gpu)."
+        ) from None
+    return faiss
+
+
+def gpu_available() -> bool:
+    faiss = import_faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class FlatIndex:
+    """An exact inner-product index (IndexFlatIP) on CPU, or on GPU when GPU faiss and a GPU are present.
+
+    Example:
+        >>> index = FlatIndex.empty(dim=4)
+        >>> index.add(np.eye(4, dtype=np.float32))
+        >>> scores, rows = index.search(np.array([[0, 0, 1, 0]], dtype=np.float32), k=2)
+        >>> int(rows[0, 0]), float(scores[0, 0])
+        (2, 1.0)
+    """
+
+    def __init__(self, index, on_gpu: bool = False):
+        self._index = index
+        self.on_gpu = on_gpu
+
+    @classmethod
+    def empty(cls, dim: int) -> FlatIndex:
+        return cls(import_faiss().IndexFlatIP(dim))
+
+    @property
+    def rows(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    def add(self, vectors: np.ndarray) -> None:
+        self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # (n, D)
+
+    def save(self, path: Path) -> None:
+        faiss = import_faiss()
+        index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
+
+    @classmethod
+    def load(cls, path: Path, device: str = "auto") -> FlatIndex:
+        """Load (memory-mapped on CPU); move to GPU when `device` allows and GPU faiss finds one."""
+        faiss = import_faiss()
+        if not path.is_file():
+            raise AttribIndexError(f"index file {path} is missing. Rebuild the index or restore the file.")
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError as err:
+            raise AttribIndexError(
+                f"index file {path} is damaged ({str(err).splitlines()[0]}). Rebuild the index."
+            ) from None
+        if device != "cpu" and gpu_available():
+            resources = faiss.StandardGpuResources()
+            gpu = faiss.index_cpu_to_gpu(resources, 0, index)
+            gpu.referenced_resources = resources  # keep the resources alive as long as the index
+            return cls(gpu, on_gpu=True)
+        if device == "cuda":
+            raise AttribIndexError(
+                "index.device is 'cuda' but GPU faiss or a GPU is missing. Install attribindex[gpu]."
+            )
+        return cls(index)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: ((Q, k) scores descending, (Q, k) row positions)."""
+        self._check_k(k)
+        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def search_bottom(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bottom-k by inner product: ((Q, k) scores ascending, (Q, k) row positions)."""
+        scores, rows = self.search(-np.asarray(queries, dtype=np.float32), k)
+        return -scores, rows
+
+    def _check_k(self, k: int) -> None:
+        if k < 1 or k > self.rows:
+            raise AttribIndexError(f"k must be between 1 and the number of rows ({self.rows}), got {k}.")
+        if self.on_gpu and k > GPU_MAX_K:
+            raise AttribIndexError(
+                f"GPU faiss returns at most {GPU_MAX_K} results per query, got k={k}. Use a smaller k."
+            )

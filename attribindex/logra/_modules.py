@@ -1,0 +1,76 @@
+"""Which layers of a causal LM are captured: Linear and GPT-2 Conv1D, chosen by name patterns."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from attribindex.config import ProjectionConfig
+from attribindex.errors import AttribIndexError
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A captured layer: its name, its kind and its weight's (out, in) sizes.
+
+    Example:
+        >>> ModuleSpec(name="transformer.h.0.mlp.c_fc", kind="conv1d", in_features=64, out_features=256)
+        ModuleSpec(name='transformer.h.0.mlp.c_fc', kind='conv1d', in_features=64, out_features=256)
+    """
+
+    name: str
+    kind: str  # "linear" (weight is out × in) or "conv1d" (GPT-2 style, weight is in × out)
+    in_features: int
+    out_features: int
+
+
+def _spec(name: str, module: nn.Module) -> ModuleSpec | None:
+    if isinstance(module, nn.Linear):
+        return ModuleSpec(name, "linear", module.in_features, module.out_features)
+    # transformers' Conv1D (GPT-2 family) is a Linear with a transposed weight (in × out).
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        n_in, n_out = module.weight.shape
+        return ModuleSpec(name, "conv1d", n_in, n_out)
+    return None
+
+
+def _block_index(name: str, block_lists: list[str]) -> int | None:
+    for prefix in block_lists:
+        if name.startswith(prefix + "."):
+            return int(name[len(prefix) + 1 :].split(".", 1)[0])
+    return None
+
+
+def select_modules(model: nn.Module, config: ProjectionConfig) -> list[ModuleSpec]:
+    """The captured layers of `model`, in module order, per the name patterns of `config`.
+
+    Example:
+        >>> select_modules(model, ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=2))  # doctest: +SKIP
+        [ModuleSpec(name='transformer.h.2.mlp.c_fc', ...), ...]
+    """
+    candidates = [(name, spec) for name, module in model.named_modules() if (spec := _spec(name, module))]
+    if not candidates:
+        raise AttribIndexError(f"{type(model).__name__} has no Linear or Conv1D layers to capture.")
+    chosen = [
+        spec
+        for name, spec in candidates
+        if any(fnmatch.fnmatchcase(name, p) for p in config.modules)
+        and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
+    ]
+    if config.last_n_blocks is not None:
+        # The transformer blocks are the longest ModuleList (transformer.h, model.layers, ...).
+        lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        if not lists:
+            raise AttribIndexError("projection.last_n_blocks is set but the model has no list of blocks.")
+        num_blocks, block_list = max(lists)
+        first = num_blocks - config.last_n_blocks
+        chosen = [s for s in chosen if (b := _block_index(s.name, [block_list])) is not None and b >= first]
+    if not chosen:
+        examples = ", ".join(name for name, _ in candidates[:6])
+        raise AttribIndexError(
+            f"no layer matches projection.modules={list(config.modules)} (exclude={list(config.exclude)}, "
+            f"last_n_blocks={config.last_n_blocks}). Layer names look like: {examples}, ..."
+        )
+    return chosen

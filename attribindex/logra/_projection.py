@@ -1,0 +1,92 @@
+"""Seeded Kronecker projections P_in ⊗ P_out per captured module.
+
+Matrices come from numpy's PCG64 seeded by (seed, crc32(module name), side), so they are identical
+on every machine; their hash is stored in the manifest and re-checked at query time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from attribindex.logra._modules import ModuleSpec
+
+_SIDES = {"in": 0, "out": 1}
+
+
+def gaussian_projection(seed: int, module_name: str, side: str, rank: int, dim: int) -> torch.Tensor:
+    """A JL-scaled Gaussian matrix (rank × dim) with entries N(0, 1/rank), the same on any machine.
+
+    Example:
+        >>> gaussian_projection(0, "mlp.fc", "in", 4, 8).shape
+        torch.Size([4, 8])
+    """
+    sequence = np.random.SeedSequence([seed, zlib.crc32(module_name.encode("utf-8")), _SIDES[side]])
+    rng = np.random.Generator(np.random.PCG64(sequence))
+    matrix = rng.standard_normal((rank, dim), dtype=np.float32) / np.float32(np.sqrt(rank))
+    return torch.from_numpy(matrix)
+
+
+@dataclass
+class ProjectionSet:
+    """The projections of all captured modules, with a content hash.
+
+    `p_in[name]` is (k_in × n_in), `p_out[name]` is (k_out × n_out); module `name`'s projected
+    gradient `P_out · DW · P_inᵀ` is flattened row-major into k_out·k_in numbers.
+
+    Example:
+        >>> specs = [ModuleSpec("fc", "linear", in_features=8, out_features=6)]
+        >>> ProjectionSet.generate(specs, seed=0, rank_in=2, rank_out=3).block_dims
+        [6]
+    """
+
+    modules: list[ModuleSpec]
+    p_in: dict[str, torch.Tensor]
+    p_out: dict[str, torch.Tensor]
+
+    @classmethod
+    def generate(cls, modules: list[ModuleSpec], seed: int, rank_in: int, rank_out: int) -> ProjectionSet:
+        p_in = {
+            m.name: gaussian_projection(seed, m.name, "in", min(rank_in, m.in_features), m.in_features) for m in modules
+        }
+        p_out = {
+            m.name: gaussian_projection(seed, m.name, "out", min(rank_out, m.out_features), m.out_features)
+            for m in modules
+        }
+        return cls(modules, p_in, p_out)
+
+    @property
+    def block_dims(self) -> list[int]:
+        return [self.p_out[m.name].shape[0] * self.p_in[m.name].shape[0] for m in self.modules]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.block_dims)
+
+    def hash(self) -> str:
+        digest = hashlib.sha256()
+        for m in self.modules:
+            for side, matrix in (("in", self.p_in[m.name]), ("out", self.p_out[m.name])):
+                digest.update(f"{m.name}.{side}:{tuple(matrix.shape)}".encode())
+                digest.update(matrix.contiguous().numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
+
+    def save(self, path: Path) -> None:
+        tensors = {f"{m.name}.in": self.p_in[m.name].contiguous() for m in self.modules}
+        tensors |= {f"{m.name}.out": self.p_out[m.name].contiguous() for m in self.modules}
+        save_file(tensors, str(path), metadata={"hash": self.hash()})
+
+    @classmethod
+    def load(cls, path: Path, modules: list[ModuleSpec]) -> ProjectionSet:
+        tensors = load_file(str(path))
+        return cls(
+            modules,
+            {m.name: tensors[f"{m.name}.in"] for m in modules},
+            {m.name: tensors[f"{m.name}.out"] for m in modules},
+        )

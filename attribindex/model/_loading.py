@@ -1,0 +1,89 @@
+"""Loading a Hugging Face causal LM (hub id or local path) and fingerprinting it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attribindex.errors import AttribIndexError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AttribIndexError("device 'cuda' was asked for but no CUDA GPU is visible. Use device: auto or cpu.")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", revision: str | None = None):
+    """Load (model, tokenizer) from a local folder or a hub id, in eval mode on `device`.
+
+    Example:
+        >>> model, tokenizer = load_model("./tiny-gpt2", dtype="float64", device="cpu")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars report progress; per-shard loading bars are noise
+
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or str(name_or_path).startswith((".", "/", "~"))
+    if looks_local and not (local / "config.json").is_file():
+        raise AttribIndexError(
+            f"model folder {name_or_path!r} does not exist or has no config.json. Pass a folder saved with "
+            f"save_pretrained, or a hub id such as 'gpt2'."
+        )
+    source = str(local) if looks_local else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=DTYPES[dtype])
+    except OSError as err:
+        raise AttribIndexError(
+            f"could not load model {name_or_path!r}: {err}. Check the path or hub id (hub ids need network access)."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the architecture and the weights (a strided sample of each tensor, for speed).
+
+    Checkpoints that differ in architecture, shapes, or values at the sampled positions (which
+    include every tensor's first and last elements) get different fingerprints. Sampled values are
+    rounded to bfloat16 first, so one checkpoint loaded in float32, float64 or bfloat16 (e.g. built on
+    a GPU in bf16, queried on a CPU in fp32) keeps one fingerprint.
+    """
+    digest = hashlib.sha256(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+        for volatile in ("dtype", "torch_dtype", "transformers_version", "use_cache"):
+            settings.pop(volatile, None)
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        if flat.numel() == 0:
+            continue
+        stride = max(1, flat.numel() // 4096)
+        sample = torch.cat([flat[::stride], flat[-1:]]).to("cpu").to(torch.bfloat16).to(torch.float64)
+        digest.update(sample.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def model_description(model: nn.Module, name_or_path: str) -> dict:
+    config = getattr(model, "config", None)
+    return {
+        "name_or_path": name_or_path,
+        "class": type(model).__name__,
+        "revision": getattr(config, "_commit_hash", None),
+        "fingerprint": model_fingerprint(model),
+    }

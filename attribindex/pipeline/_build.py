@@ -1,0 +1,269 @@
+"""Orchestration of a build: corpus → LoGra gradients + curvature → store → preconditioner → FAISS index."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from attribindex import __version__
+from attribindex.config import BuildConfig, config_to_dict
+from attribindex.data import Corpus, Document, batched, open_corpus
+from attribindex.errors import AttribIndexError
+from attribindex.hessian import CurvatureSums, Preconditioner, normalize_rows
+from attribindex.index import FlatIndex
+from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
+from attribindex.model import DTYPES, load_model, model_description
+from attribindex.store import ChunkWriter, RowStore, file_sha256, layout, write_json
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What a build produced, printed at its end.
+
+    Example:
+        >>> summary = build_index(config, "./tiny-gpt2", "corpus.jsonl", Path("idx"))  # doctest: +SKIP
+        >>> summary.rows, summary.dim  # doctest: +SKIP
+        (200, 1024)
+    """
+
+    out: Path
+    index_id: str
+    rows: int
+    skipped: int
+    tokens: int
+    dim: int
+    modules: int
+    extract_seconds: float
+    total_seconds: float
+    bytes_on_disk: int
+
+    def format(self) -> str:
+        rate = self.rows / self.extract_seconds if self.extract_seconds > 0 else float("nan")
+        lines = [
+            f"index      {self.out}  ({self.index_id})",
+            f"rows       {self.rows:,}" + (f"  ({self.skipped} empty documents skipped)" if self.skipped else ""),
+            f"tokens     {self.tokens:,}",
+            f"vector     {self.dim:,} dims from {self.modules} modules",
+            f"extract    {self.extract_seconds:.1f} s  ({rate:.1f} examples/s)",
+            f"total      {self.total_seconds:.1f} s",
+            f"on disk    {self.bytes_on_disk / 2**20:.1f} MiB",
+        ]
+        return "\n".join(lines)
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber anything unless asked; never delete a folder that is not an attribindex build."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        return
+    if not out.is_dir():
+        raise AttribIndexError(f"--out {out} is a file. Choose a folder path.")
+    if not any(out.iterdir()):
+        return
+    if not layout.looks_like_ours(out):
+        raise AttribIndexError(
+            f"--out {out} is a non-empty folder that is not an attribindex index. Choose a new or empty folder."
+        )
+    if not overwrite:
+        what = "an index" if layout.is_index_dir(out) else "an interrupted build"
+        raise AttribIndexError(
+            f"--out {out} already holds {what}. Pass --overwrite to replace it, or choose another folder."
+        )
+    (out / layout.MANIFEST).unlink(missing_ok=True)  # first make it incomplete, then clear it
+    _clear(out)
+
+
+def _clear(folder: Path) -> None:
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _documents_with_tokens(corpus: Corpus, extractor: GradientExtractor, skip_empty: bool, skipped: list[str]):
+    for doc in corpus:
+        try:
+            (example,) = extractor.tokenize([doc.text], [f"document {doc.id!r} ({doc.source})"])
+        except AttribIndexError as err:
+            if not skip_empty:
+                raise AttribIndexError(f"{err} Or pass --skip-empty to leave such documents out.") from None
+            skipped.append(doc.id)
+            continue
+        yield doc, example
+
+
+def _index_id(manifest: dict) -> str:
+    content = json.dumps([manifest["projection"], manifest["hessian"], manifest["store"]["chunks"]], sort_keys=True)
+    return "ai-" + hashlib.sha256(content.encode()).hexdigest()[:12]
+
+
+def build_index(
+    config: BuildConfig,
+    model: str,
+    data: str | Path | Corpus,
+    out: str | Path,
+    *,
+    text_field: str = "text",
+    id_field: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    overwrite: bool = False,
+    skip_empty: bool = False,
+    progress: bool = True,
+) -> BuildSummary:
+    """Build an attribution index over a corpus.
+
+    Args:
+        config: the build configuration (see `load_config`).
+        model: a local model folder or a hub id.
+        data: a `.jsonl` file, a folder of `.txt` files, a saved HF dataset, a hub dataset name, or a Corpus.
+        out: the index folder to create.
+        overwrite: replace an index already in `out`.
+        skip_empty: leave out documents that tokenise to nothing instead of failing.
+
+    Example:
+        >>> from attribindex import build_index, load_config
+        >>> build_index(load_config("tiny"), "./tiny-gpt2", "corpus.jsonl", "idx")  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
+    next(iter(corpus))  # fail on a bad path, field or encoding now, before anything is written
+    fresh = not out.exists() or not any(out.iterdir())
+    prepare_output(out, overwrite)
+    try:
+        return _build(config, model, corpus, out, started, skip_empty, progress)
+    except AttribIndexError:
+        if fresh:  # bad input: leave nothing behind, so the corrected command can simply run again
+            _clear(out)
+        raise
+
+
+def _build(
+    config: BuildConfig, model: str, corpus: Corpus, out: Path, started: float, skip_empty: bool, progress: bool
+) -> BuildSummary:
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    write_json(out / layout.BUILD_MARKER, {"started": created, "model": model, "config": config_to_dict(config)})
+
+    lm, tokenizer = load_model(model, config.extract.dtype, config.extract.device)
+    modules = select_modules(lm, config.projection)
+    projections = ProjectionSet.generate(
+        modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out
+    )
+    projections.save(out / layout.PROJECTIONS)
+    names, dims = [m.name for m in modules], projections.block_dims
+    extractor = GradientExtractor(lm, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
+
+    curvature = CurvatureSums(dict(zip(names, dims)))
+    writer = ChunkWriter(out, dims, config.store.dtype, config.store.chunk_rows)
+    skipped: list[str] = []
+    tokens = 0
+    extract_started = time.perf_counter()
+    bar = tqdm(total=corpus.known_length(), desc="extract", unit="doc", disable=not progress, dynamic_ncols=True)
+    for group in batched(_documents_with_tokens(corpus, extractor, skip_empty, skipped), config.extract.batch_size):
+        documents: list[Document] = [doc for doc, _ in group]
+        extracted = extractor.extract([example for _, example in group])
+        if config.hessian.kind == "raw":
+            curvature.update(extracted.blocks)
+        else:
+            curvature.count += len(group)
+        writer.add(extracted.concatenated(names), documents)
+        tokens += sum(len(example.input_ids) for _, example in group)
+        bar.update(writer.rows_written + writer.buffered_rows + len(skipped) - bar.n)
+        bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - extract_started):.0f}", refresh=False)
+    bar.close()
+    chunks = writer.close()
+    extract_seconds = time.perf_counter() - extract_started
+    if not chunks:
+        raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
+    rows = sum(c["rows"] for c in chunks)
+    curvature.save(out / layout.CURVATURE)
+
+    if config.hessian.kind == "raw":
+        preconditioner = Preconditioner.from_curvature(curvature, names, dims, config.hessian.damping)
+    else:
+        preconditioner = Preconditioner.identity(names, dims)
+    preconditioner.save(out / layout.PRECONDITIONER)
+
+    store = RowStore(out, dims, config.store.dtype, chunks)
+    index = FlatIndex.empty(projections.dim)
+    for _, raw in tqdm(store.iter_raw(), total=len(chunks), desc="index", unit="chunk", disable=not progress):
+        vectors = preconditioner.whiten(raw)
+        if config.index.mode == "cosine":
+            vectors = normalize_rows(vectors)
+        index.add(vectors.numpy())
+    index.save(out / layout.FLAT_INDEX)
+
+    offsets = [0]
+    for dim in dims[:-1]:
+        offsets.append(offsets[-1] + dim)
+    manifest = {
+        "format": layout.FORMAT_NAME,
+        "format_version": layout.FORMAT_VERSION,
+        "index_id": None,
+        "created": created,
+        "attribindex_version": __version__,
+        "model": model_description(lm, model),
+        "tokenizer": {"name_or_path": model, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
+        "config": config_to_dict(config),
+        "corpus": {
+            "description": corpus.description,
+            "text_field": corpus.text_field,
+            "id_field": corpus.id_field,
+            "skipped_empty": len(skipped),
+            "tokens": tokens,
+        },
+        "modules": [
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "rank_in": int(projections.p_in[m.name].shape[0]),
+                "rank_out": int(projections.p_out[m.name].shape[0]),
+                "offset": off,
+                "dim": d,
+            }
+            for m, off, d in zip(modules, offsets, dims)
+        ],
+        "dim": projections.dim,
+        "rows": rows,
+        "projection": {"seed": config.projection.seed, "hash": projections.hash(), "file": layout.PROJECTIONS},
+        "hessian": {
+            "kind": preconditioner.kind,
+            "damping": config.hessian.damping,
+            "examples": curvature.count,
+            "preconditioner_hash": preconditioner.hash(),
+            "file": layout.PRECONDITIONER,
+            "curvature_file": layout.CURVATURE,
+        },
+        "normalization": config.index.mode,
+        "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": chunks},
+        "index": {"kind": "flat", "metric": "inner_product", "file": layout.FLAT_INDEX},
+        "files": {
+            name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
+            for name in (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, layout.FLAT_INDEX)
+        },
+        "log": [{"event": "build", "rows": rows, "time": created}],
+    }
+    manifest["index_id"] = _index_id(manifest)
+    write_json(out / layout.MANIFEST, manifest)
+    (out / layout.BUILD_MARKER).unlink()
+    total_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return BuildSummary(
+        out=out,
+        index_id=manifest["index_id"],
+        rows=rows,
+        skipped=len(skipped),
+        tokens=tokens,
+        dim=projections.dim,
+        modules=len(modules),
+        extract_seconds=extract_seconds,
+        total_seconds=time.perf_counter() - started,
+        bytes_on_disk=total_bytes,
+    )

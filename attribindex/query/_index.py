@@ -1,0 +1,228 @@
+"""The library entry point: open an index with its model and answer attribution queries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribindex.config import ExtractConfig, config_from_dict
+from attribindex.data import PromptCompletion, batched
+from attribindex.errors import AttribIndexError, IndexMismatchError
+from attribindex.hessian import Preconditioner, normalize_rows
+from attribindex.index import FlatIndex
+from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
+from attribindex.model import DTYPES, load_model, model_fingerprint
+from attribindex.query._results import Attribution, Attributions, QueryResult
+from attribindex.store import RowStore, layout, read_manifest
+
+Query = str | PromptCompletion
+
+
+@dataclass(frozen=True)
+class QueryVectors:
+    """Whitened (and, in cosine mode, normalised) query vectors, stamped with what produced them.
+
+    The index refuses vectors whose stamp differs from its manifest.
+    """
+
+    vectors: np.ndarray  # (Q, D) float32
+    losses: np.ndarray  # (Q,)
+    model_fingerprint: str
+    projection_hash: str
+    preconditioner_hash: str
+    normalization: str
+
+
+class AttributionIndex:
+    """An opened index plus the model that turns queries into whitened gradients.
+
+    Example:
+        >>> from attribindex import AttributionIndex, PromptCompletion
+        >>> index = AttributionIndex.open("demo-index")  # doctest: +SKIP
+        >>> answer = index.attribute(["Friends, Romans, countrymen"], k=5, bottom=2)  # doctest: +SKIP
+        >>> [(a.id, round(a.score, 3)) for a in answer.results[0].top]  # doctest: +SKIP
+        >>> index.attribute([PromptCompletion("Q: Who is the Dane?\\nA:", " Hamlet")], k=3)  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Path, manifest: dict, model=None, tokenizer=None, device: str = "auto"):
+        self.root = root
+        self.manifest = manifest
+        self.index_id: str = manifest["index_id"]
+        self.mode: str = manifest["normalization"]
+        specs = [ModuleSpec(m["name"], m["kind"], m["in_features"], m["out_features"]) for m in manifest["modules"]]
+        self.module_names = [s.name for s in specs]
+        self.block_dims = [m["dim"] for m in manifest["modules"]]
+        self.projections = ProjectionSet.load(root / layout.PROJECTIONS, specs)
+        self._expect("projection hash", manifest["projection"]["hash"], self.projections.hash(), layout.PROJECTIONS)
+        self.preconditioner = Preconditioner.load(root / layout.PRECONDITIONER, self.module_names, self.block_dims)
+        self._expect(
+            "preconditioner hash",
+            manifest["hessian"]["preconditioner_hash"],
+            self.preconditioner.hash(),
+            layout.PRECONDITIONER,
+        )
+        self.store = RowStore(root, self.block_dims, manifest["store"]["dtype"], manifest["store"]["chunks"])
+        self.index = FlatIndex.load(root / layout.FLAT_INDEX, device=device)
+        if self.index.rows != manifest["rows"] or self.index.dim != manifest["dim"]:
+            raise AttribIndexError(
+                f"{root / layout.FLAT_INDEX} holds {self.index.rows} × {self.index.dim} vectors but the manifest says "
+                f"{manifest['rows']} × {manifest['dim']}. The index is damaged; rebuild it."
+            )
+        self.extract_config = config_from_dict(ExtractConfig, manifest["config"]["extract"])
+        self._extractor = None
+        if model is not None:
+            self._attach_model(model, tokenizer)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        model: str | None = None,
+        *,
+        load_model_now: bool = True,
+        device: str = "auto",
+        dtype: str | None = None,
+    ) -> AttributionIndex:
+        """Open the index at `path`; load its model (the one it was built with, or `model`).
+
+        Args:
+            model: a model folder / hub id to use instead of the recorded one (it must match the fingerprint).
+            load_model_now: False opens the index only (for `search` with precomputed QueryVectors, or `info`).
+            dtype: compute dtype for queries (default: the build's).
+        """
+        root = Path(path)
+        manifest = read_manifest(root)
+        index = cls(root, manifest, device=device)
+        if load_model_now:
+            source = model or manifest["model"]["name_or_path"]
+            lm, tokenizer = load_model(source, dtype or index.extract_config.dtype, device)
+            index._attach_model(lm, tokenizer, dtype=dtype)
+        return index
+
+    def _expect(self, what: str, recorded: str, actual: str, source: str) -> None:
+        if recorded != actual:
+            raise IndexMismatchError(
+                f"{what} differs: the index manifest records {recorded[:23]}…, but {source} gives {actual[:23]}…. "
+                f"The index files do not belong together; rebuild the index."
+            )
+
+    def _attach_model(self, model, tokenizer, dtype: str | None = None) -> None:
+        fingerprint = model_fingerprint(model)
+        recorded = self.manifest["model"]
+        if fingerprint != recorded["fingerprint"]:
+            raise IndexMismatchError(
+                f"model differs: this index was built with {recorded['name_or_path']} ({recorded['class']}, "
+                f"fingerprint {recorded['fingerprint'][:19]}…) but the query model is {type(model).__name__} "
+                f"(fingerprint {fingerprint[:19]}…). Query with the model the index was built with."
+            )
+        self._fingerprint = fingerprint
+        compute = DTYPES[dtype or self.extract_config.dtype]
+        self._extractor = GradientExtractor(model, tokenizer, self.projections, self.extract_config.max_length, compute)
+
+    @property
+    def rows(self) -> int:
+        return self.index.rows
+
+    def query_vectors(self, queries: Sequence[Query], batch_size: int | None = None) -> QueryVectors:
+        """Queries → whitened query vectors (same capture, projection and whitening as the build)."""
+        if self._extractor is None:
+            raise AttribIndexError(
+                "this index was opened without a model; open it with load_model_now=True to query text."
+            )
+        if not queries:
+            raise AttribIndexError("no query given. Pass at least one text or (prompt, completion) pair.")
+        queries = [q if isinstance(q, (str, PromptCompletion)) else PromptCompletion(*q) for q in queries]
+        examples = self._extractor.tokenize(queries, [f"query {i} ({_preview(q)})" for i, q in enumerate(queries)])
+        vectors, losses = [], []
+        for group in batched(examples, batch_size or self.extract_config.batch_size):
+            extracted = self._extractor.extract(group)
+            raw = extracted.concatenated(self.module_names).to("cpu", torch.float32)
+            vectors.append(self.preconditioner.whiten(raw))
+            losses.append(extracted.losses.to("cpu", torch.float64))
+        whitened = torch.cat(vectors)
+        if self.mode == "cosine":
+            whitened = normalize_rows(whitened)
+        return QueryVectors(
+            vectors=whitened.numpy(),
+            losses=torch.cat(losses).numpy(),
+            model_fingerprint=self._fingerprint,
+            projection_hash=self.projections.hash(),
+            preconditioner_hash=self.manifest["hessian"]["preconditioner_hash"],
+            normalization=self.mode,
+        )
+
+    def search(
+        self, queries: QueryVectors, k: int = 10, bottom: int = 0
+    ) -> list[tuple[list[Attribution], list[Attribution]]]:
+        """Top-k (and bottom-k) attributions for precomputed query vectors."""
+        expected = {
+            "model fingerprint": (self.manifest["model"]["fingerprint"], queries.model_fingerprint),
+            "projection hash": (self.manifest["projection"]["hash"], queries.projection_hash),
+            "Hessian (preconditioner hash)": (
+                self.manifest["hessian"]["preconditioner_hash"],
+                queries.preconditioner_hash,
+            ),
+            "normalization": (self.mode, queries.normalization),
+        }
+        for what, (recorded, given) in expected.items():
+            if recorded != given:
+                raise IndexMismatchError(
+                    f"{what} differs: index {self.index_id} has {recorded[:23]}, the query vectors have {given[:23]}. "
+                    f"Compute query vectors with this index's own model, projection and Hessian."
+                )
+        _check_count("k", k, self.rows, minimum=1)
+        _check_count("bottom", bottom, self.rows, minimum=0)
+        top_scores, top_rows = self.index.search(queries.vectors, k)
+        if bottom:
+            bottom_scores, bottom_rows = self.index.search_bottom(queries.vectors, bottom)
+        out = []
+        for q in range(len(queries.vectors)):
+            top = self._attributions(top_scores[q], top_rows[q])
+            low = self._attributions(bottom_scores[q], bottom_rows[q]) if bottom else []
+            out.append((top, low))
+        return out
+
+    def attribute(
+        self, queries: Sequence[Query] | Query, k: int = 10, bottom: int = 0, batch_size: int | None = None
+    ) -> Attributions:
+        """The k most (and `bottom` least) influential training examples for each query.
+
+        Args:
+            queries: texts, PromptCompletion pairs (only completion tokens count), or one of either.
+            k: number of proponents per query (1 ≤ k ≤ rows).
+            bottom: number of opponents per query (0 = none).
+        """
+        started = time.perf_counter()
+        if isinstance(queries, (str, PromptCompletion)):
+            queries = [queries]
+        _check_count("k", k, self.rows, minimum=1)
+        _check_count("bottom", bottom, self.rows, minimum=0)
+        vectors = self.query_vectors(queries, batch_size)
+        found = self.search(vectors, k, bottom)
+        results = [
+            QueryResult(query=q, top=top, bottom=low, loss=float(loss))
+            for q, (top, low), loss in zip(queries, found, vectors.losses)
+        ]
+        latency = (time.perf_counter() - started) * 1000
+        return Attributions(index_id=self.index_id, latency_ms=latency, exact=True, mode=self.mode, results=results)
+
+    def _attributions(self, scores: np.ndarray, rows: np.ndarray) -> list[Attribution]:
+        valid = [(float(s), int(r)) for s, r in zip(scores, rows) if r >= 0]
+        docs = self.store.documents([r for _, r in valid])
+        return [Attribution(id=d.id, score=s, text=d.text, source=d.source, row=r) for (s, r), d in zip(valid, docs)]
+
+
+def _check_count(name: str, value: int, rows: int, minimum: int) -> None:
+    if not isinstance(value, int) or value < minimum or value > rows:
+        low = "1" if minimum else "0"
+        raise AttribIndexError(f"{name} must be between {low} and the number of indexed rows ({rows}), got {value}.")
+
+
+def _preview(query: Query) -> str:
+    text = query.completion if isinstance(query, PromptCompletion) else query
+    return repr(text[:30] + ("…" if len(text) > 30 else ""))

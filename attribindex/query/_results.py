@@ -1,0 +1,58 @@
+"""Typed attribution results: ids, scores and texts, never bare row numbers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from attribindex.data import PromptCompletion
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One training example and its influence score on a query.
+
+    Example:
+        >>> Attribution(id="hamlet/3.1/0042", score=0.41, text="To be, or not to be", source="plays.jsonl:42", row=42)
+        Attribution(id='hamlet/3.1/0042', score=0.41, text='To be, or not to be', source='plays.jsonl:42', row=42)
+    """
+
+    id: str
+    score: float
+    text: str
+    source: str
+    row: int
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The attributions of one query: `top` (proponents, highest score first) and `bottom`
+    (opponents, lowest score first; empty unless asked for). `loss` is the query's summed token loss."""
+
+    query: str | PromptCompletion
+    top: list[Attribution]
+    bottom: list[Attribution] = field(default_factory=list)
+    loss: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Attributions:
+    """The answer to one `attribute` call.
+
+    Example:
+        >>> answer = index.attribute(["To be, or not to be"], k=3)  # doctest: +SKIP
+        >>> answer.results[0].top[0].id  # doctest: +SKIP
+    """
+
+    index_id: str
+    latency_ms: float
+    exact: bool
+    mode: str
+    results: list[QueryResult]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the CLI's --json output)."""
+        data = asdict(self)
+        for result, raw in zip(self.results, data["results"]):
+            if isinstance(result.query, PromptCompletion):
+                raw["query"] = {"prompt": result.query.prompt, "completion": result.query.completion}
+        return data

@@ -1,0 +1,42 @@
+"""Every on-disk name of an index folder, in one place. See docs/format.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FORMAT_NAME = "attribindex-index"
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"  # written last: its presence marks a complete index
+BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete
+PROJECTIONS = "projections.safetensors"
+CURVATURE = "curvature.safetensors"
+PRECONDITIONER = "preconditioner.safetensors"
+ROWS_DIR = "rows"
+INDEX_DIR = "index"
+FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"
+
+# Per chunk `rows/<chunk>.<suffix>`; chunks are numbered in build order and never renamed.
+CHUNK_GRADS = "grads.npy"  # (n, D) raw projected gradients, store dtype (bfloat16 as uint16 bits)
+CHUNK_SCALES = "scales.npy"  # (n, M) float32 per-row, per-module scale: raw = grads * scale
+CHUNK_DOCS = "docs.jsonl"  # n lines {"id", "source", "text"}
+CHUNK_DOC_OFFSETS = "docs.offsets.npy"  # (n + 1,) int64 byte offsets of the lines of docs.jsonl
+CHUNK_FILES = (CHUNK_GRADS, CHUNK_SCALES, CHUNK_DOCS, CHUNK_DOC_OFFSETS)
+
+
+def chunk_name(number: int) -> str:
+    return f"{number:06d}"
+
+
+def chunk_file(chunk: str, suffix: str) -> str:
+    return f"{ROWS_DIR}/{chunk}.{suffix}"
+
+
+def is_index_dir(path: Path) -> bool:
+    """True when `path` holds a complete index (its manifest exists)."""
+    return (path / MANIFEST).is_file()
+
+
+def looks_like_ours(path: Path) -> bool:
+    """True when `path` holds a complete or interrupted attribindex build (safe to overwrite)."""
+    return (path / MANIFEST).exists() or (path / BUILD_MARKER).exists()

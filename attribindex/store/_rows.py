@@ -1,0 +1,155 @@
+"""Chunked row storage: raw projected gradients, scales, ids and texts, written while streaming.
+
+Rows are grouped in chunks of at most `chunk_rows`; each chunk's files are written atomically when
+the chunk is full, so peak memory is one chunk whatever the corpus size. Row r of the index is row
+r - start of the chunk that holds it; external ids live in the docs file, apart from row positions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribindex.data import Document
+from attribindex.errors import AttribIndexError
+from attribindex.store import _layout as layout
+from attribindex.store._atomic import atomic_open, file_sha256
+from attribindex.store._codec import decode, encode, numpy_store_dtype
+
+
+class ChunkWriter:
+    """Buffers rows and writes them chunk by chunk.
+
+    Example:
+        >>> writer = ChunkWriter(Path("idx"), block_dims=[16, 16], dtype="float16", chunk_rows=4096)  # doctest: +SKIP
+        >>> writer.add(vectors, documents)  # doctest: +SKIP
+        >>> chunks = writer.close()  # list of chunk records for the manifest  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Path, block_dims: list[int], dtype: str, chunk_rows: int, first_chunk: int = 0):
+        self.root = root
+        self.block_dims = block_dims
+        self.dtype = dtype
+        self.chunk_rows = chunk_rows
+        self._next_chunk = first_chunk
+        self._stored: list[np.ndarray] = []
+        self._scales: list[np.ndarray] = []
+        self._docs: list[Document] = []
+        self.chunks: list[dict] = []
+
+    @property
+    def buffered_rows(self) -> int:
+        return len(self._docs)
+
+    @property
+    def rows_written(self) -> int:
+        return sum(c["rows"] for c in self.chunks)
+
+    def add(self, vectors: torch.Tensor, documents: list[Document]) -> list[dict]:
+        """Buffer (B, D) raw vectors with their documents; return records of chunks completed by this call."""
+        stored, scales = encode(vectors, self.block_dims, self.dtype)
+        completed = []
+        start = 0
+        while start < len(documents):
+            take = min(self.chunk_rows - len(self._docs), len(documents) - start)
+            self._stored.append(stored[start : start + take])
+            self._scales.append(scales[start : start + take])
+            self._docs.extend(documents[start : start + take])
+            start += take
+            if len(self._docs) == self.chunk_rows:
+                completed.append(self.flush())
+        return completed
+
+    def flush(self) -> dict:
+        """Write the buffered rows as one chunk (atomically, file by file) and return its record."""
+        name = layout.chunk_name(self._next_chunk)
+        grads = np.concatenate(self._stored).astype(numpy_store_dtype(self.dtype), copy=False)
+        scales = np.concatenate(self._scales).astype(np.float32, copy=False)
+        lines = [
+            (json.dumps({"id": d.id, "source": d.source, "text": d.text}, ensure_ascii=False) + "\n").encode("utf-8")
+            for d in self._docs
+        ]
+        offsets = np.zeros(len(lines) + 1, dtype=np.int64)
+        np.cumsum([len(line) for line in lines], out=offsets[1:])
+        payloads = {
+            layout.CHUNK_GRADS: lambda h: np.save(h, grads),
+            layout.CHUNK_SCALES: lambda h: np.save(h, scales),
+            layout.CHUNK_DOCS: lambda h: h.writelines(lines),
+            layout.CHUNK_DOC_OFFSETS: lambda h: np.save(h, offsets),
+        }
+        files = {}
+        for suffix, write in payloads.items():
+            path = self.root / layout.chunk_file(name, suffix)
+            with atomic_open(path) as handle:
+                write(handle)
+            files[suffix] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        record = {"name": name, "rows": len(self._docs), "files": files}
+        self.chunks.append(record)
+        self._next_chunk += 1
+        self._stored, self._scales, self._docs = [], [], []
+        return record
+
+    def close(self) -> list[dict]:
+        if self._docs:
+            self.flush()
+        return self.chunks
+
+
+class RowStore:
+    """Read access to the rows of a complete index: memory-mapped gradients and texts by row.
+
+    Example:
+        >>> store = RowStore(Path("idx"), manifest)  # doctest: +SKIP
+        >>> for start, raw in store.iter_raw():  # (n, D) float32 blocks, in row order  # doctest: +SKIP
+        ...     ...
+        >>> store.documents([0, 5])[0].id  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Path, block_dims: list[int], dtype: str, chunks: list[dict]):
+        self.root = root
+        self.block_dims = block_dims
+        self.dtype = dtype
+        self.chunks = chunks
+        self.starts = np.cumsum([0] + [c["rows"] for c in chunks])  # (num_chunks + 1,)
+        for chunk in chunks:
+            for suffix in layout.CHUNK_FILES:
+                path = root / layout.chunk_file(chunk["name"], suffix)
+                expected = chunk["files"][suffix]["bytes"]
+                if not path.is_file() or path.stat().st_size != expected:
+                    state = "missing" if not path.is_file() else f"{path.stat().st_size} bytes, expected {expected}"
+                    raise AttribIndexError(
+                        f"index file {path} is damaged ({state}). Rebuild the index or restore the file."
+                    )
+        self._offsets: dict[str, np.ndarray] = {}
+
+    @property
+    def rows(self) -> int:
+        return int(self.starts[-1])
+
+    def iter_raw(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (first row, (n, D) float32 raw gradients) chunk by chunk."""
+        for start, chunk in zip(self.starts, self.chunks):
+            name = chunk["name"]
+            stored = np.load(self.root / layout.chunk_file(name, layout.CHUNK_GRADS), mmap_mode="r")
+            scales = np.load(self.root / layout.chunk_file(name, layout.CHUNK_SCALES))
+            yield int(start), decode(stored, scales, self.block_dims, self.dtype)
+
+    def documents(self, rows: list[int]) -> list[Document]:
+        """The documents at the given global row positions."""
+        out = []
+        for row in rows:
+            c = int(np.searchsorted(self.starts, row, side="right")) - 1
+            name = self.chunks[c]["name"]
+            if name not in self._offsets:
+                self._offsets[name] = np.load(self.root / layout.chunk_file(name, layout.CHUNK_DOC_OFFSETS))
+            offsets = self._offsets[name]
+            local = row - int(self.starts[c])
+            with open(self.root / layout.chunk_file(name, layout.CHUNK_DOCS), "rb") as handle:
+                handle.seek(int(offsets[local]))
+                record = json.loads(handle.read(int(offsets[local + 1] - offsets[local])))
+            out.append(Document(id=record["id"], text=record["text"], source=record["source"]))
+        return out

@@ -1,0 +1,174 @@
+"""The command line end to end on a tiny model, and its errors (one clean line, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from attribindex.cli import main
+from attribindex.testing import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "idx"
+    result = CliRunner().invoke(
+        main,
+        [
+            "build",
+            "--config",
+            "tiny",
+            "--model",
+            str(tiny_models["gpt2"]),
+            "--data",
+            str(corpus_file),
+            "--id-field",
+            "id",
+            "--out",
+            str(out),
+            "--max-length",
+            "48",
+            "--batch-size",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "rows       24" in result.output and "examples/s" in result.output
+    return out
+
+
+def test_query_text_and_pair(built, corpus_records):
+    result = CliRunner().invoke(
+        main, ["query", str(built), "--text", corpus_records[4]["text"], "-k", "3", "--bottom", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "most influential" in result.output and "least influential" in result.output
+    assert corpus_records[4]["id"] in result.output.split("most influential")[1].splitlines()[1]
+    result = CliRunner().invoke(main, ["query", str(built), "--prompt", "King queen", "--completion", " crown sword."])
+    assert result.exit_code == 0, result.output
+
+
+def test_query_json(built, corpus_records):
+    result = CliRunner().invoke(
+        main,
+        ["query", str(built), "--text", "Ghost father son.", "--text", corpus_records[0]["text"], "-k", "4", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["index_id"].startswith("ai-") and answer["latency_ms"] > 0 and answer["exact"] is True
+    assert len(answer["results"]) == 2 and len(answer["results"][0]["top"]) == 4
+    first = answer["results"][1]["top"][0]
+    assert first["id"] == corpus_records[0]["id"] and first["text"] == corpus_records[0]["text"]
+    scores = [a["score"] for a in answer["results"][0]["top"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_info(built):
+    result = CliRunner().invoke(main, ["info", str(built)])
+    assert result.exit_code == 0, result.output
+    assert "rows         24" in result.output and "GPT2LMHeadModel" in result.output and "MiB" in result.output
+    result = CliRunner().invoke(main, ["info", str(built), "--json"])
+    assert json.loads(result.output)["rows"] == 24
+
+
+@pytest.mark.parametrize("command", ["build", "query", "info", "demo"])
+def test_help_shows_an_example(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and "Example" in result.output and "attribindex " + command in result.output
+
+
+def _fails(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_query_errors(built):
+    _fails(
+        ["query", str(built), "--text", "x y z", "-k", "0"], "k must be between 1 and the number of indexed rows (24)"
+    )
+    _fails(["query", str(built), "--text", "x y z", "-k", "25"], "got 25")
+    _fails(["query", str(built), "--text", "x y z", "--bottom", "-1"], "bottom must be between 0")
+    _fails(["query", str(built), "--prompt", "x"], "--prompt and --completion go together")
+    _fails(["query", str(built)], "give at least one --text")
+    _fails(["query", str(built), "--text", ""], "no token carries loss")
+    _fails(["info", str(built.parent / "nothing")], "is not an attribindex index")
+
+
+def test_build_errors(tiny_models, corpus_file, tmp_path, built):
+    model = str(tiny_models["gpt2"])
+    base = ["build", "--config", "tiny", "--model", model, "--out", str(tmp_path / "o")]
+    _fails(base + ["--data", str(tmp_path / "missing.jsonl")], "does not exist")
+    (tmp_path / "empty.jsonl").write_text("")
+    _fails(base + ["--data", str(tmp_path / "empty.jsonl")], "holds no documents")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    _fails(base + ["--data", str(tmp_path / "latin.jsonl")], "not valid UTF-8")
+    _fails(base + ["--data", str(corpus_file), "--text-field", "body"], "no field 'body' in the record")
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("projection:\n  rnak_in: 4\n")
+    _fails(
+        [
+            "build",
+            "--config",
+            str(bad_config),
+            "--model",
+            model,
+            "--data",
+            str(corpus_file),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        "Did you mean 'rank_in'",
+    )
+    _fails(base + ["--data", str(corpus_file), "--batch-size", "0"], "batch_size must be >= 1")
+    _fails(
+        ["build", "--config", "tiny", "--model", model, "--data", str(corpus_file), "--out", str(built)],
+        "already holds an index. Pass --overwrite",
+    )
+    _fails(
+        base[:-2] + ["--out", str(tmp_path / "o"), "--data", str(corpus_file), "--model", str(tmp_path)],
+        "has no config.json",
+    )
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # failed builds leave nothing
+
+
+def test_document_that_tokenises_to_nothing(tiny_models, tmp_path):
+    data = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"id": "a", "text": "King queen crown."},
+            {"id": "empty", "text": ""},
+            {"id": "b", "text": "Ghost father son."},
+        ],
+    )
+    args = [
+        "build",
+        "--config",
+        "tiny",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--data",
+        str(data),
+        "--id-field",
+        "id",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    _fails(args, "document 'empty' (c.jsonl:2): no token carries loss")
+    result = CliRunner().invoke(main, args + ["--skip-empty"])
+    assert result.exit_code == 0, result.output
+    assert "rows       2  (1 empty documents skipped)" in result.output
+
+
+def test_real_process_prints_one_clean_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "attribindex", "query", str(tmp_path), "--text", "x"], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "is not an attribindex index" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,53 @@
+"""Presets load into the typed config; unknown keys and bad values are refused with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from attribindex.config import BuildConfig, config_from_dict, config_to_dict, load_config
+from attribindex.config._load import PRESETS_DIR
+from attribindex.errors import AttribIndexError
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    config = load_config(preset)
+    assert isinstance(config, BuildConfig)
+    assert config_from_dict(BuildConfig, config_to_dict(config)) == config
+
+
+def test_required_presets_exist():
+    names = {p.stem for p in PRESETS_DIR.glob("*.yaml")}
+    assert {"tiny", "demo", "gpt2-small-paper", "llama3-8b-paper", "llama3-8b-mlp"} <= names
+    assert load_config("llama3-8b-paper").projection.rank_in == 64
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("hessian:\n  dampng: 0.1\n")
+    with pytest.raises(AttribIndexError, match="unknown key 'dampng'. Did you mean 'damping'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("hessian:\n  kind: kfac-ish\n", "not allowed; choose one of 'raw', 'identity'"),
+        ("hessian:\n  damping: -1\n", "damping must be > 0"),
+        ("extract:\n  batch_size: two\n", "expected an integer"),
+        ("projection:\n  modules: '*'\n", "expected a list of strings"),
+        ("projection:\n  rank_in: 0\n", "rank_in/rank_out must be >= 1"),
+        ("store: [1, 2]\n", "expected a mapping"),
+        ("index: {mode: dot\n", "not valid YAML"),
+    ],
+)
+def test_bad_values_are_refused(tmp_path, yaml_text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(AttribIndexError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(path)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(AttribIndexError, match="Presets: .*tiny"):
+        load_config("no-such-preset")

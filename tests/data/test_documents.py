@@ -1,0 +1,86 @@
+"""Corpus readers: jsonl, .txt folders, saved HF datasets; stable ids; clear errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from attribindex.data import PromptCompletion, content_id, open_corpus, tokenize
+from attribindex.errors import AttribIndexError
+from attribindex.testing import make_tokenizer, write_jsonl
+
+
+def test_jsonl_with_and_without_id_field(tmp_path):
+    path = write_jsonl(
+        tmp_path / "c.jsonl", [{"id": 7, "text": "alpha"}, {"id": "b", "text": "beta"}, {"id": 9, "text": "alpha"}]
+    )
+    assert [d.id for d in open_corpus(path, id_field="id")] == ["7", "b", "9"]
+    hashed = [d.id for d in open_corpus(path)]
+    assert hashed[0] == content_id("alpha") and hashed[2] == content_id("alpha") + "~2"  # duplicate text, distinct id
+    assert [d.source for d in open_corpus(path, limit=2)] == ["c.jsonl:1", "c.jsonl:2"]
+    assert len(open_corpus(path, limit=2)) == 2
+
+
+def test_txt_folder_uses_relative_paths_as_ids(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "sub" / "a.txt").write_text("first")
+    docs = list(open_corpus(tmp_path))
+    assert [(d.id, d.text) for d in docs] == [("b.txt", "second"), ("sub/a.txt", "first")]
+
+
+def test_saved_hf_dataset(tmp_path):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"content": ["one two", "three four"], "key": ["k1", "k2"]})
+    dataset.save_to_disk(str(tmp_path / "ds"))
+    docs = list(open_corpus(tmp_path / "ds", text_field="content", id_field="key"))
+    assert [(d.id, d.text) for d in docs] == [("k1", "one two"), ("k2", "three four")]
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "dd"))
+    assert len(list(open_corpus(tmp_path / "dd", text_field="content"))) == 2
+    with pytest.raises(AttribIndexError, match="no split 'test'"):
+        open_corpus(tmp_path / "dd", text_field="content", split="test")
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "message"),
+    [
+        (b"", {}, "holds no documents"),
+        (b'{"body": "x"}\n', {}, "no field 'text' in the record. Fields present: body"),
+        (b'{"text": "caf\xe9"}\n', {}, "not valid UTF-8"),
+        (b'{"text": "x"\n', {}, "not valid JSON"),
+        (b'{"text": 5}\n', {}, "is int, not a string"),
+        (b'{"text": "a", "id": 1}\n{"text": "b", "id": 1}\n', {"id_field": "id"}, "duplicate id '1'"),
+        (b'{"text": "a"}\n', {"id_field": "id"}, "no id field 'id'"),
+    ],
+)
+def test_bad_jsonl_gives_a_clear_error(tmp_path, content, kwargs, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(AttribIndexError, match=message):
+        list(open_corpus(path, **kwargs))
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(AttribIndexError, match="does not exist"):
+        open_corpus(tmp_path / "missing.jsonl")
+    with pytest.raises(AttribIndexError, match="holds no .txt files"):
+        open_corpus(tmp_path)
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(AttribIndexError, match="unsupported file type"):
+        open_corpus(tmp_path / "x.csv")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(AttribIndexError, match="latin.txt is not valid UTF-8"):
+        list(open_corpus(tmp_path))
+
+
+def test_tokenize_masks_prompt_and_refuses_empty():
+    tokenizer = make_tokenizer(["hello world, the quick brown fox"] * 5, vocab_size=300)
+    pair = tokenize(tokenizer, PromptCompletion("hello", " world"), 32, "q")
+    prompt_len = len(tokenizer("hello")["input_ids"])
+    assert pair.loss_mask[:prompt_len] == [0] * prompt_len and all(pair.loss_mask[prompt_len:])
+    plain = tokenize(tokenizer, "hello world", 32, "d")
+    assert plain.loss_mask[0] == 0 and all(plain.loss_mask[1:])
+    with pytest.raises(AttribIndexError, match="doc 'e': no token carries loss"):
+        tokenize(tokenizer, "", 32, "doc 'e'")
+    with pytest.raises(AttribIndexError, match="completion is empty or truncated"):
+        tokenize(tokenizer, PromptCompletion("hello world the quick", " fox"), 2, "q")

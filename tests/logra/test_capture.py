@@ -1,0 +1,89 @@
+"""LoGra capture equals the explicit Kronecker projection of autograd per-example gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribindex.config import ProjectionConfig
+from attribindex.data import PromptCompletion
+from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
+from attribindex.model import load_model
+from tests.reference import explicit_projected_gradients
+
+ITEMS = [
+    "King queen crown sword love death night.",
+    "Ghost.",  # short: padded heavily inside a batch
+    PromptCompletion("Father son daughter", " mother brother sister lord lady."),
+    "Fear hope trust doubt burn freeze fear hope trust doubt burn freeze speak swear weep laugh.",
+    PromptCompletion("War peace heart", " weep."),
+]
+
+
+def _setup(path, **projection):
+    model, tokenizer = load_model(str(path), dtype="float64", device="cpu")
+    specs = select_modules(model, ProjectionConfig(**projection))
+    projections = ProjectionSet.generate(specs, seed=7, rank_in=3, rank_out=5)
+    return model, tokenizer, projections
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logra_equals_projected_autograd_gradients(tiny_models, arch):
+    model, tokenizer, projections = _setup(tiny_models[arch])
+    kinds = {spec.kind for spec in projections.modules}
+    assert kinds == ({"conv1d"} if arch == "gpt2" else {"linear"})
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    names = [m.name for m in projections.modules]
+    got = extractor.extract(extractor.tokenize(ITEMS)).concatenated(names)  # one padded batch
+    expected = explicit_projected_gradients(model, tokenizer, ITEMS, projections, max_length=32)
+    assert got.shape == expected.shape == (len(ITEMS), projections.dim)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_capture_leaves_weights_without_grad(tiny_models):
+    model, tokenizer, projections = _setup(tiny_models["gpt2"])
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    extractor.extract(extractor.tokenize(ITEMS[:2]))
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_prompt_tokens_do_not_count_but_their_activations_do(tiny_models):
+    model, tokenizer, projections = _setup(tiny_models["llama"])
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    pair = PromptCompletion("King queen crown sword", " love death night.")
+    whole = pair.prompt + pair.completion
+    g = extractor.extract(extractor.tokenize([pair, whole])).concatenated([m.name for m in projections.modules])
+    assert not torch.allclose(g[0], g[1])  # the prompt's loss is excluded from the pair
+
+
+def test_batch_size_invariance(tiny_models):
+    model, tokenizer, projections = _setup(tiny_models["gpt2"])
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    names = [m.name for m in projections.modules]
+    items = ITEMS * 4  # 20 items
+    together = extractor.extract(extractor.tokenize(items)).concatenated(names)
+    one_by_one = torch.cat([extractor.extract(extractor.tokenize([item])).concatenated(names) for item in items])
+    torch.testing.assert_close(together, one_by_one, rtol=1e-9, atol=1e-12)
+
+
+def test_last_n_blocks_and_patterns_select_modules(tiny_models):
+    model, _, _ = _setup(tiny_models["llama"])
+    chosen = select_modules(model, ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=1))
+    assert [s.name for s in chosen] == [f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    everything = select_modules(model, ProjectionConfig())
+    assert all("lm_head" not in s.name for s in everything) and len(everything) == 14
+
+
+def test_backward_stops_at_lowest_captured_layer(tiny_models):
+    """With only the last block captured, no gradient reaches the embeddings or the first block."""
+    model, tokenizer, _ = _setup(tiny_models["llama"])
+    specs = select_modules(model, ProjectionConfig(last_n_blocks=1))
+    projections = ProjectionSet.generate(specs, seed=0, rank_in=2, rank_out=2)
+    reached = []
+    first_block = model.model.layers[0]
+    handle = first_block.register_full_backward_hook(lambda *args: reached.append(True))
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    extractor.extract(extractor.tokenize(ITEMS[:2]))
+    handle.remove()
+    assert reached == []

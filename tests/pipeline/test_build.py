@@ -1,0 +1,69 @@
+"""Build-level equivalences and failure safety."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from attribindex import AttribIndexError, AttributionIndex, build_index
+from attribindex.store import ChunkWriter, layout, read_manifest
+from tests.conftest import exact_config
+
+
+def _raw_rows(path) -> np.ndarray:
+    index = AttributionIndex.open(path, load_model_now=False)
+    return np.concatenate([raw.numpy() for _, raw in index.store.iter_raw()])
+
+
+def test_batch_size_does_not_change_the_index(tiny_models, corpus_file, tmp_path):
+    config = exact_config()
+    for name, batch_size in (("b1", 1), ("b7", 7)):
+        cfg = dataclasses.replace(config, extract=dataclasses.replace(config.extract, batch_size=batch_size))
+        build_index(cfg, str(tiny_models["gpt2"]), corpus_file, tmp_path / name, id_field="id", progress=False)
+    np.testing.assert_allclose(_raw_rows(tmp_path / "b1"), _raw_rows(tmp_path / "b7"), rtol=1e-6, atol=1e-9)
+    first, second = (read_manifest(tmp_path / n) for n in ("b1", "b7"))
+    assert first["projection"]["hash"] == second["projection"]["hash"]
+
+
+def test_interrupted_build_never_looks_complete(tiny_models, corpus_file, tmp_path, monkeypatch):
+    original = ChunkWriter.flush
+    calls = []
+
+    def failing_flush(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash while writing chunk 2")
+        return original(self)
+
+    monkeypatch.setattr(ChunkWriter, "flush", failing_flush)
+    out = tmp_path / "idx"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_index(exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    assert not layout.is_index_dir(out)
+    with pytest.raises(AttribIndexError, match="incomplete build"):
+        AttributionIndex.open(out, load_model_now=False)
+    monkeypatch.setattr(ChunkWriter, "flush", original)
+    with pytest.raises(AttribIndexError, match="interrupted build"):
+        build_index(exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    build_index(
+        exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False, overwrite=True
+    )
+    assert read_manifest(out)["rows"] == 24
+
+
+def test_manifest_records_what_built_the_index(tiny_models, corpus_file, tmp_path):
+    summary = build_index(
+        exact_config("cosine"), str(tiny_models["llama"]), corpus_file, tmp_path / "i", progress=False
+    )
+    manifest = json.loads((tmp_path / "i" / layout.MANIFEST).read_text())
+    assert manifest["format_version"] == layout.FORMAT_VERSION
+    assert manifest["rows"] == summary.rows == 24
+    assert manifest["normalization"] == "cosine" and manifest["hessian"]["damping"] == 0.1
+    assert manifest["model"]["fingerprint"].startswith("sha256:")
+    assert sum(m["dim"] for m in manifest["modules"]) == manifest["dim"] == 14 * 12
+    assert len(manifest["store"]["chunks"]) == 3  # 24 rows in chunks of 10
+    assert not (tmp_path / "i" / layout.BUILD_MARKER).exists()
+    assert "rows" in summary.format()

@@ -1,0 +1,64 @@
+"""Store round trip: encoding survives tiny gradients; chunks, ids and texts come back exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribindex.data import Document
+from attribindex.errors import AttribIndexError
+from attribindex.store import ChunkWriter, RowStore, decode, encode, layout
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_encode_decode_keeps_tiny_gradients(dtype):
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(8, 12, generator=gen) * 1e-8  # fp16 alone would flush most of these to zero
+    vectors[3] = 0.0
+    stored, scales = encode(vectors, [4, 8], dtype)
+    back = decode(stored, scales, [4, 8], dtype)
+    tolerance = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-7}[dtype]
+    assert torch.allclose(back, vectors, rtol=0, atol=tolerance * 1e-8 * 4)
+    assert back[3].abs().sum() == 0
+    assert (back[vectors != 0] != 0).all()
+
+
+def test_plain_fp16_would_underflow():
+    """The reason for scales: the same values cast straight to fp16 are mostly zero."""
+    vectors = torch.randn(100, 50) * 1e-8
+    assert (vectors.to(torch.float16) == 0).float().mean() > 0.5
+
+
+def test_chunk_writer_and_row_store_round_trip(tmp_path):
+    docs = [Document(id=f"d{i}", text=f"text ü {i}\nline two", source=f"src:{i}") for i in range(23)]
+    vectors = torch.randn(23, 6)
+    writer = ChunkWriter(tmp_path, [2, 4], "float32", chunk_rows=10)
+    writer.add(vectors[:7], docs[:7])
+    writer.add(vectors[7:], docs[7:])
+    chunks = writer.close()
+    assert [c["rows"] for c in chunks] == [10, 10, 3]
+    store = RowStore(tmp_path, [2, 4], "float32", chunks)
+    assert store.rows == 23
+    got = torch.cat([raw for _, raw in store.iter_raw()])
+    assert torch.equal(got, vectors)
+    assert store.documents([22, 0, 10]) == [docs[22], docs[0], docs[10]]
+
+
+def test_damaged_chunk_file_is_reported(tmp_path):
+    writer = ChunkWriter(tmp_path, [3], "float16", chunk_rows=4)
+    writer.add(torch.randn(4, 3), [Document(str(i), "t", "s") for i in range(4)])
+    chunks = writer.close()
+    path = tmp_path / layout.chunk_file(chunks[0]["name"], layout.CHUNK_GRADS)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(AttribIndexError, match="damaged"):
+        RowStore(tmp_path, [3], "float16", chunks)
+
+
+def test_chunk_files_are_plain_numpy(tmp_path):
+    writer = ChunkWriter(tmp_path, [3], "bfloat16", chunk_rows=4)
+    writer.add(torch.randn(2, 3), [Document(str(i), "t", "s") for i in range(2)])
+    (chunk,) = writer.close()
+    grads = np.load(tmp_path / layout.chunk_file(chunk["name"], layout.CHUNK_GRADS))
+    assert grads.dtype == np.uint16 and grads.shape == (2, 3)
+    assert not any(p.name.startswith(".") for p in (tmp_path / layout.ROWS_DIR).iterdir())  # no temp files left
