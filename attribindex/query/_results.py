@@ -7,6 +7,12 @@ from dataclasses import asdict, dataclass, field
 from attribindex.data import PromptCompletion
 
 
+def one_line(text: str, width: int) -> str:
+    """`text` on one line, clipped to `width` characters with an ellipsis (for terminal output)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 @dataclass(frozen=True)
 class Attribution:
     """One training example and its influence score on a query.

