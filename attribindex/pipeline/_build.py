@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from attribindex import __version__
 from attribindex._progress import progress as progress_bar
 from attribindex.config import BuildConfig, config_to_dict
-from attribindex.data import Corpus, Document, batched, open_corpus
+from attribindex.data import Corpus, batched, open_corpus
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, Preconditioner, normalize_rows
 from attribindex.index import FlatIndex
@@ -143,6 +145,52 @@ def build_index(
         raise
 
 
+@dataclass
+class _Extraction:
+    chunks: list[dict]
+    tokens: int
+    skipped: int
+    seconds: float
+
+
+def _extract(
+    corpus: Corpus,
+    extractor: GradientExtractor,
+    writer: ChunkWriter,
+    curvature: CurvatureSums,
+    batch_size: int,
+    skip_empty: bool,
+    progress: bool,
+) -> _Extraction:
+    """One pass over the corpus: per-example projected gradients to the store, curvature sums in memory."""
+    names = [m.name for m in extractor.projections.modules]
+    skipped: list[str] = []
+    tokens = 0
+    started = time.perf_counter()
+    bar = progress_bar(total=corpus.known_length(), desc="extract", unit="doc", enabled=progress)
+    for group in batched(_documents_with_tokens(corpus, extractor, skip_empty, skipped), batch_size):
+        extracted = extractor.extract([example for _, example in group])
+        curvature.update(extracted.blocks)  # kept for identity builds too: a later re-whitening needs no model
+        writer.add(extracted.concatenated(names), [doc for doc, _ in group])
+        tokens += sum(len(example.input_ids) for _, example in group)
+        bar.update(writer.rows_written + writer.buffered_rows + len(skipped) - bar.n)
+        bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
+    bar.close()
+    chunks = writer.close()
+    if not chunks:
+        raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
+    return _Extraction(chunks, tokens, len(skipped), time.perf_counter() - started)
+
+
+def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
+    """Whiten (and in cosine mode normalise) every stored raw row, chunk by chunk, into the FAISS index file."""
+    index = FlatIndex.empty(sum(store.block_dims))
+    for _, raw in progress_bar(store.iter_raw(), total=len(store.chunks), desc="index", unit="chunk", enabled=progress):
+        vectors = preconditioner.whiten(raw)  # (n, D)
+        index.add((normalize_rows(vectors) if mode == "cosine" else vectors).numpy())
+    index.save(out / layout.FLAT_INDEX)
+
+
 def _build(
     config: BuildConfig, model: str, corpus: Corpus, out: Path, started: float, skip_empty: bool, progress: bool
 ) -> BuildSummary:
@@ -157,30 +205,9 @@ def _build(
     projections.save(out / layout.PROJECTIONS)
     names, dims = [m.name for m in modules], projections.block_dims
     extractor = GradientExtractor(lm, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
-
     curvature = CurvatureSums(dict(zip(names, dims)))
     writer = ChunkWriter(out, dims, config.store.dtype, config.store.chunk_rows)
-    skipped: list[str] = []
-    tokens = 0
-    extract_started = time.perf_counter()
-    bar = progress_bar(total=corpus.known_length(), desc="extract", unit="doc", enabled=progress)
-    for group in batched(_documents_with_tokens(corpus, extractor, skip_empty, skipped), config.extract.batch_size):
-        documents: list[Document] = [doc for doc, _ in group]
-        extracted = extractor.extract([example for _, example in group])
-        if config.hessian.kind == "raw":
-            curvature.update(extracted.blocks)
-        else:
-            curvature.count += len(group)
-        writer.add(extracted.concatenated(names), documents)
-        tokens += sum(len(example.input_ids) for _, example in group)
-        bar.update(writer.rows_written + writer.buffered_rows + len(skipped) - bar.n)
-        bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - extract_started):.0f}", refresh=False)
-    bar.close()
-    chunks = writer.close()
-    extract_seconds = time.perf_counter() - extract_started
-    if not chunks:
-        raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
-    rows = sum(c["rows"] for c in chunks)
+    extraction = _extract(corpus, extractor, writer, curvature, config.extract.batch_size, skip_empty, progress)
     curvature.save(out / layout.CURVATURE)
 
     if config.hessian.kind == "raw":
@@ -188,24 +215,47 @@ def _build(
     else:
         preconditioner = Preconditioner.identity(names, dims)
     preconditioner.save(out / layout.PRECONDITIONER)
+    store = RowStore(out, dims, config.store.dtype, extraction.chunks)
+    write_flat_index(out, store, preconditioner, config.index.mode, progress)
 
-    store = RowStore(out, dims, config.store.dtype, chunks)
-    index = FlatIndex.empty(projections.dim)
-    for _, raw in progress_bar(store.iter_raw(), total=len(chunks), desc="index", unit="chunk", enabled=progress):
-        vectors = preconditioner.whiten(raw)
-        if config.index.mode == "cosine":
-            vectors = normalize_rows(vectors)
-        index.add(vectors.numpy())
-    index.save(out / layout.FLAT_INDEX)
+    manifest = _manifest(config, model, lm, tokenizer, corpus, projections, preconditioner, curvature, extraction, out)
+    manifest["created"] = created
+    manifest["log"] = [{"event": "build", "rows": store.rows, "time": created}]
+    write_json(out / layout.MANIFEST, manifest)
+    (out / layout.BUILD_MARKER).unlink()
+    return BuildSummary(
+        out=out,
+        index_id=manifest["index_id"],
+        rows=store.rows,
+        skipped=extraction.skipped,
+        tokens=extraction.tokens,
+        dim=projections.dim,
+        modules=len(modules),
+        extract_seconds=extraction.seconds,
+        total_seconds=time.perf_counter() - started,
+        bytes_on_disk=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+    )
 
-    offsets = [0]
-    for dim in dims[:-1]:
-        offsets.append(offsets[-1] + dim)
+
+def _manifest(
+    config: BuildConfig,
+    model: str,
+    lm,
+    tokenizer,
+    corpus: Corpus,
+    projections: ProjectionSet,
+    preconditioner: Preconditioner,
+    curvature: CurvatureSums,
+    extraction: _Extraction,
+    out: Path,
+) -> dict:
+    """The manifest of a finished build (docs/format.md documents every key)."""
+    offsets = np.cumsum([0] + projections.block_dims[:-1])
     manifest = {
         "format": layout.FORMAT_NAME,
         "format_version": layout.FORMAT_VERSION,
         "index_id": None,
-        "created": created,
+        "created": None,
         "attribindex_version": __version__,
         "model": model_description(lm, model),
         "tokenizer": {"name_or_path": model, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
@@ -214,8 +264,8 @@ def _build(
             "description": corpus.description,
             "text_field": corpus.text_field,
             "id_field": corpus.id_field,
-            "skipped_empty": len(skipped),
-            "tokens": tokens,
+            "skipped_empty": extraction.skipped,
+            "tokens": extraction.tokens,
         },
         "modules": [
             {
@@ -225,13 +275,13 @@ def _build(
                 "out_features": m.out_features,
                 "rank_in": int(projections.p_in[m.name].shape[0]),
                 "rank_out": int(projections.p_out[m.name].shape[0]),
-                "offset": off,
-                "dim": d,
+                "offset": int(offset),
+                "dim": dim,
             }
-            for m, off, d in zip(modules, offsets, dims)
+            for m, offset, dim in zip(projections.modules, offsets, projections.block_dims)
         ],
         "dim": projections.dim,
-        "rows": rows,
+        "rows": sum(c["rows"] for c in extraction.chunks),
         "projection": {"seed": config.projection.seed, "hash": projections.hash(), "file": layout.PROJECTIONS},
         "hessian": {
             "kind": preconditioner.kind,
@@ -242,27 +292,13 @@ def _build(
             "curvature_file": layout.CURVATURE,
         },
         "normalization": config.index.mode,
-        "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": chunks},
+        "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": extraction.chunks},
         "index": {"kind": "flat", "metric": "inner_product", "file": layout.FLAT_INDEX},
         "files": {
             name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
             for name in (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, layout.FLAT_INDEX)
         },
-        "log": [{"event": "build", "rows": rows, "time": created}],
+        "log": [],
     }
     manifest["index_id"] = _index_id(manifest)
-    write_json(out / layout.MANIFEST, manifest)
-    (out / layout.BUILD_MARKER).unlink()
-    total_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return BuildSummary(
-        out=out,
-        index_id=manifest["index_id"],
-        rows=rows,
-        skipped=len(skipped),
-        tokens=tokens,
-        dim=projections.dim,
-        modules=len(modules),
-        extract_seconds=extract_seconds,
-        total_seconds=time.perf_counter() - started,
-        bytes_on_disk=total_bytes,
-    )
+    return manifest
