@@ -31,6 +31,7 @@ class PromptCompletion:
 class TokenizedExample:
     input_ids: list[int]
     loss_mask: list[int]  # 1 where token j is a prediction target that counts (loss_mask[0] is always 0)
+    truncated: bool = False  # tokens beyond max_length were dropped
 
 
 @dataclass
@@ -48,11 +49,12 @@ def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str
     if isinstance(item, PromptCompletion):
         prompt_ids = tokenizer(item.prompt, add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(item.completion, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + completion_ids)[:max_length]
+        full = prompt_ids + completion_ids
         mask = ([0] * len(prompt_ids) + [1] * len(completion_ids))[:max_length]
     else:
-        ids = tokenizer(item, add_special_tokens=True)["input_ids"][:max_length]
-        mask = [1] * len(ids)
+        full = tokenizer(item, add_special_tokens=True)["input_ids"]
+        mask = [1] * min(len(full), max_length)
+    ids = full[:max_length]
     if mask:
         mask[0] = 0  # the first token is never predicted
     if sum(mask) == 0:
@@ -64,7 +66,7 @@ def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str
         raise AttribIndexError(
             f"{name}: no token carries loss ({what}). Remove it, lengthen it, or raise max_length ({max_length})."
         )
-    return TokenizedExample(input_ids=ids, loss_mask=mask)
+    return TokenizedExample(input_ids=ids, loss_mask=mask, truncated=len(full) > max_length)
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> Batch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +41,21 @@ class Corpus:
     Use `open_corpus` to make one. Iterating twice yields the same documents in the same order.
     """
 
-    def __init__(self, description: str, records: Any, text_field: str, id_field: str | None, limit: int | None):
+    def __init__(
+        self,
+        description: str,
+        records: Callable[[], Iterator[tuple[str, Any]]],
+        text_field: str,
+        id_field: str | None,
+        limit: int | None,
+        available: int | None,
+    ):
         self.description = description
-        self._records = records  # callable returning an iterator of (source, record dict)
+        self._records = records  # yields (source pointer, record dict)
         self.text_field = text_field
         self.id_field = id_field
         self.limit = limit
-        self._length: int | None = None
+        self._length = available if limit is None or available is None else min(available, limit)
 
     def __len__(self) -> int:
         if self._length is None:
@@ -55,6 +63,7 @@ class Corpus:
         return self._length
 
     def known_length(self) -> int | None:
+        """Number of documents, or None for a streaming corpus."""
         return self._length
 
     def __iter__(self) -> Iterator[Document]:
@@ -199,16 +208,14 @@ def open_corpus(
             raise AttribIndexError(
                 f"{path}: unsupported file type {path.suffix!r}. Use a .jsonl file (one JSON object per line)."
             )
-        corpus = Corpus(str(path), _jsonl_records(path), text_field, id_field, limit)
         with path.open("rb") as handle:
             lines = sum(1 for raw in handle if raw.strip())
-        corpus._length = min(lines, limit) if limit else lines
+        corpus = Corpus(str(path), _jsonl_records(path), text_field, id_field, limit, lines)
     elif path.is_dir():
         markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any((path / m).exists() for m in markers):
             dataset = _load_hf_dataset(str(path), split, on_disk=True)
-            corpus = Corpus(str(path), _dataset_records(dataset, path.name), text_field, id_field, limit)
-            corpus._length = min(len(dataset), limit) if limit else len(dataset)
+            corpus = Corpus(str(path), _dataset_records(dataset, path.name), text_field, id_field, limit, len(dataset))
         else:
             files = sorted(path.rglob("*.txt"))
             if not files:
@@ -216,11 +223,10 @@ def open_corpus(
                     f"folder {path} holds no .txt files and is not a saved HF dataset. "
                     f"Point --data at a .jsonl file, a folder of .txt files, or a dataset saved with save_to_disk."
                 )
-            corpus = Corpus(str(path), _txt_folder_records(path, files), "text", "id", limit)
-            corpus._length = min(len(files), limit) if limit else len(files)
+            corpus = Corpus(str(path), _txt_folder_records(path, files), "text", "id", limit, len(files))
     elif str(data).startswith((".", "/", "~")) or str(data).endswith((".jsonl", ".json", ".txt")):
         raise AttribIndexError(f"--data {data!r} does not exist. Check the path.")
     else:
         dataset = _load_hf_dataset(str(data), split, on_disk=False)
-        corpus = Corpus(str(data), _dataset_records(dataset, str(data)), text_field, id_field, limit)
+        corpus = Corpus(str(data), _dataset_records(dataset, str(data)), text_field, id_field, limit, None)
     return corpus

@@ -46,7 +46,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=DTYPES[dtype])
     except OSError as err:
         raise AttribIndexError(
-            f"could not load model {name_or_path!r}: {err}. Check the path or hub id (hub ids need network access)."
+            f"could not load model {name_or_path!r}: {str(err).strip().rstrip('.')}. Check the path or hub id "
+            f"(hub ids need network access, or a copy in the local HF cache)."
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

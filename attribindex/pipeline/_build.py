@@ -38,6 +38,7 @@ class BuildSummary:
     index_id: str
     rows: int
     skipped: int
+    truncated: int
     tokens: int
     dim: int
     modules: int
@@ -50,7 +51,8 @@ class BuildSummary:
         lines = [
             f"index      {self.out}  ({self.index_id})",
             f"rows       {self.rows:,}" + (f"  ({self.skipped} empty documents skipped)" if self.skipped else ""),
-            f"tokens     {self.tokens:,}",
+            f"tokens     {self.tokens:,}"
+            + (f"  ({self.truncated:,} documents truncated to max_length)" if self.truncated else ""),
             f"vector     {self.dim:,} dims from {self.modules} modules",
             f"extract    {self.extract_seconds:.1f} s  ({rate:.1f} examples/s)",
             f"total      {self.total_seconds:.1f} s",
@@ -150,6 +152,7 @@ class _Extraction:
     chunks: list[dict]
     tokens: int
     skipped: int
+    truncated: int
     seconds: float
 
 
@@ -165,7 +168,7 @@ def _extract(
     """One pass over the corpus: per-example projected gradients to the store, curvature sums in memory."""
     names = [m.name for m in extractor.projections.modules]
     skipped: list[str] = []
-    tokens = 0
+    tokens = truncated = 0
     started = time.perf_counter()
     bar = progress_bar(total=corpus.known_length(), desc="extract", unit="doc", enabled=progress)
     for group in batched(_documents_with_tokens(corpus, extractor, skip_empty, skipped), batch_size):
@@ -173,13 +176,14 @@ def _extract(
         curvature.update(extracted.blocks)  # kept for identity builds too: a later re-whitening needs no model
         writer.add(extracted.concatenated(names), [doc for doc, _ in group])
         tokens += sum(len(example.input_ids) for _, example in group)
+        truncated += sum(example.truncated for _, example in group)
         bar.update(writer.rows_written + writer.buffered_rows + len(skipped) - bar.n)
         bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
     bar.close()
     chunks = writer.close()
     if not chunks:
         raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
-    return _Extraction(chunks, tokens, len(skipped), time.perf_counter() - started)
+    return _Extraction(chunks, tokens, len(skipped), truncated, time.perf_counter() - started)
 
 
 def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
@@ -228,6 +232,7 @@ def _build(
         index_id=manifest["index_id"],
         rows=store.rows,
         skipped=extraction.skipped,
+        truncated=extraction.truncated,
         tokens=extraction.tokens,
         dim=projections.dim,
         modules=len(modules),
@@ -265,6 +270,7 @@ def _manifest(
             "text_field": corpus.text_field,
             "id_field": corpus.id_field,
             "skipped_empty": extraction.skipped,
+            "truncated": extraction.truncated,
             "tokens": extraction.tokens,
         },
         "modules": [

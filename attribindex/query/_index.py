@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from attribindex.config import ExtractConfig, config_from_dict
 from attribindex.data import PromptCompletion, batched
@@ -49,7 +50,7 @@ class AttributionIndex:
         >>> index.attribute([PromptCompletion("Q: Who is the Dane?\\nA:", " Hamlet")], k=3)  # doctest: +SKIP
     """
 
-    def __init__(self, root: Path, manifest: dict, model=None, tokenizer=None, device: str = "auto"):
+    def __init__(self, root: Path, manifest: dict, device: str = "auto"):
         self.root = root
         self.manifest = manifest
         self.index_id: str = manifest["index_id"]
@@ -74,34 +75,40 @@ class AttributionIndex:
                 f"{manifest['rows']} × {manifest['dim']}. The index is damaged; rebuild it."
             )
         self.extract_config = config_from_dict(ExtractConfig, manifest["config"]["extract"])
-        self._extractor = None
-        if model is not None:
-            self._attach_model(model, tokenizer)
+        self._extractor: GradientExtractor | None = None
+        self._fingerprint = ""
 
     @classmethod
     def open(
         cls,
         path: str | Path,
-        model: str | None = None,
+        model=None,
+        tokenizer=None,
         *,
         load_model_now: bool = True,
         device: str = "auto",
         dtype: str | None = None,
     ) -> AttributionIndex:
-        """Open the index at `path`; load its model (the one it was built with, or `model`).
+        """Open the index at `path` and the model that answers queries.
 
         Args:
-            model: a model folder / hub id to use instead of the recorded one (it must match the fingerprint).
-            load_model_now: False opens the index only (for `search` with precomputed QueryVectors, or `info`).
+            model: None = the model recorded in the manifest; a folder / hub id; or an already loaded
+                causal LM (then pass its `tokenizer` too). Its fingerprint must match the index's.
+            load_model_now: False opens the index only (for `search` with precomputed QueryVectors).
+            device: where the model and the FAISS index run (``auto`` = GPU when available).
             dtype: compute dtype for queries (default: the build's).
         """
         root = Path(path)
         manifest = read_manifest(root)
         index = cls(root, manifest, device=device)
-        if load_model_now:
+        if isinstance(model, nn.Module):
+            if tokenizer is None:
+                raise AttribIndexError("a loaded model needs its tokenizer: pass tokenizer=... as well.")
+            index._attach_model(model, tokenizer, dtype=dtype)
+        elif load_model_now:
             source = model or manifest["model"]["name_or_path"]
-            lm, tokenizer = load_model(source, dtype or index.extract_config.dtype, device)
-            index._attach_model(lm, tokenizer, dtype=dtype)
+            lm, loaded_tokenizer = load_model(source, dtype or index.extract_config.dtype, device)
+            index._attach_model(lm, loaded_tokenizer, dtype=dtype)
         return index
 
     def _expect(self, what: str, recorded: str, actual: str, source: str) -> None:

@@ -13,29 +13,28 @@ from attribindex.cli import main
 from attribindex.testing import write_jsonl
 
 
+def _build_args(model, data, out, *extra: str) -> list[str]:
+    return [
+        "build",
+        "--config",
+        "tiny",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--id-field",
+        "id",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def built(tiny_models, corpus_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "idx"
-    result = CliRunner().invoke(
-        main,
-        [
-            "build",
-            "--config",
-            "tiny",
-            "--model",
-            str(tiny_models["gpt2"]),
-            "--data",
-            str(corpus_file),
-            "--id-field",
-            "id",
-            "--out",
-            str(out),
-            "--max-length",
-            "48",
-            "--batch-size",
-            "3",
-        ],
-    )
+    args = _build_args(tiny_models["gpt2"], corpus_file, out, "--max-length", "48", "--batch-size", "3")
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "rows       24" in result.output and "examples/s" in result.output
     return out
@@ -147,19 +146,7 @@ def test_document_that_tokenises_to_nothing(tiny_models, tmp_path):
             {"id": "b", "text": "Ghost father son."},
         ],
     )
-    args = [
-        "build",
-        "--config",
-        "tiny",
-        "--model",
-        str(tiny_models["gpt2"]),
-        "--data",
-        str(data),
-        "--id-field",
-        "id",
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    args = _build_args(tiny_models["gpt2"], data, tmp_path / "o")
     _fails(args, "document 'empty' (c.jsonl:2): no token carries loss")
     result = CliRunner().invoke(main, args + ["--skip-empty"])
     assert result.exit_code == 0, result.output

@@ -79,8 +79,15 @@ def test_tokenize_masks_prompt_and_refuses_empty():
     prompt_len = len(tokenizer("hello")["input_ids"])
     assert pair.loss_mask[:prompt_len] == [0] * prompt_len and all(pair.loss_mask[prompt_len:])
     plain = tokenize(tokenizer, "hello world", 32, "d")
-    assert plain.loss_mask[0] == 0 and all(plain.loss_mask[1:])
+    assert plain.loss_mask[0] == 0 and all(plain.loss_mask[1:]) and not plain.truncated
+    cut = tokenize(tokenizer, "hello world, the quick brown fox", 3, "d")
+    assert len(cut.input_ids) == len(cut.loss_mask) == 3 and cut.truncated
     with pytest.raises(AttribIndexError, match="doc 'e': no token carries loss"):
         tokenize(tokenizer, "", 32, "doc 'e'")
     with pytest.raises(AttribIndexError, match="completion is empty or truncated"):
         tokenize(tokenizer, PromptCompletion("hello world the quick", " fox"), 2, "q")
+
+
+def test_hub_dataset_without_network_is_a_clean_error():
+    with pytest.raises(AttribIndexError, match="could not load dataset 'someone/no-such-dataset'"):
+        open_corpus("someone/no-such-dataset")

@@ -87,3 +87,17 @@ def test_backward_stops_at_lowest_captured_layer(tiny_models):
     extractor.extract(extractor.tokenize(ITEMS[:2]))
     handle.remove()
     assert reached == []
+
+
+def test_bfloat16_model_gives_nearly_the_same_vectors(tiny_models):
+    """bf16 compute (GPUs) is an approximation of the float64 vectors, not something else."""
+    model, tokenizer, projections = _setup(tiny_models["llama"])
+    names = [m.name for m in projections.modules]
+    exact = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    reference = exact.extract(exact.tokenize(ITEMS)).concatenated(names)
+    low, _ = load_model(str(tiny_models["llama"]), dtype="bfloat16", device="cpu")
+    approx = GradientExtractor(low, tokenizer, projections, max_length=32, dtype=torch.bfloat16)
+    got = approx.extract(approx.tokenize(ITEMS)).concatenated(names)
+    assert got.dtype == torch.float32  # projections run in fp32 even for a bf16 model
+    cosine = torch.nn.functional.cosine_similarity(got.double(), reference, dim=1)
+    assert (cosine > 0.97).all(), cosine

@@ -30,3 +30,8 @@ def test_missing_model_folder(tmp_path):
 def test_tokenizer_has_pad_token(tiny_models):
     _, tokenizer = load_model(str(tiny_models["llama"]), device="cpu")
     assert tokenizer.pad_token_id is not None
+
+
+def test_hub_id_without_network_is_a_clean_error():
+    with pytest.raises(AttribIndexError, match="(?s)could not load model .someone/no-such-model.*hub ids need network"):
+        load_model("someone/no-such-model")

@@ -54,7 +54,7 @@ def test_interrupted_build_never_looks_complete(tiny_models, corpus_file, tmp_pa
     assert read_manifest(out)["rows"] == 24
 
 
-def test_manifest_records_what_built_the_index(tiny_models, corpus_file, tmp_path):
+def test_manifest_records_what_built_the_index(tiny_models, corpus_file, corpus_records, tmp_path):
     summary = build_index(
         exact_config("cosine"), str(tiny_models["llama"]), corpus_file, tmp_path / "i", progress=False
     )
@@ -67,3 +67,9 @@ def test_manifest_records_what_built_the_index(tiny_models, corpus_file, tmp_pat
     assert len(manifest["store"]["chunks"]) == 3  # 24 rows in chunks of 10
     assert not (tmp_path / "i" / layout.BUILD_MARKER).exists()
     assert "rows" in summary.format()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    lengths = [len(tokenizer(r["text"])["input_ids"]) for r in corpus_records]
+    assert manifest["corpus"]["truncated"] == summary.truncated == sum(n > 32 for n in lengths)
+    assert manifest["corpus"]["tokens"] == summary.tokens == sum(min(n, 32) for n in lengths)

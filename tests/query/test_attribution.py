@@ -86,3 +86,12 @@ def test_index_files_from_another_build_are_refused(indexes, tmp_path, swap):
         shutil.copy(indexes[("dot", "identity")] / layout.PRECONDITIONER, copy / layout.PRECONDITIONER)
     with pytest.raises(IndexMismatchError, match=f"{swap} hash differs"):
         AttributionIndex.open(copy, load_model_now=False)
+
+
+def test_an_already_loaded_model_can_answer(indexes, corpus_records):
+    from attribindex.model import load_model
+
+    path = AttributionIndex.open(indexes[("cosine", "raw")], load_model_now=False).manifest["model"]["name_or_path"]
+    model, tokenizer = load_model(path, dtype="float64", device="cpu")
+    index = AttributionIndex.open(indexes[("cosine", "raw")], model, tokenizer)
+    assert index.attribute(corpus_records[2]["text"], k=1).results[0].top[0].id == corpus_records[2]["id"]
