@@ -181,7 +181,7 @@ def info(index_dir, as_json):
 @click.option("--speeches", type=int, default=None, help="Number of Shakespeare speeches to index (default: preset).")
 @click.option("--overwrite/--reuse", default=False, help="Rebuild an existing demo index instead of reusing it.")
 def demo(out, speeches, overwrite):
-    """Build a demo index (SmolLM2-135M on Shakespeare) offline and answer a few queries.
+    """Index Shakespeare with SmolLM2-135M (offline) and trace famous lines back to it.
 
     \b
     Example:

@@ -141,9 +141,9 @@ class AttributionIndex:
             raise AttribIndexError(
                 "this index was opened without a model; open it with load_model_now=True to query text."
             )
+        queries = _as_queries(queries)
         if not queries:
             raise AttribIndexError("no query given. Pass at least one text or (prompt, completion) pair.")
-        queries = [q if isinstance(q, (str, PromptCompletion)) else PromptCompletion(*q) for q in queries]
         examples = self._extractor.tokenize(queries, [f"query {i} ({_preview(q)})" for i, q in enumerate(queries)])
         vectors, losses = [], []
         for group in batched(examples, batch_size or self.extract_config.batch_size):
@@ -158,7 +158,7 @@ class AttributionIndex:
             vectors=whitened.numpy(),
             losses=torch.cat(losses).numpy(),
             model_fingerprint=self._fingerprint,
-            projection_hash=self.projections.hash(),
+            projection_hash=self.manifest["projection"]["hash"],  # verified against the file at open
             preconditioner_hash=self.manifest["hessian"]["preconditioner_hash"],
             normalization=self.mode,
         )
@@ -205,8 +205,7 @@ class AttributionIndex:
             bottom: number of opponents per query (0 = none).
         """
         started = time.perf_counter()
-        if isinstance(queries, (str, PromptCompletion)):
-            queries = [queries]
+        queries = _as_queries(queries)
         _check_count("k", k, self.rows, minimum=1)
         _check_count("bottom", bottom, self.rows, minimum=0)
         vectors = self.query_vectors(queries, batch_size)
@@ -222,6 +221,13 @@ class AttributionIndex:
         valid = [(float(s), int(r)) for s, r in zip(scores, rows) if r >= 0]
         docs = self.store.documents([r for _, r in valid])
         return [Attribution(id=d.id, score=s, text=d.text, source=d.source, row=r) for (s, r), d in zip(valid, docs)]
+
+
+def _as_queries(queries: Sequence[Query | tuple[str, str]] | Query) -> list[Query]:
+    """One query or many; (prompt, completion) tuples become PromptCompletion."""
+    if isinstance(queries, (str, PromptCompletion)):
+        return [queries]
+    return [q if isinstance(q, (str, PromptCompletion)) else PromptCompletion(*q) for q in queries]
 
 
 def _check_count(name: str, value: int, rows: int, minimum: int) -> None:
