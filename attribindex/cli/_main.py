@@ -13,7 +13,7 @@ from attribindex.errors import AttribIndexError
 
 
 class _Group(click.Group):
-    """Turns AttribIndexError into one clean error line (exit code 2) instead of a traceback."""
+    """Turns AttribIndexError into one clean error line (exit code 1) instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -95,9 +95,16 @@ def _replace_checked(section, overrides: dict):
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Number of most influential examples.")
 @click.option("--bottom", type=int, default=0, show_default=True, help="Number of least influential examples.")
 @click.option("--model", default=None, help="Use this model folder instead of the one recorded in the index.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the model and the index run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--width", type=int, default=100, show_default=True, help="Characters of text shown per result.")
-def query(index_dir, texts, prompt, completion, k, bottom, model, as_json, width):
+def query(index_dir, texts, prompt, completion, k, bottom, model, device, as_json, width):
     """Find the training examples that most influenced a text.
 
     \b
@@ -116,7 +123,7 @@ def query(index_dir, texts, prompt, completion, k, bottom, model, as_json, width
         queries.append(PromptCompletion(prompt, completion))
     if not queries:
         raise click.UsageError("give at least one --text, or --prompt with --completion.")
-    index = AttributionIndex.open(index_dir, model=model)
+    index = AttributionIndex.open(index_dir, model=model, device=device)
     answer = index.attribute(queries, k=k, bottom=bottom)
     if as_json:
         click.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
