@@ -5,12 +5,13 @@ Bottom-k (opponents) is a top-k search with the negated query, so it never scans
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from attribindex.errors import AttribIndexError
-from attribindex.store import atomic_path
+from attribindex.store import atomic_open, atomic_path
 
 GPU_MAX_K = 2048  # faiss GPU kernels select at most this many results per query
 
@@ -108,3 +109,57 @@ class FlatIndex:
             raise AttribIndexError(
                 f"GPU faiss returns at most {GPU_MAX_K} results per query, got k={k}. Use a smaller k."
             )
+
+
+class FlatIndexWriter:
+    """Streams vectors into a FAISS `IndexFlatIP` file, so building an index of any size needs one chunk of memory.
+
+    The bytes equal what `faiss.write_index` writes for the same vectors (a test checks this against the
+    installed faiss): fourcc ``IxFI``, the index header (d, ntotal, two reserved int64s, is_trained,
+    metric), the number of floats, then the vectors row by row. Header fields are patched on close.
+
+    Example:
+        >>> with FlatIndexWriter(Path("flat.faiss"), dim=4) as writer:  # doctest: +SKIP
+        ...     writer.add(np.eye(4, dtype=np.float32))
+    """
+
+    _HEADER = struct.Struct("<4siqqq?iq")  # fourcc, d, ntotal, dummy, dummy, is_trained, metric, float count
+    _RESERVED = 1 << 20  # faiss writes this value in both reserved fields
+    _METRIC_INNER_PRODUCT = 0
+
+    def __init__(self, path: Path, dim: int):
+        self.path = path
+        self.dim = dim
+        self.rows = 0
+
+    def _header(self) -> bytes:
+        return self._HEADER.pack(
+            b"IxFI",
+            self.dim,
+            self.rows,
+            self._RESERVED,
+            self._RESERVED,
+            True,
+            self._METRIC_INNER_PRODUCT,
+            self.rows * self.dim,
+        )
+
+    def __enter__(self) -> FlatIndexWriter:
+        self._context = atomic_open(self.path)
+        self._handle = self._context.__enter__()
+        self._handle.write(self._header())
+        return self
+
+    def add(self, vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")  # (n, D)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
+        self._handle.write(vectors.tobytes())
+        self.rows += vectors.shape[0]
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self._handle.seek(0)
+            self._handle.write(self._header())
+            self._handle.seek(0, 2)
+        self._context.__exit__(*exc)

@@ -18,7 +18,7 @@ from attribindex.config import BuildConfig, config_to_dict
 from attribindex.data import Corpus, batched, open_corpus
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, Preconditioner, normalize_rows
-from attribindex.index import FlatIndex
+from attribindex.index import FlatIndexWriter
 from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
 from attribindex.model import DTYPES, load_model, model_description
 from attribindex.store import ChunkWriter, RowStore, file_sha256, layout, write_json
@@ -187,12 +187,16 @@ def _extract(
 
 
 def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
-    """Whiten (and in cosine mode normalise) every stored raw row, chunk by chunk, into the FAISS index file."""
-    index = FlatIndex.empty(sum(store.block_dims))
-    for _, raw in progress_bar(store.iter_raw(), total=len(store.chunks), desc="index", unit="chunk", enabled=progress):
-        vectors = preconditioner.whiten(raw)  # (n, D)
-        index.add((normalize_rows(vectors) if mode == "cosine" else vectors).numpy())
-    index.save(out / layout.FLAT_INDEX)
+    """Whiten (and in cosine mode normalise) every stored raw row, chunk by chunk, into the FAISS index file.
+
+    Streams to disk: memory stays at one chunk whatever the number of rows.
+    """
+    with FlatIndexWriter(out / layout.FLAT_INDEX, sum(store.block_dims)) as writer:
+        for _, raw in progress_bar(
+            store.iter_raw(), total=len(store.chunks), desc="index", unit="chunk", enabled=progress
+        ):
+            vectors = preconditioner.whiten(raw)  # (n, D)
+            writer.add((normalize_rows(vectors) if mode == "cosine" else vectors).numpy())
 
 
 def _build(
@@ -201,6 +205,8 @@ def _build(
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_json(out / layout.BUILD_MARKER, {"started": created, "model": model, "config": config_to_dict(config)})
 
+    if Path(model).expanduser().exists():  # record local models by absolute path: queries run from anywhere
+        model = str(Path(model).expanduser().resolve())
     lm, tokenizer = load_model(model, config.extract.dtype, config.extract.device)
     modules = select_modules(lm, config.projection)
     projections = ProjectionSet.generate(

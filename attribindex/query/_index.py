@@ -107,6 +107,11 @@ class AttributionIndex:
             index._attach_model(model, tokenizer, dtype=dtype)
         elif load_model_now:
             source = model or manifest["model"]["name_or_path"]
+            if model is None and source.startswith("/") and not Path(source).exists():
+                raise AttribIndexError(
+                    f"the model this index was built with ({source}) is no longer there. Point at a copy of the same "
+                    f"checkpoint with --model PATH (library: AttributionIndex.open(path, model=PATH))."
+                )
             lm, loaded_tokenizer = load_model(source, dtype or index.extract_config.dtype, device)
             index._attach_model(lm, loaded_tokenizer, dtype=dtype)
         return index

@@ -44,3 +44,33 @@ def test_damaged_index_file(tmp_path):
     (tmp_path / "flat.faiss").write_bytes(b"not an index")
     with pytest.raises(AttribIndexError, match="damaged"):
         FlatIndex.load(tmp_path / "flat.faiss", device="cpu")
+
+
+@pytest.mark.parametrize("chunks", [[0], [1], [7, 0, 5], [200, 300]])
+def test_streamed_file_equals_faiss_write_index(tmp_path, data, chunks):
+    """The streaming writer produces byte-for-byte the file the installed faiss writes."""
+    import faiss
+
+    from attribindex.index import FlatIndexWriter
+
+    base = data[0]
+    with FlatIndexWriter(tmp_path / "streamed.faiss", dim=24) as writer:
+        start = 0
+        for n in chunks:
+            writer.add(base[start : start + n])
+            start += n
+    reference = faiss.IndexFlatIP(24)
+    reference.add(base[:start])
+    faiss.write_index(reference, str(tmp_path / "reference.faiss"))
+    assert (tmp_path / "streamed.faiss").read_bytes() == (tmp_path / "reference.faiss").read_bytes()
+    loaded = FlatIndex.load(tmp_path / "streamed.faiss", device="cpu")
+    assert loaded.rows == start
+
+
+def test_interrupted_stream_leaves_no_file(tmp_path, data):
+    from attribindex.index import FlatIndexWriter
+
+    with pytest.raises(RuntimeError), FlatIndexWriter(tmp_path / "flat.faiss", dim=24) as writer:
+        writer.add(data[0][:10])
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from attribindex import AttributionIndex, IndexMismatchError, PromptCompletion, build_index
+from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, PromptCompletion, build_index
 from attribindex.logra import ProjectionSet
 from attribindex.store import layout
 from tests.conftest import exact_config
@@ -95,3 +96,15 @@ def test_an_already_loaded_model_can_answer(indexes, corpus_records):
     model, tokenizer = load_model(path, dtype="float64", device="cpu")
     index = AttributionIndex.open(indexes[("cosine", "raw")], model, tokenizer)
     assert index.attribute(corpus_records[2]["text"], k=1).results[0].top[0].id == corpus_records[2]["id"]
+
+
+def test_moved_model_is_reported_with_the_fix(indexes, tiny_models, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(indexes[("dot", "raw")], copy)
+    manifest = json.loads((copy / layout.MANIFEST).read_text())
+    assert manifest["model"]["name_or_path"] == str(tiny_models["gpt2"].resolve())  # recorded absolute
+    manifest["model"]["name_or_path"] = str(tmp_path / "moved-away")
+    (copy / layout.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(AttribIndexError, match="no longer there. Point at a copy"):
+        AttributionIndex.open(copy)
+    assert AttributionIndex.open(copy, model=str(tiny_models["gpt2"])).rows == 24
