@@ -20,13 +20,15 @@ from attribindex.logra._projection import ProjectionSet
 class LoGraCapture:
     """Hooks that turn one backward pass into per-example projected gradients.
 
-    Use as a context manager around forward + backward; read `gradients` afterwards.
+    Use as a context manager around each forward + backward (hooks live only inside it); one
+    instance serves any number of batches.
 
     Example:
-        >>> with LoGraCapture(model, projections, torch.float32) as capture:  # doctest: +SKIP
-        ...     loss = per_example_loss(model, batch).sum()
-        ...     capture.backward(loss)
-        >>> capture.gradients["transformer.h.0.mlp.c_fc"].shape  # (B, k_out * k_in)  # doctest: +SKIP
+        >>> capture = LoGraCapture(model, projections, torch.float32)  # doctest: +SKIP
+        >>> with capture:  # doctest: +SKIP
+        ...     losses = per_example_loss(model, input_ids, attention_mask, loss_mask)  # (B,)
+        ...     gradients = capture.backward(losses.sum())
+        >>> gradients["transformer.h.0.mlp.c_fc"].shape  # (B, k_out * k_in)  # doctest: +SKIP
     """
 
     def __init__(self, model: nn.Module, projections: ProjectionSet, dtype: torch.dtype):

@@ -57,6 +57,7 @@ class GradientExtractor:
         # Projections run at least in fp32 even for bf16/fp16 models: the projected values are summed over tokens.
         self.dtype = torch.promote_types(dtype, torch.float32)
         self.device = next(model.parameters()).device
+        self._capture = LoGraCapture(self.model, projections, self.dtype)  # projections moved to device once
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = pad if pad is not None else 0
 
@@ -68,7 +69,7 @@ class GradientExtractor:
 
     def extract(self, examples: list[TokenizedExample]) -> ExtractedBatch:
         batch = collate(examples, self.pad_token_id)
-        with torch.enable_grad(), LoGraCapture(self.model, self.projections, self.dtype) as capture:
+        with torch.enable_grad(), self._capture as capture:
             losses = per_example_loss(
                 self.model,
                 batch.input_ids.to(self.device),
