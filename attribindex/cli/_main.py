@@ -169,12 +169,21 @@ def info(index_dir, as_json):
         f"rows         {manifest['rows']:,}  in {len(manifest['store']['chunks'])} chunks ({manifest['store']['dtype']})",
         f"vector       {manifest['dim']:,} dims from {len(modules)} modules, rank {modules[0]['rank_out']}×{modules[0]['rank_in']}",
         f"model        {manifest['model']['name_or_path']} ({manifest['model']['class']})",
-        f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples",
+        f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
+        + _spectrum(hessian.get("modules", {})),
         f"scores       {manifest['normalization']}  ({manifest['index']['kind']} {manifest['index']['metric']} index)",
         f"projection   seed {manifest['projection']['seed']}, {manifest['projection']['hash'][:23]}…",
         "on disk      " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())),
     ]
     click.echo("\n".join(lines))
+
+
+def _spectrum(stats: dict) -> str:
+    """The median effective rank (Σe / max e) of the per-module Hessians: how many directions matter."""
+    if not stats:
+        return ""
+    ranks = sorted(s["effective_rank"] for s in stats.values())
+    return f"; median effective rank {ranks[len(ranks) // 2]:.1f} of {len(ranks)} module blocks"
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -302,6 +303,7 @@ def _manifest(
             "preconditioner_hash": preconditioner.hash(),
             "file": layout.PRECONDITIONER,
             "curvature_file": layout.CURVATURE,
+            "modules": {name: dataclasses.asdict(stats) for name, stats in preconditioner.stats.items()},
         },
         "normalization": config.index.mode,
         "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": extraction.chunks},

@@ -70,6 +70,7 @@ def test_info(built):
     result = CliRunner().invoke(main, ["info", str(built)])
     assert result.exit_code == 0, result.output
     assert "rows         24" in result.output and "GPT2LMHeadModel" in result.output and "MiB" in result.output
+    assert "median effective rank" in result.output
     result = CliRunner().invoke(main, ["info", str(built), "--json"])
     assert json.loads(result.output)["rows"] == 24
 
