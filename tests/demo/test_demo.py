@@ -28,3 +28,22 @@ def test_demo_command_builds_and_answers(tmp_path):
     assert "Richard III" in result.output and "held-out check" in result.output
     again = CliRunner().invoke(main, ["demo", "--speeches", "40", "--out", str(out)])
     assert again.exit_code == 0 and "reusing the index" in again.output
+
+
+def test_demo_never_replaces_another_index(tiny_models, corpus_file, tmp_path):
+    out = tmp_path / "mine"
+    build = [
+        "build",
+        "--config",
+        "tiny",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--data",
+        str(corpus_file),
+        "--out",
+        str(out),
+    ]
+    assert CliRunner().invoke(main, build).exit_code == 0
+    result = CliRunner().invoke(main, ["demo", "--speeches", "40", "--out", str(out)])
+    assert result.exit_code != 0 and "holds another index" in result.output
+    assert (out / "manifest.json").exists()
