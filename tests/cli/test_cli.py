@@ -160,3 +160,31 @@ def test_real_process_prints_one_clean_error(tmp_path):
     )
     assert result.returncode == 1
     assert "is not an attribindex index" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["txt-folder", "saved-dataset"])
+def test_build_from_other_corpus_kinds(tiny_models, corpus_records, tmp_path, kind):
+    records = corpus_records[:6]
+    if kind == "txt-folder":
+        data = tmp_path / "texts"
+        data.mkdir()
+        for record in records:
+            (data / f"{record['id']}.txt").write_text(record["text"], encoding="utf-8")
+        extra = []
+    else:
+        import datasets
+
+        data = tmp_path / "dataset"
+        datasets.Dataset.from_list(records).save_to_disk(str(data))
+        extra = ["--id-field", "id"]
+    out = tmp_path / "idx"
+    args = ["build", "--config", "tiny", "--model", str(tiny_models["llama"]), "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(main, args + extra)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(
+        CliRunner().invoke(main, ["query", str(out), "--text", records[0]["text"], "-k", "6", "--json"]).output
+    )
+    ids = [a["id"] for a in answer["results"][0]["top"]]
+    expected = [f"{r['id']}.txt" for r in records] if kind == "txt-folder" else [r["id"] for r in records]
+    assert sorted(ids) == sorted(expected)
+    assert ids[0] == expected[0]  # cosine: the text itself comes first
