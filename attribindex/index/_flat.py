@@ -5,6 +5,7 @@ Bottom-k (opponents) is a top-k search with the negated query, so it never scans
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 
@@ -16,8 +17,22 @@ from attribindex.store import atomic_open, atomic_path
 GPU_MAX_K = 2048  # faiss GPU kernels select at most this many results per query
 
 
+def check_single_faiss(distributions: list[str]) -> None:
+    """faiss-cpu and faiss-gpu wheels install the same `faiss` module; with both, one silently shadows the other."""
+    found = sorted(d for d in distributions if d == "faiss-cpu" or d.startswith("faiss-gpu"))
+    if len(found) > 1:
+        raise AttribIndexError(
+            f"several faiss builds are installed ({', '.join(found)}); they overwrite each other's `faiss` module. "
+            f"Keep one: `pip uninstall {' '.join(found)}` then install attribindex[cpu] or attribindex[gpu]."
+        )
+
+
+@functools.lru_cache(maxsize=1)
 def import_faiss():
     """Import faiss lazily with an install hint (faiss-cpu and faiss-gpu are alternative extras)."""
+    from importlib.metadata import distributions
+
+    check_single_faiss([(d.metadata["Name"] or "").lower() for d in distributions()])
     try:
         import faiss
     except ImportError:

@@ -74,3 +74,11 @@ def test_interrupted_stream_leaves_no_file(tmp_path, data):
         writer.add(data[0][:10])
         raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_faiss_builds_are_refused():
+    from attribindex.index._flat import check_single_faiss
+
+    check_single_faiss(["numpy", "faiss-cpu"])
+    with pytest.raises(AttribIndexError, match="several faiss builds are installed .faiss-cpu, faiss-gpu-cu12."):
+        check_single_faiss(["faiss-gpu-cu12", "faiss-cpu"])
