@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from attribindex.errors import AttribIndexError
-from attribindex.store import atomic_open, atomic_path
+from attribindex.store import atomic_open
 
 GPU_MAX_K = 2048  # faiss GPU kernels select at most this many results per query
 
@@ -77,12 +77,6 @@ class FlatIndex:
 
     def add(self, vectors: np.ndarray) -> None:
         self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # (n, D)
-
-    def save(self, path: Path) -> None:
-        faiss = import_faiss()
-        index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
-        with atomic_path(path) as tmp:
-            faiss.write_index(index, str(tmp))
 
     @classmethod
     def load(cls, path: Path, device: str = "auto") -> FlatIndex:

@@ -32,8 +32,6 @@ class LoGraCapture:
     """
 
     def __init__(self, model: nn.Module, projections: ProjectionSet, dtype: torch.dtype):
-        self.model = model
-        self.projections = projections
         self.dtype = dtype
         modules = dict(model.named_modules())
         self._targets = [(spec.name, modules[spec.name]) for spec in projections.modules]

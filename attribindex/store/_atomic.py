@@ -16,8 +16,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `target` atomically, on failure it is removed.
 
     Example:
-        >>> with atomic_path(Path("out.npy")) as tmp:  # doctest: +SKIP
-        ...     numpy.save(tmp, array)
+        >>> with atomic_path(Path("out.faiss")) as tmp:  # doctest: +SKIP
+        ...     faiss.write_index(index, str(tmp))  # a writer that wants a path; numpy.save needs atomic_open
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

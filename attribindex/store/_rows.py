@@ -49,10 +49,9 @@ class ChunkWriter:
     def rows_written(self) -> int:
         return sum(c["rows"] for c in self.chunks)
 
-    def add(self, vectors: torch.Tensor, documents: list[Document]) -> list[dict]:
-        """Buffer (B, D) raw vectors with their documents; return records of chunks completed by this call."""
+    def add(self, vectors: torch.Tensor, documents: list[Document]) -> None:
+        """Buffer (B, D) raw vectors with their documents, writing each chunk as soon as it is full."""
         stored, scales = encode(vectors, self.block_dims, self.dtype)
-        completed = []
         start = 0
         while start < len(documents):
             take = min(self.chunk_rows - len(self._docs), len(documents) - start)
@@ -61,8 +60,7 @@ class ChunkWriter:
             self._docs.extend(documents[start : start + take])
             start += take
             if len(self._docs) == self.chunk_rows:
-                completed.append(self.flush())
-        return completed
+                self.flush()
 
     def flush(self) -> dict:
         """Write the buffered rows as one chunk (atomically, file by file) and return its record."""

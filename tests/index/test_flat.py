@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attribindex.errors import AttribIndexError
-from attribindex.index import FlatIndex
+from attribindex.index import FlatIndex, FlatIndexWriter
 
 
 @pytest.fixture()
@@ -17,10 +17,9 @@ def data():
 
 def test_top_and_bottom_k_equal_brute_force(data, tmp_path):
     base, queries = data
-    index = FlatIndex.empty(24)
-    index.add(base[:200])
-    index.add(base[200:])
-    index.save(tmp_path / "flat.faiss")
+    with FlatIndexWriter(tmp_path / "flat.faiss", dim=24) as writer:
+        writer.add(base[:200])
+        writer.add(base[200:])
     index = FlatIndex.load(tmp_path / "flat.faiss", device="cpu")
     exact = queries @ base.T  # (7, 500)
     scores, rows = index.search(queries, 10)
@@ -51,8 +50,6 @@ def test_streamed_file_equals_faiss_write_index(tmp_path, data, chunks):
     """The streaming writer produces byte-for-byte the file the installed faiss writes."""
     import faiss
 
-    from attribindex.index import FlatIndexWriter
-
     base = data[0]
     with FlatIndexWriter(tmp_path / "streamed.faiss", dim=24) as writer:
         start = 0
@@ -68,8 +65,6 @@ def test_streamed_file_equals_faiss_write_index(tmp_path, data, chunks):
 
 
 def test_interrupted_stream_leaves_no_file(tmp_path, data):
-    from attribindex.index import FlatIndexWriter
-
     with pytest.raises(RuntimeError), FlatIndexWriter(tmp_path / "flat.faiss", dim=24) as writer:
         writer.add(data[0][:10])
         raise RuntimeError("crash")
