@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from attribindex.config import BuildConfig, load_config  # noqa: E402
 from attribindex.data import PromptCompletion  # noqa: E402
 from attribindex.errors import AttribIndexError, IndexMismatchError  # noqa: E402
-from attribindex.pipeline import BuildSummary, build_index  # noqa: E402
+from attribindex.pipeline import BuildSummary, MergeSummary, build_index, merge_shards  # noqa: E402
 from attribindex.query import Attribution, AttributionIndex, Attributions, QueryResult, QueryVectors  # noqa: E402
 
 __all__ = [
@@ -23,9 +23,11 @@ __all__ = [
     "BuildConfig",
     "BuildSummary",
     "IndexMismatchError",
+    "MergeSummary",
     "PromptCompletion",
     "QueryResult",
     "QueryVectors",
     "build_index",
     "load_config",
+    "merge_shards",
 ]

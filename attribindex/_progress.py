@@ -7,8 +7,20 @@ import sys
 from tqdm.auto import tqdm
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str, unit: str, enabled: bool = True) -> tqdm:
+def progress(
+    iterable=None,
+    *,
+    total: int | None = None,
+    desc: str,
+    unit: str,
+    enabled: bool = True,
+    initial: int = 0,
+    position: int | None = None,
+    unit_scale: bool = False,
+) -> tqdm:
     """A tqdm bar that redraws at most every 0.5 s on a terminal and every 10 s in a log file.
+
+    `position` gives each process of a multi-process build its own line.
 
     Example:
         >>> for _ in progress(range(3), desc="extract", unit="doc", enabled=False):
@@ -23,4 +35,8 @@ def progress(iterable=None, *, total: int | None = None, desc: str, unit: str, e
         disable=not enabled,
         dynamic_ncols=True,
         mininterval=0.5 if interactive else 10.0,
+        initial=initial,
+        position=position,
+        unit_scale=unit_scale,
+        unit_divisor=1024 if unit_scale else 1000,
     )

@@ -60,3 +60,33 @@ def brute_force_scores(
     if mode == "cosine":
         scores = scores / (self_q.sqrt()[:, None] * self_t.sqrt()[None, :])
     return scores
+
+
+def assert_same_index(path_a, path_b, rtol: float = 1e-6, queries: int = 5) -> None:
+    """Two index folders hold the same index: ids and texts in the same order, the same raw rows and
+    curvature sums, and the same search results for random queries (ids, order and scores)."""
+    import numpy as np
+
+    from attribindex import AttributionIndex
+    from attribindex.hessian import CurvatureSums
+    from attribindex.store import layout
+
+    a, b = (AttributionIndex.open(p, load_model_now=False) for p in (path_a, path_b))
+    assert a.manifest["rows"] == b.manifest["rows"] and a.manifest["dim"] == b.manifest["dim"]
+    rows = list(range(a.manifest["rows"]))
+    assert a.store.documents(rows) == b.store.documents(rows)
+    raw_a = np.concatenate([raw.numpy() for _, raw in a.store.iter_raw()])
+    raw_b = np.concatenate([raw.numpy() for _, raw in b.store.iter_raw()])
+    np.testing.assert_allclose(raw_a, raw_b, rtol=rtol, atol=1e-12)
+    (sums_a, _), (sums_b, _) = (CurvatureSums.load(p / layout.CURVATURE) for p in (a.root, b.root))
+    assert sums_a.count == sums_b.count == len(rows)
+    for name in sums_a.sums:
+        torch.testing.assert_close(sums_a.sums[name], sums_b.sums[name], rtol=1e-12, atol=1e-15)
+    for key in ("model", "projection", "modules", "normalization"):
+        assert a.manifest[key] == b.manifest[key], key
+    probe = np.random.default_rng(0).standard_normal((queries, a.manifest["dim"])).astype(np.float32)
+    k = min(10, len(rows))
+    scores_a, rows_a = a.index.search(probe, k)
+    scores_b, rows_b = b.index.search(probe, k)
+    np.testing.assert_array_equal(rows_a, rows_b)
+    np.testing.assert_allclose(scores_a, scores_b, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,16 +49,48 @@ def main() -> None:
 @click.option("--max-length", type=int, default=None, help="Truncate documents to N tokens (overrides the config).")
 @click.option("--batch-size", type=int, default=None, help="Examples per forward+backward (overrides the config).")
 @click.option("--skip-empty", is_flag=True, help="Leave out documents that tokenise to nothing instead of failing.")
-@click.option("--overwrite", is_flag=True, help="Replace an index already in --out.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace whatever build --out holds (by default an interrupted one resumes)."
+)
+@click.option("--num-shards", type=int, default=None, help="Split the corpus into N contiguous shards.")
+@click.option(
+    "--shard-index",
+    type=int,
+    default=None,
+    help="Build only this shard (0-based) into --out; merge the shards later with `attribindex merge`.",
+)
+@click.option("--keep-shards", is_flag=True, help="Keep OUT/shards/ after a multi-shard build has merged them.")
 def build(
-    config_path, model, data, out, text_field, id_field, split, limit, max_length, batch_size, skip_empty, overwrite
+    config_path,
+    model,
+    data,
+    out,
+    text_field,
+    id_field,
+    split,
+    limit,
+    max_length,
+    batch_size,
+    skip_empty,
+    overwrite,
+    num_shards,
+    shard_index,
+    keep_shards,
 ):
-    """Build an attribution index over a corpus.
+    """Build an attribution index over a corpus (or one shard of it). Rerun the same command to resume.
 
     \b
-    Example:
+    Examples:
       attribindex build --config index_configs/tiny.yaml --model ./tiny-gpt2 \\
           --data corpus.jsonl --id-field id --out my-index
+    \b
+      # shard 3 of 8, e.g. as one task of a SLURM array; then `attribindex merge`
+      attribindex build --config tiny --model ./tiny-gpt2 --data corpus.jsonl \\
+          --num-shards 8 --shard-index 3 --out shards/3
+    \b
+      # 8 shards over 4 processes, merged into my-index at the end
+      torchrun --nproc-per-node 4 -m attribindex build --config tiny --model ./tiny-gpt2 \\
+          --data corpus.jsonl --num-shards 8 --out my-index
     """
     from attribindex.config import load_config
     from attribindex.pipeline import build_index
@@ -77,8 +110,57 @@ def build(
         limit=limit,
         overwrite=overwrite,
         skip_empty=skip_empty,
+        num_shards=num_shards,
+        shard_index=shard_index,
+        keep_shards=keep_shards,
     )
-    click.echo(summary.format())
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        click.echo(summary.format())
+
+
+@main.command()
+@click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Index folder to create.")
+@click.option("--overwrite", is_flag=True, help="Replace an index already in --out.")
+def merge(shard_dirs, out, overwrite):
+    """Merge the shards of one build into a searchable index.
+
+    Checks that the shards agree (format, model, projection, modules, config, slices, checksums),
+    sums their curvature exactly, computes the preconditioner once and writes the index.
+
+    \b
+    Example:
+      attribindex merge shards/* --out my-index
+    """
+    from attribindex.pipeline import merge_shards
+
+    click.echo(merge_shards(list(shard_dirs), out, overwrite=overwrite).format())
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+def verify(index_dir):
+    """Re-check every file of an index or shard against the checksums in its manifest.
+
+    Exits with status 1 and lists the damaged files if any.
+
+    \b
+    Example:
+      attribindex verify my-index
+    """
+    from attribindex._progress import progress
+    from attribindex.store import read_manifest, recorded_files, verify_files
+
+    manifest = read_manifest(index_dir, kind="any")
+    total = sum(record["bytes"] for _, record in recorded_files(manifest))
+    with progress(total=total, desc="verify", unit="B", unit_scale=True) as bar:
+        report = verify_files(index_dir, manifest, progress=bar.update)
+    for name, problem in report.damaged:
+        click.echo(f"DAMAGED  {index_dir / name}: {problem}")
+    verdict = "intact" if report.ok else f"{len(report.damaged)} damaged"
+    click.echo(f"{index_dir}: {report.files} files, {report.bytes / 2**20:.1f} MiB checked, {verdict}")
+    if not report.ok:
+        raise SystemExit(1)
 
 
 def _replace_checked(section, overrides: dict):

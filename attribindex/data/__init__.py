@@ -1,7 +1,7 @@
 """Reading corpora, stable ids, tokenisation and batching."""
 
 from attribindex.data._batching import Batch, PromptCompletion, TokenizedExample, batched, collate, tokenize
-from attribindex.data._documents import Corpus, Document, content_id, open_corpus
+from attribindex.data._documents import Corpus, Document, content_id, open_corpus, shard_window
 
 __all__ = [
     "Batch",
@@ -13,5 +13,6 @@ __all__ = [
     "collate",
     "content_id",
     "open_corpus",
+    "shard_window",
     "tokenize",
 ]

@@ -55,7 +55,9 @@ class Corpus:
         self.text_field = text_field
         self.id_field = id_field
         self.limit = limit
+        self._available = available
         self._length = available if limit is None or available is None else min(available, limit)
+        self.start, self.stop = 0, None  # the positions this view covers (see `window`)
 
     def __len__(self) -> int:
         if self._length is None:
@@ -66,14 +68,37 @@ class Corpus:
         """Number of documents, or None for a streaming corpus."""
         return self._length
 
+    def window(self, start: int, stop: int) -> Corpus:
+        """The documents at positions [start, stop) of this corpus, with the ids they have in the whole corpus.
+
+        Example:
+            >>> corpus.window(100, 200).known_length()  # doctest: +SKIP
+            100
+        """
+        view = Corpus(self.description, self._records, self.text_field, self.id_field, self.limit, self._available)
+        view.start, view.stop = start, stop
+        total = self._length if self._length is not None else stop
+        view._length = max(0, min(stop, total) - start)
+        return view
+
     def __iter__(self) -> Iterator[Document]:
+        for _, document in self.numbered():
+            yield document
+
+    def numbered(self, first: int = 0) -> Iterator[tuple[int, Document]]:
+        """(position in the whole corpus, document) for the documents of this view at positions >= `first`.
+
+        Earlier records are still read: content-hash ids of repeated texts depend on every record before.
+        """
         seen: dict[str, int] = {}
         count = 0
-        for source, record in self._records():
-            if self.limit is not None and count >= self.limit:
-                return
-            yield self._to_document(source, record, seen)
+        for position, (source, record) in enumerate(self._records()):
+            if (self.limit is not None and position >= self.limit) or (self.stop is not None and position >= self.stop):
+                break
+            document = self._to_document(source, record, seen)
             count += 1
+            if position >= max(first, self.start):
+                yield position, document
         if count == 0:
             raise AttribIndexError(
                 f"the corpus {self.description} holds no documents. Point --data at a non-empty corpus."
@@ -230,3 +255,26 @@ def open_corpus(
         dataset = _load_hf_dataset(str(data), split, on_disk=False)
         corpus = Corpus(str(data), _dataset_records(dataset, str(data)), text_field, id_field, limit, None)
     return corpus
+
+
+def shard_window(corpus: Corpus, count: int, index: int) -> Corpus:
+    """Shard `index` of `count`: a contiguous slice, so shards concatenated in index order are the corpus.
+
+    Example:
+        >>> shard_window(open_corpus("corpus.jsonl"), count=4, index=1).start  # doctest: +SKIP
+        250
+    """
+    if count < 1 or not 0 <= index < count:
+        raise AttribIndexError(f"--shard-index must be in [0, {count}) for --num-shards {count}, got {index}.")
+    length = corpus.known_length() if corpus.known_length() is not None else corpus.limit
+    if length is None:
+        raise AttribIndexError(
+            f"sharding needs to know how many documents {corpus.description} holds, and a streamed dataset does not "
+            f"say. Pass --limit N (shards then split the first N documents), or save the dataset to disk first."
+        )
+    start, stop = index * length // count, (index + 1) * length // count
+    if start == stop:
+        raise AttribIndexError(
+            f"shard {index} of {count} would be empty: the corpus has only {length} documents. Use fewer shards."
+        )
+    return corpus.window(start, stop)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from attribindex.store import atomic_path
 
 
 class CurvatureSums:
@@ -40,13 +44,17 @@ class CurvatureSums:
             total.add_(other.sums[name])
         self.count += other.count
 
-    def save(self, path: Path) -> None:
-        save_file({n: t.contiguous() for n, t in self.sums.items()}, str(path), metadata={"count": str(self.count)})
+    def save(self, path: Path, note: dict | None = None) -> None:
+        """Write atomically; `note` is a JSON record kept with the sums (a build stores its resume state there,
+        so sums and state are committed together by one rename)."""
+        metadata = {"count": str(self.count)} | ({"note": json.dumps(note)} if note is not None else {})
+        with atomic_path(path) as tmp:
+            save_file({n: t.contiguous() for n, t in self.sums.items()}, str(tmp), metadata=metadata)
 
     @classmethod
-    def load(cls, path: Path) -> CurvatureSums:
-        from safetensors import safe_open
-
+    def load(cls, path: Path) -> tuple[CurvatureSums, dict | None]:
+        """(sums, note) from a file written by `save`."""
         with safe_open(str(path), framework="pt") as handle:
-            count = int(handle.metadata()["count"])
-        return cls({}, count=count, sums=load_file(str(path)))
+            metadata = handle.metadata()
+        note = json.loads(metadata["note"]) if "note" in metadata else None
+        return cls({}, count=int(metadata["count"]), sums=load_file(str(path))), note

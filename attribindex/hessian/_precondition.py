@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from attribindex.errors import AttribIndexError
 from attribindex.hessian._curvature import CurvatureSums
+from attribindex.store import atomic_path
 
 
 @dataclass
@@ -93,7 +94,8 @@ class Preconditioner:
 
     def save(self, path: Path) -> None:
         tensors = {n: m.contiguous() for n, m in self.matrices.items()} or {"_empty": torch.zeros(0)}
-        save_file(tensors, str(path), metadata={"kind": self.kind, "damping": repr(self.damping)})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"kind": self.kind, "damping": repr(self.damping)})
 
     @classmethod
     def load(cls, path: Path, names: list[str], dims: list[int]) -> Preconditioner:

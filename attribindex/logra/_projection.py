@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attribindex.logra._modules import ModuleSpec
+from attribindex.store import atomic_path
 
 _SIDES = {"in": 0, "out": 1}
 
@@ -80,7 +81,8 @@ class ProjectionSet:
     def save(self, path: Path) -> None:
         tensors = {f"{m.name}.in": self.p_in[m.name].contiguous() for m in self.modules}
         tensors |= {f"{m.name}.out": self.p_out[m.name].contiguous() for m in self.modules}
-        save_file(tensors, str(path), metadata={"hash": self.hash()})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"hash": self.hash()})
 
     @classmethod
     def load(cls, path: Path, modules: list[ModuleSpec]) -> ProjectionSet:

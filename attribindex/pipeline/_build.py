@@ -1,30 +1,34 @@
-"""Orchestration of a build: corpus → LoGra gradients + curvature → store → preconditioner → FAISS index."""
+"""Orchestration of a build: corpus → LoGra gradients + curvature → store → preconditioner → FAISS index.
+
+A build can be one shard of many (`shard=(i, n)`): the same pass over a contiguous slice of the corpus,
+finished without a preconditioner or index, for `merge_shards` to combine. Every build resumes: the
+same command run again on an interrupted folder continues from its last written chunk.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 import datetime as dt
-import hashlib
 import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from attribindex import __version__
-from attribindex._progress import progress as progress_bar
 from attribindex.config import BuildConfig, config_to_dict
-from attribindex.data import Corpus, batched, open_corpus
+from attribindex.data import Corpus, open_corpus, shard_window
 from attribindex.errors import AttribIndexError
-from attribindex.hessian import CurvatureSums, Preconditioner, normalize_rows
-from attribindex.index import FlatIndexWriter
 from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
 from attribindex.model import DTYPES, load_model, model_description
-from attribindex.store import ChunkWriter, RowStore, file_sha256, layout, write_json
+from attribindex.pipeline._extract import extract, read_checkpoint, remove_temporaries
+from attribindex.pipeline._finish import finish_index, finish_shard
+from attribindex.store import layout, write_json
+
+if TYPE_CHECKING:
+    from attribindex.pipeline._merge import MergeSummary
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,18 @@ class BuildSummary:
     extract_seconds: float
     total_seconds: float
     bytes_on_disk: int
+    resumed_rows: int = 0  # rows already written by an interrupted run that this one continued
+    kind: str = "index"  # "index", "shard I of N", or "index of N shards …"
+    merge: MergeSummary | None = None  # for a multi-shard build: how its shards were merged
 
     def format(self) -> str:
-        rate = self.rows / self.extract_seconds if self.extract_seconds > 0 else float("nan")
+        new_rows = self.rows - self.resumed_rows
+        rate = new_rows / self.extract_seconds if self.extract_seconds > 0 else float("nan")
         lines = [
-            f"index      {self.out}  ({self.index_id})",
-            f"rows       {self.rows:,}" + (f"  ({self.skipped} empty documents skipped)" if self.skipped else ""),
+            f"{self.kind:<10} {self.out}  ({self.index_id})",
+            f"rows       {self.rows:,}"
+            + (f"  ({self.skipped} empty documents skipped)" if self.skipped else "")
+            + (f"  ({self.resumed_rows:,} from the interrupted run, resumed)" if self.resumed_rows else ""),
             f"tokens     {self.tokens:,}"
             + (f"  ({self.truncated:,} documents truncated to max_length)" if self.truncated else ""),
             f"vector     {self.dim:,} dims from {self.modules} modules",
@@ -61,51 +71,112 @@ class BuildSummary:
             f"total      {self.total_seconds:.1f} s",
             f"on disk    {self.bytes_on_disk / 2**20:.1f} MiB",
         ]
-        return "\n".join(lines)
+        return (self.merge.format() + "\n\n" if self.merge else "") + "\n".join(lines)
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber anything unless asked; never delete a folder that is not an attribindex build."""
+def bytes_on_disk(folder: Path, exclude: str | None = None) -> int:
+    """Bytes of the files under `folder`, leaving out its subfolder `exclude`."""
+    return sum(
+        p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and (exclude is None or p.relative_to(folder).parts[0] != exclude)
+    )
+
+
+def build_request(config: BuildConfig, model: str, corpus: Corpus, skip_empty: bool, **extra) -> dict:
+    """What decides a build's result; an interrupted build resumes only under the same request.
+
+    Batch size and device are left out: they change speed, not rows, so a build killed for lack of
+    memory can resume with a smaller --batch-size.
+    """
+    settings = config_to_dict(config)
+    settings["extract"] = {k: v for k, v in settings["extract"].items() if k not in ("batch_size", "device")}
+    return {
+        "model": model,
+        "data": corpus.description,
+        "text_field": corpus.text_field,
+        "id_field": corpus.id_field,
+        "limit": corpus.limit,
+        "skip_empty": skip_empty,
+        "config": settings,
+    } | extra
+
+
+def first_difference(recorded, current, path: str = "") -> tuple[str, object, object] | None:
+    """(key path, recorded value, current value) where two JSON-like values first differ; None when equal."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        for key in list(recorded) + [k for k in current if k not in recorded]:
+            found = first_difference(recorded.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    return None if recorded == current else (path, recorded, current)
+
+
+def prepare_output(out: Path, overwrite: bool, request: dict) -> bool:
+    """Make `out` ready for a build; True when it holds an interrupted build of the same request to resume.
+
+    Refuses to clobber anything unless asked, and never deletes a folder that is not an attribindex build.
+    """
     if not out.exists():
         out.mkdir(parents=True)
-        return
+        return False
     if not out.is_dir():
         raise AttribIndexError(f"--out {out} is a file. Choose a folder path.")
     if not any(out.iterdir()):
-        return
+        return False
     if not layout.looks_like_ours(out):
         raise AttribIndexError(
             f"--out {out} is a non-empty folder that is not an attribindex index. Choose a new or empty folder."
         )
-    if not overwrite:
-        what = "an index" if layout.is_index_dir(out) else "an interrupted build"
+    if overwrite:
+        (out / layout.MANIFEST).unlink(missing_ok=True)  # first make it incomplete, then clear it
+        clear_folder(out)
+        return False
+    if layout.is_index_dir(out):
+        what = "a shard" if '"attribindex-shard"' in (out / layout.MANIFEST).read_text(encoding="utf-8") else "an index"
         raise AttribIndexError(
             f"--out {out} already holds {what}. Pass --overwrite to replace it, or choose another folder."
         )
-    (out / layout.MANIFEST).unlink(missing_ok=True)  # first make it incomplete, then clear it
-    _clear(out)
+    marker = read_marker(out)
+    difference = first_difference(marker.get("request"), request)
+    if difference:
+        where, recorded, now = difference
+        raise AttribIndexError(
+            f"--out {out} holds an interrupted build of a different command ({where}: {recorded!r} there, {now!r} now). "
+            f"Rerun the original command to resume it, or pass --overwrite to start over."
+        )
+    return True
 
 
-def _clear(folder: Path) -> None:
+def read_marker(out: Path) -> dict:
+    try:
+        return json.loads((out / layout.BUILD_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def clear_folder(folder: Path) -> None:
     for child in folder.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _documents_with_tokens(corpus: Corpus, extractor: GradientExtractor, skip_empty: bool, skipped: list[str]):
-    for doc in corpus:
-        try:
-            (example,) = extractor.tokenize([doc.text], [f"document {doc.id!r} ({doc.source})"])
-        except AttribIndexError as err:
-            if not skip_empty:
-                raise AttribIndexError(f"{err} Or pass --skip-empty to leave such documents out.") from None
-            skipped.append(doc.id)
-            continue
-        yield doc, example
+class ModelCache:
+    """Loads the model once for all the shards one process builds."""
+
+    def __init__(self):
+        self._loaded: dict[tuple, tuple] = {}
+
+    def get(self, name: str, dtype: str, device: str):
+        key = (name, dtype, device)
+        if key not in self._loaded:
+            self._loaded = {key: load_model(name, dtype, device)}
+        return self._loaded[key]
 
 
-def _index_id(manifest: dict) -> str:
-    content = json.dumps([manifest["projection"], manifest["hessian"], manifest["store"]["chunks"]], sort_keys=True)
-    return "ai-" + hashlib.sha256(content.encode()).hexdigest()[:12]
+def resolve_model_path(model: str) -> str:
+    """Local models are recorded by absolute path, so queries run from anywhere."""
+    return str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
 
 
 def build_index(
@@ -121,201 +192,161 @@ def build_index(
     overwrite: bool = False,
     skip_empty: bool = False,
     progress: bool = True,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    keep_shards: bool = False,
 ) -> BuildSummary:
-    """Build an attribution index over a corpus.
+    """Build an attribution index over a corpus, or one shard of it; resume an interrupted build.
 
     Args:
         config: the build configuration (see `load_config`).
         model: a local model folder or a hub id.
         data: a `.jsonl` file, a folder of `.txt` files, a saved HF dataset, a hub dataset name, or a Corpus.
-        out: the index folder to create.
-        overwrite: replace an index already in `out`.
+        out: the index (or shard) folder. If it holds an interrupted build of the same command, the build
+            resumes from its last written chunk.
+        overwrite: replace whatever build `out` holds.
         skip_empty: leave out documents that tokenise to nothing instead of failing.
+        num_shards, shard_index: with both, build only shard `shard_index` (a contiguous slice) into `out`,
+            to be merged with `merge_shards`. With `num_shards` alone, build all shards — spread over the
+            processes of a `torchrun` launch when there is one — and merge them into `out`.
+        keep_shards: keep the shard folders (`out/shards/`) after a multi-shard build has merged them.
 
     Example:
         >>> from attribindex import build_index, load_config
         >>> build_index(load_config("tiny"), "./tiny-gpt2", "corpus.jsonl", "idx")  # doctest: +SKIP
+        >>> build_index(load_config("tiny"), "./tiny-gpt2", "corpus.jsonl", "s1", num_shards=4, shard_index=1)  # doctest: +SKIP
     """
-    started = time.perf_counter()
-    out = Path(out)
     corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
+    model = resolve_model_path(model)
+    if shard_index is not None and num_shards is None:
+        raise AttribIndexError("--shard-index needs --num-shards: say how many shards the corpus is split into.")
+    if num_shards is not None and shard_index is None:
+        from attribindex.pipeline._distributed import build_all_shards
+
+        return build_all_shards(
+            config, model, corpus, Path(out), num_shards, overwrite, skip_empty, progress, keep_shards
+        )
+    shard = (shard_index, num_shards) if num_shards is not None else None
+    return build_one(config, model, corpus, Path(out), overwrite, skip_empty, progress, shard, ModelCache())
+
+
+def build_one(
+    config: BuildConfig,
+    model: str,
+    corpus: Corpus,
+    out: Path,
+    overwrite: bool,
+    skip_empty: bool,
+    progress: bool,
+    shard: tuple[int, int] | None,
+    models: ModelCache,
+    label: str = "extract",
+    position: int | None = None,
+) -> BuildSummary:
+    """One process, one folder: a whole index (`shard=None`) or shard (i, n)."""
+    started = time.perf_counter()
+    if shard is not None:
+        corpus = shard_window(corpus, shard[1], shard[0])
     next(iter(corpus))  # fail on a bad path, field or encoding now, before anything is written
+    extra = {"shard": {"index": shard[0], "count": shard[1]}} if shard else {}
+    request = build_request(config, model, corpus, skip_empty, **extra)
     fresh = not out.exists() or not any(out.iterdir())
-    prepare_output(out, overwrite)
+    resuming = prepare_output(out, overwrite, request)
     try:
-        return _build(config, model, corpus, out, started, skip_empty, progress)
+        return _build(
+            config, model, corpus, out, request, resuming, started, skip_empty, progress, models, label, position
+        )
     except AttribIndexError:
-        if fresh:  # bad input: leave nothing behind, so the corrected command can simply run again
-            _clear(out)
+        if fresh and not (out / layout.CURVATURE).exists():  # bad input before any durable work: leave nothing
+            clear_folder(out)
         raise
 
 
-def _glibc_malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return None
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Give freed heap pages back to the OS. Batches of changing shapes otherwise leave glibc's heap
-    fragmented: on the demo build this kept peak RSS at 1.50 GB instead of 1.24 GB, at no measurable cost."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-SORT_WINDOW_BATCHES = 16  # batches read ahead and regrouped by length; memory: this many batches of vectors
-
-
-@dataclass
-class _Extraction:
-    chunks: list[dict]
-    tokens: int
-    skipped: int
-    truncated: int
-    seconds: float
-
-
-def _extract(
+def _build(
+    config: BuildConfig,
+    model: str,
     corpus: Corpus,
-    extractor: GradientExtractor,
-    writer: ChunkWriter,
-    curvature: CurvatureSums,
-    batch_size: int,
+    out: Path,
+    request: dict,
+    resuming: bool,
+    started: float,
     skip_empty: bool,
     progress: bool,
-) -> _Extraction:
-    """One pass over the corpus: per-example projected gradients to the store, curvature sums in memory.
-
-    Documents are read in windows of SORT_WINDOW_BATCHES batches and batched by length (longest first) inside a window
-    (padding fell from 29 % to 3 % of the tokens on the demo corpus); rows are still written in corpus
-    order, and each row is independent of the batch it ran in.
-    """
-    names = [m.name for m in extractor.projections.modules]
-    skipped: list[str] = []
-    tokens = truncated = 0
-    started = time.perf_counter()
-    bar = progress_bar(total=corpus.known_length(), desc="extract", unit="doc", enabled=progress)
-    documents = _documents_with_tokens(corpus, extractor, skip_empty, skipped)
-    for window in batched(documents, batch_size * SORT_WINDOW_BATCHES):
-        by_length = sorted(range(len(window)), key=lambda i: -len(window[i][1].input_ids))
-        rows: list[torch.Tensor] = [torch.empty(0)] * len(window)
-        for group in batched(by_length, batch_size):
-            extracted = extractor.extract([window[i][1] for i in group])
-            curvature.update(extracted.blocks)  # kept for identity builds too: a later re-whitening needs no model
-            for row, i in zip(extracted.concatenated(names), group):
-                rows[i] = row
-            del extracted
-            release_freed_memory()
-            tokens += sum(len(window[i][1].input_ids) for i in group)
-            bar.update(len(group))
-            bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - started):.0f}", refresh=False)
-        writer.add(torch.stack(rows), [doc for doc, _ in window])  # (W, D), corpus order
-        truncated += sum(example.truncated for _, example in window)
-        bar.update(writer.rows_written + writer.buffered_rows + len(skipped) - bar.n)
-    bar.close()
-    chunks = writer.close()
-    if not chunks:
-        raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
-    return _Extraction(chunks, tokens, len(skipped), truncated, time.perf_counter() - started)
-
-
-def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
-    """Whiten (and in cosine mode normalise) every stored raw row, chunk by chunk, into the FAISS index file.
-
-    Streams to disk: memory stays at one chunk whatever the number of rows.
-    """
-    with FlatIndexWriter(out / layout.FLAT_INDEX, sum(store.block_dims)) as writer:
-        for _, raw in progress_bar(
-            store.iter_raw(), total=len(store.chunks), desc="index", unit="chunk", enabled=progress
-        ):
-            vectors = preconditioner.whiten(raw)  # (n, D)
-            writer.add((normalize_rows(vectors) if mode == "cosine" else vectors).numpy())
-
-
-def _build(
-    config: BuildConfig, model: str, corpus: Corpus, out: Path, started: float, skip_empty: bool, progress: bool
+    models: ModelCache,
+    label: str,
+    position: int | None,
 ) -> BuildSummary:
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    write_json(out / layout.BUILD_MARKER, {"started": created, "model": model, "config": config_to_dict(config)})
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    created = read_marker(out).get("started", now) if resuming else now
+    write_json(out / layout.BUILD_MARKER, {"started": created, "request": request})
+    resume = None
+    if resuming:
+        remove_temporaries(out)
+        resume = read_checkpoint(out)
 
-    if Path(model).expanduser().exists():  # record local models by absolute path: queries run from anywhere
-        model = str(Path(model).expanduser().resolve())
-    lm, tokenizer = load_model(model, config.extract.dtype, config.extract.device)
+    lm, tokenizer = models.get(model, config.extract.dtype, config.extract.device)
     modules = select_modules(lm, config.projection)
     projections = ProjectionSet.generate(
         modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out
     )
     projections.save(out / layout.PROJECTIONS)
-    names, dims = [m.name for m in modules], projections.block_dims
     extractor = GradientExtractor(lm, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
-    curvature = CurvatureSums(dict(zip(names, dims)))
-    writer = ChunkWriter(out, dims, config.store.dtype, config.store.chunk_rows)
-    extraction = _extract(corpus, extractor, writer, curvature, config.extract.batch_size, skip_empty, progress)
-    curvature.save(out / layout.CURVATURE)
+    extraction = extract(
+        corpus, extractor, out, config.store, config.extract.batch_size, skip_empty, resume, progress, label, position
+    )
+    state = extraction.state
 
-    if config.hessian.kind == "raw":
-        preconditioner = Preconditioner.from_curvature(curvature, names, dims, config.hessian.damping)
+    header = _header(config, model, lm, tokenizer, corpus, projections, created)
+    header["corpus"] |= {"skipped_empty": state.skipped, "truncated": state.truncated, "tokens": state.tokens}
+    event = {"event": "build", "rows": state.rows, "time": created}
+    if extraction.resumed_rows:
+        event["resumed"] = {"rows": extraction.resumed_rows, "time": now}
+    if "shard" in request:
+        shard = request["shard"] | {"documents": [corpus.start, corpus.stop]}
+        header["request"] = request  # lets a rerun of a multi-shard build recognise this shard as finished
+        manifest = finish_shard(out, config, header, extraction.curvature, state.chunks, shard, event)
+        kind = f"shard {shard['index']} of {shard['count']}"
     else:
-        preconditioner = Preconditioner.identity(names, dims)
-    preconditioner.save(out / layout.PRECONDITIONER)
-    store = RowStore(out, dims, config.store.dtype, extraction.chunks)
-    write_flat_index(out, store, preconditioner, config.index.mode, progress)
-
-    manifest = _manifest(config, model, lm, tokenizer, corpus, projections, preconditioner, curvature, extraction, out)
-    manifest["created"] = created
-    manifest["log"] = [{"event": "build", "rows": store.rows, "time": created}]
-    write_json(out / layout.MANIFEST, manifest)
-    (out / layout.BUILD_MARKER).unlink()
+        manifest = finish_index(out, config, header, extraction.curvature, state.chunks, event, progress)
+        kind = "index"
     return BuildSummary(
         out=out,
         index_id=manifest["index_id"],
-        rows=store.rows,
-        skipped=extraction.skipped,
-        truncated=extraction.truncated,
-        tokens=extraction.tokens,
+        rows=state.rows,
+        skipped=state.skipped,
+        truncated=state.truncated,
+        tokens=state.tokens,
         dim=projections.dim,
         modules=len(modules),
         extract_seconds=extraction.seconds,
         total_seconds=time.perf_counter() - started,
-        bytes_on_disk=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        bytes_on_disk=bytes_on_disk(out),
+        resumed_rows=extraction.resumed_rows,
+        kind=kind,
     )
 
 
-def _manifest(
+def _header(
     config: BuildConfig,
     model: str,
     lm,
     tokenizer,
     corpus: Corpus,
     projections: ProjectionSet,
-    preconditioner: Preconditioner,
-    curvature: CurvatureSums,
-    extraction: _Extraction,
-    out: Path,
+    created: str,
 ) -> dict:
-    """The manifest of a finished build (docs/format.md documents every key)."""
+    """The manifest keys an index and a shard share (docs/format.md documents every key)."""
     offsets = np.cumsum([0] + projections.block_dims[:-1])
-    manifest = {
-        "format": layout.FORMAT_NAME,
+    return {
+        "format": None,
         "format_version": layout.FORMAT_VERSION,
         "index_id": None,
-        "created": None,
+        "created": created,
         "attribindex_version": __version__,
         "model": model_description(lm, model),
         "tokenizer": {"name_or_path": model, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer)},
         "config": config_to_dict(config),
-        "corpus": {
-            "description": corpus.description,
-            "text_field": corpus.text_field,
-            "id_field": corpus.id_field,
-            "skipped_empty": extraction.skipped,
-            "truncated": extraction.truncated,
-            "tokens": extraction.tokens,
-        },
+        "corpus": {"description": corpus.description, "text_field": corpus.text_field, "id_field": corpus.id_field},
         "modules": [
             {
                 "name": m.name,
@@ -330,25 +361,5 @@ def _manifest(
             for m, offset, dim in zip(projections.modules, offsets, projections.block_dims)
         ],
         "dim": projections.dim,
-        "rows": sum(c["rows"] for c in extraction.chunks),
         "projection": {"seed": config.projection.seed, "hash": projections.hash(), "file": layout.PROJECTIONS},
-        "hessian": {
-            "kind": preconditioner.kind,
-            "damping": config.hessian.damping,
-            "examples": curvature.count,
-            "preconditioner_hash": preconditioner.hash(),
-            "file": layout.PRECONDITIONER,
-            "curvature_file": layout.CURVATURE,
-            "modules": {name: dataclasses.asdict(stats) for name, stats in preconditioner.stats.items()},
-        },
-        "normalization": config.index.mode,
-        "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": extraction.chunks},
-        "index": {"kind": "flat", "metric": "inner_product", "file": layout.FLAT_INDEX},
-        "files": {
-            name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
-            for name in (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, layout.FLAT_INDEX)
-        },
-        "log": [],
     }
-    manifest["index_id"] = _index_id(manifest)
-    return manifest

@@ -19,7 +19,7 @@ from attribindex.index import FlatIndex
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.query._results import Attribution, Attributions, QueryResult
-from attribindex.store import RowStore, layout, read_manifest
+from attribindex.store import RowStore, check_file, layout, read_manifest
 
 Query = str | PromptCompletion
 
@@ -58,6 +58,10 @@ class AttributionIndex:
         specs = [ModuleSpec(m["name"], m["kind"], m["in_features"], m["out_features"]) for m in manifest["modules"]]
         self.module_names = [s.name for s in specs]
         self.block_dims = [m["dim"] for m in manifest["modules"]]
+        hashed = (layout.PROJECTIONS, layout.PRECONDITIONER)  # contents checked against their hashes below
+        for name, record in manifest["files"].items():  # a missing or truncated file fails here, not mid-query
+            if name not in hashed or not (root / name).is_file():
+                check_file(root, name, record, content=False)
         self.projections = ProjectionSet.load(root / layout.PROJECTIONS, specs)
         self._expect("projection hash", manifest["projection"]["hash"], self.projections.hash(), layout.PROJECTIONS)
         self.preconditioner = Preconditioner.load(root / layout.PRECONDITIONER, self.module_names, self.block_dims)

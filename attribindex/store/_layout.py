@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
+SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
 FORMAT_VERSION = 1
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
@@ -15,6 +16,7 @@ PRECONDITIONER = "preconditioner.safetensors"
 ROWS_DIR = "rows"
 INDEX_DIR = "index"
 FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"
+SHARDS_DIR = "shards"  # a multi-process build keeps its shards here until they are merged
 
 # Per chunk `rows/<chunk>.<suffix>`; chunks are numbered in build order and never renamed.
 CHUNK_GRADS = "grads.npy"  # (n, D) raw projected gradients, store dtype (bfloat16 as uint16 bits)
@@ -32,8 +34,17 @@ def chunk_file(chunk: str, suffix: str) -> str:
     return f"{ROWS_DIR}/{chunk}.{suffix}"
 
 
+def shard_dir_name(index: int, count: int) -> str:
+    return f"{index:05d}-of-{count:05d}"
+
+
+def is_temporary(name: str) -> bool:
+    """Names of atomic-write temporaries (`.NAME.tmp-PID`) that a killed process can leave behind."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 def is_index_dir(path: Path) -> bool:
-    """True when `path` holds a complete index (its manifest exists)."""
+    """True when `path` holds a complete index or shard (its manifest exists)."""
     return (path / MANIFEST).is_file()
 
 

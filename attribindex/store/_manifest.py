@@ -10,8 +10,8 @@ from attribindex.errors import AttribIndexError
 from attribindex.store import _layout as layout
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Load and check the manifest of a complete index folder.
+def read_manifest(root: Path, kind: str = "index") -> dict[str, Any]:
+    """Load and check the manifest of a complete index (`kind="index"`), shard (`"shard"`) or either (`"any"`).
 
     Example:
         >>> read_manifest(Path("demo-index"))["rows"]  # doctest: +SKIP
@@ -31,8 +31,20 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AttribIndexError(f"{path} is damaged ({err}). Rebuild the index.") from None
-    if manifest.get("format") != layout.FORMAT_NAME:
-        raise AttribIndexError(f"{path} is not an attribindex manifest (format={manifest.get('format')!r}).")
+    found = manifest.get("format")
+    if found not in (layout.FORMAT_NAME, layout.SHARD_FORMAT_NAME):
+        raise AttribIndexError(f"{path} is not an attribindex manifest (format={found!r}).")
+    if kind == "index" and found == layout.SHARD_FORMAT_NAME:
+        shard = manifest.get("shard", {})
+        raise AttribIndexError(
+            f"{root} is shard {shard.get('index')} of {shard.get('count')} of a sharded build, not a searchable index. "
+            f"Merge all the shards first: `attribindex merge SHARD_DIR... --out INDEX_DIR`."
+        )
+    if kind == "shard" and found != layout.SHARD_FORMAT_NAME:
+        raise AttribIndexError(
+            f"{root} is a finished index, not a shard. `attribindex merge` takes the folders built with "
+            f"--num-shards N --shard-index I."
+        )
     version = manifest.get("format_version")
     if version != layout.FORMAT_VERSION:
         raise AttribIndexError(

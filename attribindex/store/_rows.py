@@ -15,19 +15,22 @@ import numpy as np
 import torch
 
 from attribindex.data import Document
-from attribindex.errors import AttribIndexError
 from attribindex.store import _layout as layout
 from attribindex.store._atomic import atomic_open, file_sha256
 from attribindex.store._codec import decode, encode, numpy_store_dtype
+from attribindex.store._verify import check_file
 
 
 class ChunkWriter:
     """Buffers rows and writes them chunk by chunk.
 
+    The caller adds at most `room` rows at a time, so it knows exactly which rows each written chunk
+    holds (a build commits its resume checkpoint at every chunk).
+
     Example:
         >>> writer = ChunkWriter(Path("idx"), block_dims=[16, 16], dtype="float16", chunk_rows=4096)  # doctest: +SKIP
-        >>> writer.add(vectors, documents)  # doctest: +SKIP
-        >>> chunks = writer.close()  # list of chunk records for the manifest  # doctest: +SKIP
+        >>> record = writer.add(vectors, documents)  # the chunk record when this add filled a chunk  # doctest: +SKIP
+        >>> last = writer.close()  # the record of the last, partial chunk (or None)  # doctest: +SKIP
     """
 
     def __init__(self, root: Path, block_dims: list[int], dtype: str, chunk_rows: int, first_chunk: int = 0):
@@ -39,28 +42,21 @@ class ChunkWriter:
         self._stored: list[np.ndarray] = []
         self._scales: list[np.ndarray] = []
         self._docs: list[Document] = []
-        self.chunks: list[dict] = []
 
     @property
-    def buffered_rows(self) -> int:
-        return len(self._docs)
+    def room(self) -> int:
+        """Rows that can be added before the current chunk is full."""
+        return self.chunk_rows - len(self._docs)
 
-    @property
-    def rows_written(self) -> int:
-        return sum(c["rows"] for c in self.chunks)
-
-    def add(self, vectors: torch.Tensor, documents: list[Document]) -> None:
-        """Buffer (B, D) raw vectors with their documents, writing each chunk as soon as it is full."""
+    def add(self, vectors: torch.Tensor, documents: list[Document]) -> dict | None:
+        """Buffer (B, D) raw vectors with their documents (B <= room); write the chunk when it is full."""
+        if len(documents) > self.room:
+            raise ValueError(f"{len(documents)} rows do not fit in the {self.room} rows left in this chunk")
         stored, scales = encode(vectors, self.block_dims, self.dtype)
-        start = 0
-        while start < len(documents):
-            take = min(self.chunk_rows - len(self._docs), len(documents) - start)
-            self._stored.append(stored[start : start + take])
-            self._scales.append(scales[start : start + take])
-            self._docs.extend(documents[start : start + take])
-            start += take
-            if len(self._docs) == self.chunk_rows:
-                self.flush()
+        self._stored.append(stored)
+        self._scales.append(scales)
+        self._docs.extend(documents)
+        return self.flush() if self.room == 0 else None
 
     def flush(self) -> dict:
         """Write the buffered rows as one chunk (atomically, file by file) and return its record."""
@@ -86,15 +82,13 @@ class ChunkWriter:
                 write(handle)
             files[suffix] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         record = {"name": name, "rows": len(self._docs), "files": files}
-        self.chunks.append(record)
         self._next_chunk += 1
         self._stored, self._scales, self._docs = [], [], []
         return record
 
-    def close(self) -> list[dict]:
-        if self._docs:
-            self.flush()
-        return self.chunks
+    def close(self) -> dict | None:
+        """Write the last, partial chunk; its record, or None when no rows were buffered."""
+        return self.flush() if self._docs else None
 
 
 class RowStore:
@@ -115,13 +109,7 @@ class RowStore:
         self.starts = np.cumsum([0] + [c["rows"] for c in chunks])  # (num_chunks + 1,)
         for chunk in chunks:
             for suffix in layout.CHUNK_FILES:
-                path = root / layout.chunk_file(chunk["name"], suffix)
-                expected = chunk["files"][suffix]["bytes"]
-                if not path.is_file() or path.stat().st_size != expected:
-                    state = "missing" if not path.is_file() else f"{path.stat().st_size} bytes, expected {expected}"
-                    raise AttribIndexError(
-                        f"index file {path} is damaged ({state}). Rebuild the index or restore the file."
-                    )
+                check_file(root, layout.chunk_file(chunk["name"], suffix), chunk["files"][suffix], content=False)
         self._offsets: dict[str, np.ndarray] = {}
 
     @property
@@ -137,12 +125,18 @@ class RowStore:
             yield int(start), decode(stored, scales, self.block_dims, self.dtype)
 
     def documents(self, rows: list[int]) -> list[Document]:
-        """The documents at the given global row positions."""
+        """The documents at the given global row positions.
+
+        A chunk's text files are checked against their checksums the first time they are read (a few ms per
+        chunk), so a damaged file fails clearly instead of returning the wrong text or id.
+        """
         out = []
         for row in rows:
             c = int(np.searchsorted(self.starts, row, side="right")) - 1
             name = self.chunks[c]["name"]
             if name not in self._offsets:
+                for suffix in (layout.CHUNK_DOCS, layout.CHUNK_DOC_OFFSETS):
+                    check_file(self.root, layout.chunk_file(name, suffix), self.chunks[c]["files"][suffix])
                 self._offsets[name] = np.load(self.root / layout.chunk_file(name, layout.CHUNK_DOC_OFFSETS))
             offsets = self._offsets[name]
             local = row - int(self.starts[c])

@@ -75,7 +75,7 @@ def test_info(built):
     assert json.loads(result.output)["rows"] == 24
 
 
-@pytest.mark.parametrize("command", ["build", "query", "info", "demo"])
+@pytest.mark.parametrize("command", ["build", "query", "info", "demo", "merge", "verify"])
 def test_help_shows_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "Example" in result.output and "attribindex " + command in result.output
@@ -188,3 +188,41 @@ def test_build_from_other_corpus_kinds(tiny_models, corpus_records, tmp_path, ki
     expected = [f"{r['id']}.txt" for r in records] if kind == "txt-folder" else [r["id"] for r in records]
     assert sorted(ids) == sorted(expected)
     assert ids[0] == expected[0]  # cosine: the text itself comes first
+
+
+def test_shards_merge_and_verify(tiny_models, corpus_file, tmp_path):
+    for i in range(2):
+        args = _build_args(tiny_models["gpt2"], corpus_file, tmp_path / f"s{i}", "--num-shards", "2")
+        result = CliRunner().invoke(main, args + ["--shard-index", str(i)])
+        assert result.exit_code == 0 and f"shard {i} of 2" in result.output, result.output
+    result = CliRunner().invoke(
+        main, ["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "i")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "merged     2 shards" in result.output and "rows       24" in result.output
+
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "i")])
+    assert result.exit_code == 0 and "intact" in result.output, result.output
+    assert CliRunner().invoke(main, ["verify", str(tmp_path / "s0")]).exit_code == 0  # shards verify too
+
+    flat = tmp_path / "i" / "index" / "flat.faiss"
+    data = bytearray(flat.read_bytes())
+    data[-1] ^= 0x01  # bit rot: same size, different bytes
+    flat.write_bytes(bytes(data))
+    (tmp_path / "i" / "rows" / "000001.docs.jsonl").unlink()
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "i")])
+    assert result.exit_code == 1
+    assert "DAMAGED" in result.output and "flat.faiss: contents differ from the recorded sha256" in result.output
+    assert "000001.docs.jsonl: missing" in result.output and "2 damaged" in result.output
+    _fails(["query", str(tmp_path / "i"), "--text", "x y"], "000001.docs.jsonl is damaged (missing)")
+
+
+def test_opening_an_index_with_a_truncated_file_fails_clearly(built, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    flat = copy / "index" / "flat.faiss"
+    flat.write_bytes(flat.read_bytes()[:-100])
+    _fails(["query", str(copy), "--text", "x y"], "flat.faiss is damaged (")
+    assert "attribindex verify" in _fails(["query", str(copy), "--text", "x y"], "bytes, the manifest records").output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attribindex.data import PromptCompletion, content_id, open_corpus, tokenize
+from attribindex.data import PromptCompletion, content_id, open_corpus, shard_window, tokenize
 from attribindex.errors import AttribIndexError
 from attribindex.testing import make_tokenizer, write_jsonl
 
@@ -91,3 +91,21 @@ def test_tokenize_masks_prompt_and_refuses_empty():
 def test_hub_dataset_without_network_is_a_clean_error():
     with pytest.raises(AttribIndexError, match="could not load dataset 'someone/no-such-dataset'"):
         open_corpus("someone/no-such-dataset")
+
+
+def test_shards_are_contiguous_and_keep_whole_corpus_ids(tmp_path):
+    texts = ["alpha", "beta", "alpha", "gamma", "alpha", "delta", "beta"]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    whole = [(d.id, d.source) for d in open_corpus(path)]
+    pieces = [shard_window(open_corpus(path), 3, i) for i in range(3)]
+    assert [(p.start, p.stop, p.known_length()) for p in pieces] == [(0, 2, 2), (2, 4, 2), (4, 7, 3)]
+    assert [(d.id, d.source) for p in pieces for d in p] == whole  # a repeated text keeps its ~2/~3 id in its shard
+    assert [pos for pos, _ in pieces[2].numbered(first=5)] == [5, 6]  # resuming inside a shard
+
+
+def test_shard_errors(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in ("a b", "c d")])
+    with pytest.raises(AttribIndexError, match="shard 0 of 3 would be empty: the corpus has only 2 documents"):
+        shard_window(open_corpus(path), 3, 0)
+    with pytest.raises(AttribIndexError, match=r"--shard-index must be in \[0, 2\)"):
+        shard_window(open_corpus(path), 2, 2)

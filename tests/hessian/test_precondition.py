@@ -45,9 +45,9 @@ def test_curvature_sums_merge_exactly():
 def test_curvature_round_trip(tmp_path):
     sums = CurvatureSums({"m0": 3})
     sums.update({"m0": torch.ones(4, 3)})
-    sums.save(tmp_path / "c.safetensors")
-    loaded = CurvatureSums.load(tmp_path / "c.safetensors")
-    assert loaded.count == 4 and torch.equal(loaded.sums["m0"], sums.sums["m0"])
+    sums.save(tmp_path / "c.safetensors", note={"chunks": 2})
+    loaded, note = CurvatureSums.load(tmp_path / "c.safetensors")
+    assert loaded.count == 4 and torch.equal(loaded.sums["m0"], sums.sums["m0"]) and note == {"chunks": 2}
 
 
 def test_zero_vectors_and_zero_blocks_stay_finite():

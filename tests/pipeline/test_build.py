@@ -51,12 +51,9 @@ def test_interrupted_build_never_looks_complete(tiny_models, corpus_file, tmp_pa
     with pytest.raises(AttribIndexError, match="incomplete build"):
         AttributionIndex.open(out, load_model_now=False)
     monkeypatch.setattr(ChunkWriter, "flush", original)
-    with pytest.raises(AttribIndexError, match="interrupted build"):
-        build_index(exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    build_index(
-        exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False, overwrite=True
-    )
-    assert read_manifest(out)["rows"] == 24
+    summary = build_index(exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    assert summary.resumed_rows == 10 and read_manifest(out)["rows"] == 24  # the same command resumes
+    assert [e["event"] for e in read_manifest(out)["log"]] == ["build"] and "resumed" in read_manifest(out)["log"][0]
 
 
 def test_manifest_records_what_built_the_index(tiny_models, corpus_file, corpus_records, tmp_path):

@@ -1,0 +1,206 @@
+"""A build split into N shards over the processes of a `torchrun` launch (or all in this process), then merged.
+
+Rank r builds shards r, r + W, r + 2W, … (W = WORLD_SIZE) into `OUT/shards/IIIII-of-NNNNN`, each one
+resumable; the ranks then compare notes over a gloo process group (errors, projection hashes), and
+rank 0 merges the shards into OUT. Without torchrun (no WORLD_SIZE) the one process builds every shard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from attribindex.config import BuildConfig
+from attribindex.data import Corpus, shard_window
+from attribindex.errors import AttribIndexError, IndexMismatchError
+from attribindex.pipeline._build import (
+    BuildSummary,
+    ModelCache,
+    build_one,
+    build_request,
+    first_difference,
+    prepare_output,
+    read_marker,
+)
+from attribindex.pipeline._merge import check_shards, merge_into
+from attribindex.store import layout, read_manifest, write_json
+
+# Ranks that finish their shards early wait for the slowest one; at pretraining scale that can be hours.
+COLLECTIVE_TIMEOUT = dt.timedelta(hours=72)
+
+
+class _Ranks:
+    """This process's place in a torchrun launch, and the few collectives the build needs (gloo: CPU works)."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._owns_group = False
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+                self._owns_group = True
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+
+    def broadcast_from_first(self, value):
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        if self.size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def close(self) -> None:
+        if self._owns_group:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def build_all_shards(
+    config: BuildConfig,
+    model: str,
+    corpus: Corpus,
+    out: Path,
+    num_shards: int,
+    overwrite: bool,
+    skip_empty: bool,
+    progress: bool,
+    keep_shards: bool,
+) -> BuildSummary:
+    """See `build_index(num_shards=N)`. Every rank returns a summary; rank 0's describes the merged index."""
+    started = time.perf_counter()
+    if num_shards < 1:
+        raise AttribIndexError(f"--num-shards must be >= 1, got {num_shards}.")
+    ranks = _Ranks()
+    try:
+        request = build_request(config, model, corpus, skip_empty, num_shards=num_shards)
+        error = _prepare(out, overwrite, request, corpus) if ranks.rank == 0 else None
+        error = ranks.broadcast_from_first(error)
+        if error:
+            raise AttribIndexError(error)
+
+        mine = list(range(ranks.rank, num_shards, ranks.size))
+        error, resumed = None, 0
+        try:
+            resumed = _build_my_shards(config, model, corpus, out, num_shards, mine, skip_empty, progress, ranks)
+        except AttribIndexError as err:
+            error = f"shard build failed on rank {ranks.rank}: {err}"
+        reports = ranks.gather({"error": error, "resumed": resumed})
+        errors = [r["error"] for r in reports if r["error"]]
+        if errors:
+            raise AttribIndexError(errors[0])
+        shards_root = out / layout.SHARDS_DIR
+        folders = [shards_root / layout.shard_dir_name(i, num_shards) for i in range(num_shards)]
+        manifests = [read_manifest(folder, kind="shard") for folder in folders]
+        hashes = ranks.gather(sorted({m["projection"]["hash"] for i, m in enumerate(manifests) if i in mine}))
+        if len({h for rank_hashes in hashes for h in rank_hashes}) > 1:
+            raise IndexMismatchError(
+                f"the ranks generated different projections ({hashes}); they must be identical by construction. "
+                f"Check that every rank runs the same attribindex, numpy and config."
+            )
+        extract_seconds = time.perf_counter() - started
+        summary = None
+        if ranks.rank == 0:
+            merged = merge_into(out, check_shards(folders, manifests), request, progress)
+            if not keep_shards:
+                shutil.rmtree(shards_root)
+            manifest = read_manifest(out)
+            summary = BuildSummary(
+                out=out,
+                index_id=merged.index_id,
+                rows=merged.rows,
+                skipped=manifest["corpus"]["skipped_empty"],
+                truncated=manifest["corpus"]["truncated"],
+                tokens=manifest["corpus"]["tokens"],
+                dim=manifest["dim"],
+                modules=len(manifest["modules"]),
+                extract_seconds=extract_seconds,
+                total_seconds=time.perf_counter() - started,
+                bytes_on_disk=merged.bytes_on_disk,
+                resumed_rows=sum(r["resumed"] for r in reports),
+                kind=f"index of {num_shards} shards on {ranks.size} process{'es' if ranks.size > 1 else ''}",
+                merge=merged,
+            )
+        summary = ranks.broadcast_from_first(summary)
+    finally:
+        ranks.close()
+    return summary
+
+
+def _prepare(out: Path, overwrite: bool, request: dict, corpus: Corpus) -> str | None:
+    """Rank 0 readies the output folder; the error message (if any) is broadcast so every rank stops cleanly."""
+    try:
+        next(iter(corpus))  # a bad path, field or encoding fails now, once
+        for index in range(request["num_shards"]):  # so does an empty shard
+            shard_window(corpus, request["num_shards"], index)
+        resuming = prepare_output(out, overwrite, request)
+        started = read_marker(out).get("started") if resuming else None
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(out / layout.BUILD_MARKER, {"started": started or now, "request": request})
+    except AttribIndexError as err:
+        return str(err)
+    return None
+
+
+def _build_my_shards(
+    config: BuildConfig,
+    model: str,
+    corpus: Corpus,
+    out: Path,
+    num_shards: int,
+    mine: list[int],
+    skip_empty: bool,
+    progress: bool,
+    ranks: _Ranks,
+) -> int:
+    """Build (or resume, or keep when already finished) this rank's shards; rows resumed in all."""
+    models = ModelCache()
+    resumed = 0
+    for index in mine:
+        folder = out / layout.SHARDS_DIR / layout.shard_dir_name(index, num_shards)
+        if layout.is_index_dir(folder):
+            finished = read_manifest(folder, kind="shard")
+            expected = build_request(config, model, corpus, skip_empty, shard={"index": index, "count": num_shards})
+            if first_difference(finished.get("request"), expected) is None:
+                resumed += finished["rows"]
+                continue
+            raise AttribIndexError(
+                f"{folder} holds a finished shard of a different command. Pass --overwrite to start over."
+            )
+        label = f"rank {ranks.rank} shard {index}/{num_shards}" if ranks.size > 1 else f"shard {index}/{num_shards}"
+        summary = build_one(
+            config,
+            model,
+            corpus,
+            folder,
+            False,
+            skip_empty,
+            progress,
+            (index, num_shards),
+            models,
+            label,
+            position=ranks.rank if ranks.size > 1 else None,
+        )
+        resumed += summary.resumed_rows
+    return resumed

@@ -1,0 +1,228 @@
+"""The extraction pass: corpus → per-example projected gradients in durable chunks + curvature sums, resumable.
+
+The curvature file is also the resume checkpoint. It is rewritten (atomically) each time a chunk is
+written, holding the sums over exactly the rows of the written chunks, and a note with those chunks'
+records and the corpus position to continue from. One rename commits both, so a build killed at any
+point (SIGKILL included) resumes from its last chunk: no row is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from attribindex._progress import progress as progress_bar
+from attribindex.config import StoreConfig
+from attribindex.data import Corpus, TokenizedExample, batched
+from attribindex.errors import AttribIndexError
+from attribindex.hessian import CurvatureSums
+from attribindex.logra import GradientExtractor
+from attribindex.store import ChunkWriter, file_sha256, layout
+
+SORT_WINDOW_BATCHES = 16  # batches read ahead and regrouped by length; memory: this many batches of vectors
+
+
+def _glibc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give freed heap pages back to the OS. Batches of changing shapes otherwise leave glibc's heap
+    fragmented: on the demo build this kept peak RSS at 1.50 GB instead of 1.24 GB, at no measurable cost."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+@dataclass
+class ExtractState:
+    """What the durable chunks cover; saved as the checkpoint's note."""
+
+    next_position: int  # first corpus position whose row is not in a written chunk
+    chunks: list[dict] = field(default_factory=list)
+    skipped: int = 0  # empty documents before next_position, left out with skip_empty
+    tokens: int = 0
+    truncated: int = 0
+    complete: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(c["rows"] for c in self.chunks)
+
+
+@dataclass
+class Checkpoint:
+    curvature: CurvatureSums
+    state: ExtractState
+
+
+@dataclass
+class Extraction:
+    """The outcome of the pass: all chunks (resumed and new) and statistics over the whole slice."""
+
+    state: ExtractState
+    curvature: CurvatureSums
+    seconds: float  # extraction time of this run only
+    resumed_rows: int
+
+
+def read_checkpoint(out: Path) -> Checkpoint | None:
+    """The last committed state of an interrupted build in `out`, with leftovers of the killed run removed.
+
+    Chunk files are re-hashed: resuming on top of a damaged chunk would build a wrong index.
+    """
+    path = out / layout.CURVATURE
+    if not path.is_file():
+        return None
+    curvature, note = CurvatureSums.load(path)
+    state = ExtractState(**note)
+    keep = set()
+    for chunk in state.chunks:
+        for suffix, record in chunk["files"].items():
+            name = layout.chunk_file(chunk["name"], suffix)
+            keep.add(name)
+            file = out / name
+            if not file.is_file() or file_sha256(file) != record["sha256"]:
+                raise AttribIndexError(
+                    f"cannot resume the build in {out}: its chunk file {name} is missing or damaged. "
+                    f"Start over with --overwrite."
+                )
+    for file in (out / layout.ROWS_DIR).iterdir():  # chunks written after the last commit, and temporaries
+        if f"{layout.ROWS_DIR}/{file.name}" not in keep:
+            file.unlink()
+    return Checkpoint(curvature, state)
+
+
+def remove_temporaries(out: Path) -> None:
+    for file in out.rglob(".*"):
+        if layout.is_temporary(file.name):
+            file.unlink()
+
+
+@dataclass
+class _Pending:
+    """Rows handed to the chunk writer but not yet in a written chunk."""
+
+    curvature: CurvatureSums
+    tokens: int = 0
+    truncated: int = 0
+
+
+def extract(
+    corpus: Corpus,
+    extractor: GradientExtractor,
+    out: Path,
+    store: StoreConfig,
+    batch_size: int,
+    skip_empty: bool,
+    resume: Checkpoint | None,
+    progress: bool,
+    label: str = "extract",
+    position: int | None = None,
+) -> Extraction:
+    """One pass over the corpus (from the checkpoint on, if any): rows to chunk files, curvature sums to the checkpoint.
+
+    Documents are read in windows of SORT_WINDOW_BATCHES batches and batched by length (longest first) inside a
+    window (padding fell from 29 % to 3 % of the tokens on the demo corpus); rows are still written in corpus
+    order, and each row is independent of the batch it ran in.
+    """
+    names = [m.name for m in extractor.projections.modules]
+    dims = extractor.projections.block_dims
+    block_dims = dict(zip(names, dims))
+    if resume is None:
+        resume = Checkpoint(CurvatureSums(block_dims), ExtractState(next_position=corpus.start))
+    durable, state = resume.curvature, resume.state
+    resumed_rows = state.rows
+    if state.complete:
+        return Extraction(state, durable, 0.0, resumed_rows)
+
+    writer = ChunkWriter(out, dims, store.dtype, store.chunk_rows, first_chunk=len(state.chunks))
+    pending = _Pending(CurvatureSums(block_dims))
+    skipped_positions: list[int] = []  # since the last commit
+
+    def commit(record: dict, next_position: int) -> None:
+        nonlocal pending
+        durable.merge(pending.curvature)
+        state.chunks.append(record)
+        state.next_position = next_position
+        state.skipped += sum(p < next_position for p in skipped_positions)
+        skipped_positions[:] = [p for p in skipped_positions if p >= next_position]
+        state.tokens += pending.tokens
+        state.truncated += pending.truncated
+        durable.save(out / layout.CURVATURE, note=asdict(state))
+        pending = _Pending(CurvatureSums(block_dims))
+
+    started = time.perf_counter()
+    done_before = state.next_position - corpus.start
+    bar = progress_bar(
+        total=corpus.known_length(), initial=done_before, desc=label, unit="doc", enabled=progress, position=position
+    )
+    tokens_this_run = 0
+    last_added = state.next_position - 1
+    documents = _tokenized(corpus, state.next_position, extractor, skip_empty, skipped_positions)
+    for window in batched(documents, batch_size * SORT_WINDOW_BATCHES):
+        skipped_before = len(skipped_positions)
+        rows = _window_rows(extractor, [example for _, _, example in window], batch_size, names, bar)  # (W, D)
+        start = 0
+        while start < len(window):
+            segment = window[start : start + writer.room]
+            vectors = rows[start : start + len(segment)]  # (S, D), corpus order
+            pending.curvature.update(dict(zip(names, vectors.split(dims, dim=1))))
+            pending.tokens += sum(len(example.input_ids) for _, _, example in segment)
+            pending.truncated += sum(example.truncated for _, _, example in segment)
+            record = writer.add(vectors, [doc for _, doc, _ in segment])
+            last_added = segment[-1][0]
+            if record is not None:
+                commit(record, last_added + 1)
+            start += len(segment)
+        tokens_this_run += sum(len(example.input_ids) for _, _, example in window)
+        bar.update(len(skipped_positions) - skipped_before)
+        bar.set_postfix(tokens_per_s=f"{tokens_this_run / (time.perf_counter() - started):.0f}", refresh=False)
+    bar.close()
+    record = writer.close()
+    if record is not None:
+        commit(record, last_added + 1)
+    state.skipped += len(skipped_positions)  # all after the last row: the commit above did not count them
+    state.complete = True
+    if not state.chunks:
+        raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
+    durable.save(out / layout.CURVATURE, note=asdict(state))
+    return Extraction(state, durable, time.perf_counter() - started, resumed_rows)
+
+
+def _tokenized(corpus: Corpus, first: int, extractor: GradientExtractor, skip_empty: bool, skipped: list[int]):
+    """(position, document, tokenized example) from `first` on; empty documents are skipped or refused."""
+    for position, doc in corpus.numbered(first):
+        try:
+            (example,) = extractor.tokenize([doc.text], [f"document {doc.id!r} ({doc.source})"])
+        except AttribIndexError as err:
+            if not skip_empty:
+                raise AttribIndexError(f"{err} Or pass --skip-empty to leave such documents out.") from None
+            skipped.append(position)
+            continue
+        yield position, doc, example
+
+
+def _window_rows(
+    extractor: GradientExtractor, examples: list[TokenizedExample], batch_size: int, names: list[str], bar
+) -> torch.Tensor:
+    """(W, D) projected gradients of a window of examples, computed longest-first, returned in window order."""
+    by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    for group in batched(by_length, batch_size):
+        extracted = extractor.extract([examples[i] for i in group])
+        for row, i in zip(extracted.concatenated(names), group):
+            rows[i] = row
+        del extracted
+        release_freed_memory()
+        bar.update(len(group))
+    return torch.stack(rows)

@@ -1,0 +1,99 @@
+"""The end of a build or merge: preconditioner, FAISS index and manifest from curvature sums and written chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from attribindex._progress import progress as progress_bar
+from attribindex.config import BuildConfig
+from attribindex.hessian import CurvatureSums, Preconditioner, normalize_rows
+from attribindex.index import FlatIndexWriter
+from attribindex.store import RowStore, file_sha256, layout, write_json
+
+
+def _index_id(manifest: dict) -> str:
+    content = json.dumps([manifest["projection"], manifest.get("hessian"), manifest["store"]["chunks"]], sort_keys=True)
+    return "ai-" + hashlib.sha256(content.encode()).hexdigest()[:12]
+
+
+def _file_records(out: Path, names: tuple[str, ...]) -> dict:
+    return {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size} for name in names}
+
+
+def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
+    """Whiten (and in cosine mode normalise) every stored raw row, chunk by chunk, into the FAISS index file.
+
+    Streams to disk: memory stays at one chunk whatever the number of rows.
+    """
+    with FlatIndexWriter(out / layout.FLAT_INDEX, sum(store.block_dims)) as writer:
+        for _, raw in progress_bar(
+            store.iter_raw(), total=len(store.chunks), desc="index", unit="chunk", enabled=progress
+        ):
+            vectors = preconditioner.whiten(raw)  # (n, D)
+            writer.add((normalize_rows(vectors) if mode == "cosine" else vectors).numpy())
+
+
+def _complete(out: Path, manifest: dict) -> dict:
+    manifest["index_id"] = _index_id(manifest)
+    write_json(out / layout.MANIFEST, manifest)  # the commit point: from here on the folder is complete
+    (out / layout.BUILD_MARKER).unlink(missing_ok=True)
+    return manifest
+
+
+def finish_index(
+    out: Path,
+    config: BuildConfig,
+    header: dict,
+    curvature: CurvatureSums,
+    chunks: list[dict],
+    event: dict,
+    progress: bool,
+) -> dict:
+    """Compute the preconditioner once, write the FAISS index over every chunk, then the manifest (last)."""
+    names = [m["name"] for m in header["modules"]]
+    dims = [m["dim"] for m in header["modules"]]
+    if config.hessian.kind == "raw":
+        preconditioner = Preconditioner.from_curvature(curvature, names, dims, config.hessian.damping)
+    else:
+        preconditioner = Preconditioner.identity(names, dims)
+    preconditioner.save(out / layout.PRECONDITIONER)
+    store = RowStore(out, dims, config.store.dtype, chunks)
+    write_flat_index(out, store, preconditioner, config.index.mode, progress)
+    manifest = header | {
+        "format": layout.FORMAT_NAME,
+        "rows": store.rows,
+        "hessian": {
+            "kind": preconditioner.kind,
+            "damping": config.hessian.damping,
+            "examples": curvature.count,
+            "preconditioner_hash": preconditioner.hash(),
+            "file": layout.PRECONDITIONER,
+            "curvature_file": layout.CURVATURE,
+            "modules": {name: dataclasses.asdict(stats) for name, stats in preconditioner.stats.items()},
+        },
+        "normalization": config.index.mode,
+        "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": chunks},
+        "index": {"kind": "flat", "metric": "inner_product", "file": layout.FLAT_INDEX},
+        "files": _file_records(out, (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, layout.FLAT_INDEX)),
+        "log": [event],
+    }
+    return _complete(out, manifest)
+
+
+def finish_shard(
+    out: Path, config: BuildConfig, header: dict, curvature: CurvatureSums, chunks: list[dict], shard: dict, event: dict
+) -> dict:
+    """A shard keeps its rows and curvature sums; the preconditioner and index are made once, by the merge."""
+    manifest = header | {
+        "format": layout.SHARD_FORMAT_NAME,
+        "shard": shard,
+        "rows": sum(c["rows"] for c in chunks),
+        "curvature": {"examples": curvature.count, "file": layout.CURVATURE},
+        "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": chunks},
+        "files": _file_records(out, (layout.PROJECTIONS, layout.CURVATURE)),
+        "log": [event],
+    }
+    return _complete(out, manifest)

@@ -1,0 +1,123 @@
+"""Crash safety: a build killed (SIGKILL) at any point resumes with the same command, losing and duplicating nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from attribindex import AttribIndexError, AttributionIndex, build_index
+from attribindex.config import config_to_dict
+from attribindex.store import layout
+from tests.conftest import exact_config, with_store
+from tests.reference import assert_same_index
+
+CONFIG = with_store(
+    dataclasses.replace(exact_config(), extract=dataclasses.replace(exact_config().extract, batch_size=1)),
+    chunk_rows=5,
+)  # 24 documents → chunks of 5, 5, 5, 5, 4; windows of 16 documents
+
+# Runs a build in a real subprocess and SIGKILLs it from inside at a chosen point: when call number
+# `nth` of a chosen function begins ("before") or has returned ("after").
+KILL_DRIVER = """
+import os, signal, sys, importlib
+model, data, out, config_path, module_name, attr, nth, when = sys.argv[1:]
+owner_name, _, function_name = attr.rpartition(".")
+module = importlib.import_module(module_name)
+owner = getattr(module, owner_name) if owner_name else module
+original = getattr(owner, function_name)
+calls = 0
+def wrapper(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == int(nth) and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    if calls == int(nth) and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+setattr(owner, function_name, wrapper)
+from attribindex import build_index, load_config
+build_index(load_config(config_path), model, data, out, id_field="id", progress=False)
+"""
+
+KILL_POINTS = {
+    "before the second chunk is written": ("attribindex.store._rows", "ChunkWriter.flush", 2, "before"),
+    "after a chunk, before its checkpoint": ("attribindex.store._rows", "ChunkWriter.flush", 3, "after"),
+    "inside a checkpoint write": ("attribindex.hessian._curvature", "save_file", 2, "after"),
+    "while writing the FAISS index": ("attribindex.index._flat", "FlatIndexWriter.add", 2, "before"),
+    "before the manifest": ("attribindex.pipeline._finish", "write_json", 1, "before"),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "idx"
+    build_index(CONFIG, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "resume.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(CONFIG)))
+    return path
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_build_resumes_to_the_uninterrupted_result(
+    point, tiny_models, corpus_file, config_file, uninterrupted, tmp_path
+):
+    out = tmp_path / "idx"
+    module, attr, nth, when = KILL_POINTS[point]
+    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when]
+    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not layout.is_index_dir(out)
+    with pytest.raises(AttribIndexError, match="incomplete build"):
+        AttributionIndex.open(out, load_model_now=False)
+
+    summary = build_index(CONFIG, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    assert summary.rows == 24
+    if point != "before the second chunk is written":
+        assert summary.resumed_rows >= 5  # work was kept, not redone
+    assert not any(layout.is_temporary(p.name) for p in out.rglob("*"))
+    assert_same_index(uninterrupted, out)
+
+
+def test_kill_from_outside_at_a_random_moment(tiny_models, corpus_file, config_file, uninterrupted, tmp_path):
+    out = tmp_path / "idx"
+    command = [sys.executable, "-m", "attribindex", "build", "--config", str(config_file)]
+    command += ["--model", str(tiny_models["gpt2"]), "--data", str(corpus_file), "--id-field", "id", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / layout.CURVATURE).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = subprocess.run(command, capture_output=True, text=True)  # the same command, again
+    assert result.returncode == 0, result.stderr
+    assert "rows       24" in result.stdout
+    assert_same_index(uninterrupted, out)
+
+
+def test_resume_refuses_a_different_command_and_allows_another_batch_size(
+    tiny_models, corpus_file, config_file, tmp_path
+):
+    out = tmp_path / "idx"
+    module, attr, nth, when = KILL_POINTS["after a chunk, before its checkpoint"]
+    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when]
+    subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True)
+    other_rank = dataclasses.replace(CONFIG, projection=dataclasses.replace(CONFIG.projection, rank_in=5))
+    with pytest.raises(
+        AttribIndexError, match=r"interrupted build of a different command \(config.projection.rank_in: 3"
+    ):
+        build_index(other_rank, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    bigger_batch = dataclasses.replace(CONFIG, extract=dataclasses.replace(CONFIG.extract, batch_size=8))
+    summary = build_index(bigger_batch, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    assert summary.resumed_rows == 10 and summary.rows == 24
