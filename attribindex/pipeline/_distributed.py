@@ -27,7 +27,7 @@ from attribindex.pipeline._build import (
     prepare_output,
     read_marker,
 )
-from attribindex.pipeline._merge import check_shards, merge_into
+from attribindex.pipeline._merge import MergeSummary, check_shards, merge_into
 from attribindex.store import layout, read_manifest, write_json
 
 # Ranks that finish their shards early wait for the slowest one; at pretraining scale that can be hours.
@@ -120,32 +120,42 @@ def build_all_shards(
                 f"Check that every rank runs the same attribindex, numpy and config."
             )
         extract_seconds = time.perf_counter() - started
-        summary = None
+        outcome: BuildSummary | str | None = None
         if ranks.rank == 0:
-            merged = merge_into(out, check_shards(folders, manifests), request, progress)
-            if not keep_shards:
-                shutil.rmtree(shards_root)
-            manifest = read_manifest(out)
-            summary = BuildSummary(
-                out=out,
-                index_id=merged.index_id,
-                rows=merged.rows,
-                skipped=manifest["corpus"]["skipped_empty"],
-                truncated=manifest["corpus"]["truncated"],
-                tokens=manifest["corpus"]["tokens"],
-                dim=manifest["dim"],
-                modules=len(manifest["modules"]),
-                extract_seconds=extract_seconds,
-                total_seconds=time.perf_counter() - started,
-                bytes_on_disk=merged.bytes_on_disk,
-                resumed_rows=sum(r["resumed"] for r in reports),
-                kind=f"index of {num_shards} shards on {ranks.size} process{'es' if ranks.size > 1 else ''}",
-                merge=merged,
-            )
-        summary = ranks.broadcast_from_first(summary)
+            try:
+                merged = merge_into(out, check_shards(folders, manifests), request, progress)
+                if not keep_shards:
+                    shutil.rmtree(out / layout.SHARDS_DIR)
+                outcome = _summary(merged, read_manifest(out), extract_seconds, started, reports, ranks.size)
+            except AttribIndexError as err:  # every rank must leave the same way, or the others wait forever
+                outcome = str(err)
+        outcome = ranks.broadcast_from_first(outcome)
+        if isinstance(outcome, str):
+            raise AttribIndexError(outcome)
+        return outcome
     finally:
         ranks.close()
-    return summary
+
+
+def _summary(
+    merged: MergeSummary, manifest: dict, extract_seconds: float, started: float, reports: list[dict], processes: int
+) -> BuildSummary:
+    return BuildSummary(
+        out=merged.out,
+        index_id=merged.index_id,
+        rows=merged.rows,
+        skipped=manifest["corpus"]["skipped_empty"],
+        truncated=manifest["corpus"]["truncated"],
+        tokens=manifest["corpus"]["tokens"],
+        dim=manifest["dim"],
+        modules=len(manifest["modules"]),
+        extract_seconds=extract_seconds,
+        total_seconds=time.perf_counter() - started,
+        bytes_on_disk=merged.bytes_on_disk,
+        resumed_rows=sum(r["resumed"] for r in reports),
+        kind=f"index of {len(merged.shard_rows)} shards on {processes} process{'es' if processes > 1 else ''}",
+        merge=merged,
+    )
 
 
 def _prepare(out: Path, overwrite: bool, request: dict, corpus: Corpus) -> str | None:

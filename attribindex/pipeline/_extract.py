@@ -170,7 +170,6 @@ def extract(
     last_added = state.next_position - 1
     documents = _tokenized(corpus, state.next_position, extractor, skip_empty, skipped_positions)
     for window in batched(documents, batch_size * SORT_WINDOW_BATCHES):
-        skipped_before = len(skipped_positions)
         rows = _window_rows(extractor, [example for _, _, example in window], batch_size, names, bar)  # (W, D)
         start = 0
         while start < len(window):
@@ -185,8 +184,9 @@ def extract(
                 commit(record, last_added + 1)
             start += len(segment)
         tokens_this_run += sum(len(example.input_ids) for _, _, example in window)
-        bar.update(len(skipped_positions) - skipped_before)
+        bar.update(window[-1][0] + 1 - corpus.start - bar.n)  # rows and skipped documents up to this window's end
         bar.set_postfix(tokens_per_s=f"{tokens_this_run / (time.perf_counter() - started):.0f}", refresh=False)
+    bar.update((corpus.known_length() or bar.n) - bar.n)  # empty documents at the very end
     bar.close()
     record = writer.close()
     if record is not None:

@@ -23,17 +23,22 @@ def _file_records(out: Path, names: tuple[str, ...]) -> dict:
     return {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size} for name in names}
 
 
-def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
-    """Whiten (and in cosine mode normalise) every stored raw row, chunk by chunk, into the FAISS index file.
+WHITEN_BLOCK_BYTES = 32 * 2**20  # rows whitened at a time; a handful of copies of this is the merge's working memory
 
-    Streams to disk: memory stays at one chunk whatever the number of rows.
+
+def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
+    """Whiten (and in cosine mode normalise) every stored raw row, block by block, into the FAISS index file.
+
+    Streams to disk: memory stays at a few blocks of WHITEN_BLOCK_BYTES whatever the number of rows.
     """
-    with FlatIndexWriter(out / layout.FLAT_INDEX, sum(store.block_dims)) as writer:
-        for _, raw in progress_bar(
-            store.iter_raw(), total=len(store.chunks), desc="index", unit="chunk", enabled=progress
-        ):
+    with (
+        FlatIndexWriter(out / layout.FLAT_INDEX, sum(store.block_dims)) as writer,
+        progress_bar(total=store.rows, desc="index", unit="row", unit_scale=True, enabled=progress) as bar,
+    ):
+        for _, raw in store.iter_raw(max_bytes=WHITEN_BLOCK_BYTES):
             vectors = preconditioner.whiten(raw)  # (n, D)
             writer.add((normalize_rows(vectors) if mode == "cosine" else vectors).numpy())
+            bar.update(len(raw))
 
 
 def _complete(out: Path, manifest: dict) -> dict:

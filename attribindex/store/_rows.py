@@ -116,13 +116,18 @@ class RowStore:
     def rows(self) -> int:
         return int(self.starts[-1])
 
-    def iter_raw(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (first row, (n, D) float32 raw gradients) chunk by chunk."""
+    def iter_raw(self, max_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (first row, (n, D) float32 raw gradients) in row order: whole chunks, or blocks of at most
+        `max_bytes` of float32 (at least one row) so memory does not depend on the chunk size."""
+        dim = sum(self.block_dims)
         for start, chunk in zip(self.starts, self.chunks):
             name = chunk["name"]
             stored = np.load(self.root / layout.chunk_file(name, layout.CHUNK_GRADS), mmap_mode="r")
             scales = np.load(self.root / layout.chunk_file(name, layout.CHUNK_SCALES))
-            yield int(start), decode(stored, scales, self.block_dims, self.dtype)
+            step = len(stored) if max_bytes is None else max(1, max_bytes // (4 * dim))
+            for first in range(0, len(stored), step):
+                block = slice(first, first + step)
+                yield int(start) + first, decode(stored[block], scales[block], self.block_dims, self.dtype)
 
     def documents(self, rows: list[int]) -> list[Document]:
         """The documents at the given global row positions.
