@@ -227,7 +227,7 @@ def query(index_dir, texts, prompt, completion, k, bottom, model, device, as_jso
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(index_dir, as_json):
-    """Summarise an index: rows, dims, model, Hessian, sizes on disk.
+    """Summarise an index or shard: rows, dims, model, Hessian, sizes on disk.
 
     \b
     Example:
@@ -235,7 +235,7 @@ def info(index_dir, as_json):
     """
     from attribindex.store import read_manifest
 
-    manifest = read_manifest(index_dir)
+    manifest = read_manifest(index_dir, kind="any")
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
@@ -245,15 +245,28 @@ def info(index_dir, as_json):
             top = path.relative_to(index_dir).parts[0]
             sizes[top] = sizes.get(top, 0) + path.stat().st_size
     modules = manifest["modules"]
-    hessian = manifest["hessian"]
+    shard = manifest.get("shard")
     lines = [
-        f"index        {manifest['index_id']}  (format v{manifest['format_version']}, created {manifest['created']})",
+        f"{'shard' if shard else 'index':<13}{manifest['index_id']}  (format v{manifest['format_version']}, "
+        f"created {manifest['created']})",
         f"rows         {manifest['rows']:,}  in {len(manifest['store']['chunks'])} chunks ({manifest['store']['dtype']})",
         f"vector       {manifest['dim']:,} dims from {len(modules)} modules, rank {modules[0]['rank_out']}×{modules[0]['rank_in']}",
         f"model        {manifest['model']['name_or_path']} ({manifest['model']['class']})",
-        f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
-        + _spectrum(hessian.get("modules", {})),
-        f"scores       {manifest['normalization']}  ({manifest['index']['kind']} {manifest['index']['metric']} index)",
+    ]
+    if shard:
+        start, stop = shard["documents"]
+        lines.append(
+            f"slice        shard {shard['index']} of {shard['count']}: documents [{start:,}, {stop:,}) — "
+            f"merge all {shard['count']} with `attribindex merge`"
+        )
+    else:
+        hessian = manifest["hessian"]
+        lines += [
+            f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
+            + _spectrum(hessian.get("modules", {})),
+            f"scores       {manifest['normalization']}  ({manifest['index']['kind']} {manifest['index']['metric']} index)",
+        ]
+    lines += [
         f"projection   seed {manifest['projection']['seed']}, {manifest['projection']['hash'][:23]}…",
         "on disk      " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())),
     ]

@@ -240,7 +240,8 @@ def open_corpus(
         markers = ("dataset_info.json", "state.json", "dataset_dict.json")
         if any((path / m).exists() for m in markers):
             dataset = _load_hf_dataset(str(path), split, on_disk=True)
-            corpus = Corpus(str(path), _dataset_records(dataset, path.name), text_field, id_field, limit, len(dataset))
+            name = f"{path} (split {split})" if (path / "dataset_dict.json").exists() else str(path)
+            corpus = Corpus(name, _dataset_records(dataset, path.name), text_field, id_field, limit, len(dataset))
         else:
             files = sorted(path.rglob("*.txt"))
             if not files:
@@ -253,7 +254,8 @@ def open_corpus(
         raise AttribIndexError(f"--data {data!r} does not exist. Check the path.")
     else:
         dataset = _load_hf_dataset(str(data), split, on_disk=False)
-        corpus = Corpus(str(data), _dataset_records(dataset, str(data)), text_field, id_field, limit, None)
+        name = f"{data} (split {split})"
+        corpus = Corpus(name, _dataset_records(dataset, str(data)), text_field, id_field, limit, None)
     return corpus
 
 

@@ -25,7 +25,7 @@ from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
 from attribindex.model import DTYPES, load_model, model_description
 from attribindex.pipeline._extract import extract, read_checkpoint, remove_temporaries
 from attribindex.pipeline._finish import finish_index, finish_shard
-from attribindex.store import layout, write_json
+from attribindex.store import layout, read_manifest, write_json
 
 if TYPE_CHECKING:
     from attribindex.pipeline._merge import MergeSummary
@@ -134,7 +134,8 @@ def prepare_output(out: Path, overwrite: bool, request: dict) -> bool:
         clear_folder(out)
         return False
     if layout.is_index_dir(out):
-        what = "a shard" if '"attribindex-shard"' in (out / layout.MANIFEST).read_text(encoding="utf-8") else "an index"
+        shard = read_manifest(out, kind="any")["format"] == layout.SHARD_FORMAT_NAME
+        what = "a shard" if shard else "an index"
         raise AttribIndexError(
             f"--out {out} already holds {what}. Pass --overwrite to replace it, or choose another folder."
         )

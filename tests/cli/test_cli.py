@@ -204,6 +204,8 @@ def test_shards_merge_and_verify(tiny_models, corpus_file, tmp_path):
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "i")])
     assert result.exit_code == 0 and "intact" in result.output, result.output
     assert CliRunner().invoke(main, ["verify", str(tmp_path / "s0")]).exit_code == 0  # shards verify too
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "s1")])
+    assert result.exit_code == 0 and "shard 1 of 2: documents [12, 24)" in result.output, result.output
 
     flat = tmp_path / "i" / "index" / "flat.faiss"
     data = bytearray(flat.read_bytes())

@@ -26,7 +26,8 @@ CONFIG = with_store(
 # `nth` of a chosen function begins ("before") or has returned ("after").
 KILL_DRIVER = """
 import os, signal, sys, importlib
-model, data, out, config_path, module_name, attr, nth, when = sys.argv[1:]
+import json
+model, data, out, config_path, module_name, attr, nth, when, extra = sys.argv[1:]
 owner_name, _, function_name = attr.rpartition(".")
 module = importlib.import_module(module_name)
 owner = getattr(module, owner_name) if owner_name else module
@@ -43,7 +44,7 @@ def wrapper(*args, **kwargs):
     return result
 setattr(owner, function_name, wrapper)
 from attribindex import build_index, load_config
-build_index(load_config(config_path), model, data, out, id_field="id", progress=False)
+build_index(load_config(config_path), model, data, out, id_field="id", progress=False, **json.loads(extra))
 """
 
 KILL_POINTS = {
@@ -75,7 +76,7 @@ def test_killed_build_resumes_to_the_uninterrupted_result(
 ):
     out = tmp_path / "idx"
     module, attr, nth, when = KILL_POINTS[point]
-    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when]
+    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when, "{}"]
     killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not layout.is_index_dir(out)
@@ -111,7 +112,7 @@ def test_resume_refuses_a_different_command_and_allows_another_batch_size(
 ):
     out = tmp_path / "idx"
     module, attr, nth, when = KILL_POINTS["after a chunk, before its checkpoint"]
-    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when]
+    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when, "{}"]
     subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True)
     other_rank = dataclasses.replace(CONFIG, projection=dataclasses.replace(CONFIG.projection, rank_in=5))
     with pytest.raises(
@@ -121,3 +122,20 @@ def test_resume_refuses_a_different_command_and_allows_another_batch_size(
     bigger_batch = dataclasses.replace(CONFIG, extract=dataclasses.replace(CONFIG.extract, batch_size=8))
     summary = build_index(bigger_batch, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
     assert summary.resumed_rows == 10 and summary.rows == 24
+
+
+def test_killed_multi_shard_build_keeps_finished_shards_and_resumes_the_interrupted_one(
+    tiny_models, corpus_file, config_file, uninterrupted, tmp_path
+):
+    out = tmp_path / "idx"
+    # 3 shards of 8 documents in chunks of 5: shard 0 writes chunks 1-2, shard 1 chunk 3 … killed before chunk 4.
+    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file)]
+    args += ["attribindex.store._rows", "ChunkWriter.flush", "4", "before", '{"num_shards": 3}']
+    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert layout.is_index_dir(out / layout.SHARDS_DIR / layout.shard_dir_name(0, 3))
+    summary = build_index(
+        CONFIG, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False, num_shards=3
+    )
+    assert summary.resumed_rows == 8 + 5  # shard 0 kept whole, shard 1 from its first chunk
+    assert_same_index(uninterrupted, out)
