@@ -12,22 +12,39 @@ __version__ = "0.1.0"
 from attribindex.config import BuildConfig, load_config  # noqa: E402
 from attribindex.data import PromptCompletion  # noqa: E402
 from attribindex.errors import AttribIndexError, IndexMismatchError  # noqa: E402
-from attribindex.pipeline import BuildSummary, MergeSummary, build_index, merge_shards  # noqa: E402
+from attribindex.pipeline import (  # noqa: E402
+    AppendSummary,
+    BuildSummary,
+    EditSummary,
+    MergeSummary,
+    append_documents,
+    build_index,
+    compact_index,
+    delete_ids,
+    merge_shards,
+    refresh_index,
+)
 from attribindex.query import Attribution, AttributionIndex, Attributions, QueryResult, QueryVectors  # noqa: E402
 
 __all__ = [
+    "AppendSummary",
     "AttribIndexError",
     "Attribution",
     "AttributionIndex",
     "Attributions",
     "BuildConfig",
     "BuildSummary",
+    "EditSummary",
     "IndexMismatchError",
     "MergeSummary",
     "PromptCompletion",
     "QueryResult",
     "QueryVectors",
+    "append_documents",
     "build_index",
+    "compact_index",
+    "delete_ids",
     "load_config",
     "merge_shards",
+    "refresh_index",
 ]

@@ -139,6 +139,87 @@ def merge(shard_dirs, out, overwrite):
 
 @main.command()
 @click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="New documents: .jsonl, folder of .txt, saved HF dataset, or hub dataset.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text (jsonl / datasets).")
+@click.option("--id-field", default=None, help="Field holding a stable id (default: content hash of the text).")
+@click.option("--split", default="train", show_default=True, help="Dataset split (HF datasets).")
+@click.option("--limit", type=int, default=None, help="Append only the first N documents.")
+@click.option("--skip-empty", is_flag=True, help="Leave out documents that tokenise to nothing instead of failing.")
+@click.option("--skip-duplicates", is_flag=True, help="Leave out documents whose id is already in the index.")
+@click.option("--model", default=None, help="A copy of the index's model elsewhere (its fingerprint must match).")
+@click.option("--batch-size", type=int, default=None, help="Examples per forward+backward (default: the build's).")
+def append(index_dir, data, text_field, id_field, split, limit, skip_empty, skip_duplicates, model, batch_size):
+    """Add documents to an index with its own model, projection and whitening; no rebuild.
+
+    \b
+    Example:
+      attribindex append my-index --data new-crawl.jsonl --id-field id --skip-duplicates
+    """
+    from attribindex.pipeline import append_documents
+
+    summary = append_documents(
+        index_dir,
+        data,
+        text_field=text_field,
+        id_field=id_field,
+        split=split,
+        limit=limit,
+        skip_empty=skip_empty,
+        skip_duplicates=skip_duplicates,
+        model=model,
+        batch_size=batch_size,
+    )
+    click.echo(summary.format())
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--ids", "ids_file", required=True, type=click.File("r"), help="File with one id per line ('-' = stdin).")
+def delete(index_dir, ids_file):
+    """Delete documents by id: they never appear in a result again (compact later to free their space).
+
+    \b
+    Example:
+      attribindex delete my-index --ids takedown-requests.txt
+    """
+    from attribindex.pipeline import delete_ids
+
+    ids = [line.strip() for line in ids_file if line.strip()]
+    if not ids:
+        raise click.UsageError("the --ids file holds no ids (one id per line).")
+    click.echo(delete_ids(index_dir, ids).format())
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+def compact(index_dir):
+    """Rewrite the store and index without deleted rows, reclaiming their space (atomically).
+
+    \b
+    Example:
+      attribindex compact my-index
+    """
+    from attribindex.pipeline import compact_index
+
+    click.echo(compact_index(index_dir).format())
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+def refresh(index_dir):
+    """Re-whiten every stored row with the Hessian the current curvature sums imply (after appends/deletes).
+
+    \b
+    Example:
+      attribindex refresh my-index
+    """
+    from attribindex.pipeline import refresh_index
+
+    click.echo(refresh_index(index_dir).format())
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
 def verify(index_dir):
     """Re-check every file of an index or shard against the checksums in its manifest.
 
@@ -219,7 +300,8 @@ def query(index_dir, texts, prompt, completion, k, bottom, model, device, as_jso
             for rank, a in enumerate(attributions, start=1):
                 click.echo(f"  {rank:3d}. {a.score:+.4f}  {a.id}  {one_line(a.text, width)}")
     click.echo(
-        f"\n{answer.index_id}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms ({answer.mode}, exact)"
+        f"\n{answer.index_id} v{answer.index_version}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms "
+        f"({answer.mode}, exact)"
     )
 
 
@@ -241,7 +323,7 @@ def info(index_dir, as_json):
         return
     sizes: dict[str, int] = {}
     for path in index_dir.rglob("*"):
-        if path.is_file():
+        if path.is_file() and not path.name.startswith("."):
             top = path.relative_to(index_dir).parts[0]
             sizes[top] = sizes.get(top, 0) + path.stat().st_size
     modules = manifest["modules"]
@@ -249,7 +331,7 @@ def info(index_dir, as_json):
     lines = [
         f"{'shard' if shard else 'index':<13}{manifest['index_id']}  (format v{manifest['format_version']}, "
         f"created {manifest['created']})",
-        f"rows         {manifest['rows']:,}  in {len(manifest['store']['chunks'])} chunks ({manifest['store']['dtype']})",
+        f"rows         {manifest['rows'] - manifest.get('deleted', {}).get('rows', 0):,}  in {len(manifest['store']['chunks'])} chunks ({manifest['store']['dtype']})",
         f"vector       {manifest['dim']:,} dims from {len(modules)} modules, rank {modules[0]['rank_out']}×{modules[0]['rank_in']}",
         f"model        {manifest['model']['name_or_path']} ({manifest['model']['class']})",
     ]
@@ -261,11 +343,22 @@ def info(index_dir, as_json):
         )
     else:
         hessian = manifest["hessian"]
+        segments = manifest["index"]["segments"]
+        deleted = manifest["deleted"]["rows"]
         lines += [
+            f"version      {manifest['version']}  ({len(manifest['log'])} events; --json shows the log)"
+            + (f", {deleted:,} rows deleted (`attribindex compact` frees them)" if deleted else ""),
             f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
             + _spectrum(hessian.get("modules", {})),
-            f"scores       {manifest['normalization']}  ({manifest['index']['kind']} {manifest['index']['metric']} index)",
+            f"scores       {manifest['normalization']}  ({manifest['index']['kind']} {manifest['index']['metric']} "
+            f"index, {len(segments)} segment{'s' if len(segments) > 1 else ''})",
         ]
+        drift = hessian.get("drift")
+        if drift and drift["max"] > 0:
+            lines.append(
+                f"drift        whitening is {drift['median']:.2%} (median), {drift['max']:.2%} (max) from what the "
+                f"current {drift['examples']:,} examples imply; `attribindex refresh` re-whitens"
+            )
     lines += [
         f"projection   seed {manifest['projection']['seed']}, {manifest['projection']['hash'][:23]}…",
         "on disk      " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())),

@@ -39,6 +39,15 @@ class CurvatureSums:
             batch = g.shape[0]
         self.count += batch
 
+    def remove(self, blocks: dict[str, torch.Tensor]) -> None:
+        """Subtract the outer products of rows that leave the index (deleted documents), blocks[name] (B, d)."""
+        batch = 0
+        for name, total in self.sums.items():
+            g = blocks[name].detach().to(device="cpu", dtype=torch.float64)  # (B, d)
+            total.addmm_(g.T, g, alpha=-1.0)  # (d, d)
+            batch = g.shape[0]
+        self.count -= batch
+
     def merge(self, other: CurvatureSums) -> None:
         for name, total in self.sums.items():
             total.add_(other.sums[name])

@@ -104,7 +104,12 @@ class FlatIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: ((Q, k) scores descending, (Q, k) row positions)."""
         self._check_k(k)
-        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return self.raw_search(queries, k)
+
+    def raw_search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search as is: `params` may carry an ID selector; rows past the end come back as -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return self._index.search(queries, k, params=params) if params is not None else self._index.search(queries, k)
 
     def search_bottom(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Bottom-k by inner product: ((Q, k) scores ascending, (Q, k) row positions)."""

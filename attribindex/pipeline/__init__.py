@@ -1,6 +1,19 @@
-"""Orchestration: the build pipeline that ties data, logra, hessian, store and index together."""
+"""Orchestration: building, merging and changing indexes; ties data, logra, hessian, store and index together."""
 
+from attribindex.pipeline._append import AppendSummary, append_documents
 from attribindex.pipeline._build import BuildSummary, build_index
+from attribindex.pipeline._edit import EditSummary, compact_index, delete_ids, refresh_index
 from attribindex.pipeline._merge import MergeSummary, merge_shards
 
-__all__ = ["BuildSummary", "MergeSummary", "build_index", "merge_shards"]
+__all__ = [
+    "AppendSummary",
+    "BuildSummary",
+    "EditSummary",
+    "MergeSummary",
+    "append_documents",
+    "build_index",
+    "compact_index",
+    "delete_ids",
+    "merge_shards",
+    "refresh_index",
+]

@@ -128,8 +128,13 @@ def extract(
     progress: bool,
     label: str = "extract",
     position: int | None = None,
+    checkpoint: str = layout.CURVATURE,
+    first_chunk: int = 0,
 ) -> Extraction:
     """One pass over the corpus (from the checkpoint on, if any): rows to chunk files, curvature sums to the checkpoint.
+
+    Chunks are numbered from `first_chunk` (an append continues after the index's last chunk) and the
+    checkpoint is the file `out/checkpoint`.
 
     Documents are read in windows of SORT_WINDOW_BATCHES batches and batched by length (longest first) inside a
     window (padding fell from 29 % to 3 % of the tokens on the demo corpus); rows are still written in corpus
@@ -145,7 +150,7 @@ def extract(
     if state.complete:
         return Extraction(state, durable, 0.0, resumed_rows)
 
-    writer = ChunkWriter(out, dims, store.dtype, store.chunk_rows, first_chunk=len(state.chunks))
+    writer = ChunkWriter(out, dims, store.dtype, store.chunk_rows, first_chunk=first_chunk + len(state.chunks))
     pending = _Pending(CurvatureSums(block_dims))
     skipped_positions: list[int] = []  # since the last commit
 
@@ -158,7 +163,7 @@ def extract(
         skipped_positions[:] = [p for p in skipped_positions if p >= next_position]
         state.tokens += pending.tokens
         state.truncated += pending.truncated
-        durable.save(out / layout.CURVATURE, note=asdict(state))
+        durable.save(out / checkpoint, note=asdict(state))
         pending = _Pending(CurvatureSums(block_dims))
 
     started = time.perf_counter()
@@ -195,7 +200,7 @@ def extract(
     state.complete = True
     if not state.chunks:
         raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
-    durable.save(out / layout.CURVATURE, note=asdict(state))
+    durable.save(out / checkpoint, note=asdict(state))
     return Extraction(state, durable, time.perf_counter() - started, resumed_rows)
 
 

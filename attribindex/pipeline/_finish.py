@@ -19,20 +19,22 @@ def _index_id(manifest: dict) -> str:
     return "ai-" + hashlib.sha256(content.encode()).hexdigest()[:12]
 
 
-def _file_records(out: Path, names: tuple[str, ...]) -> dict:
+def file_records(out: Path, names) -> dict:
     return {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size} for name in names}
 
 
 WHITEN_BLOCK_BYTES = 32 * 2**20  # rows whitened at a time; a handful of copies of this is the merge's working memory
 
 
-def write_flat_index(out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool) -> None:
-    """Whiten (and in cosine mode normalise) every stored raw row, block by block, into the FAISS index file.
+def write_flat_index(
+    out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool, name: str = layout.FLAT_INDEX
+) -> None:
+    """Whiten (and in cosine mode normalise) every stored raw row, block by block, into the FAISS file `out/name`.
 
     Streams to disk: memory stays at a few blocks of WHITEN_BLOCK_BYTES whatever the number of rows.
     """
     with (
-        FlatIndexWriter(out / layout.FLAT_INDEX, sum(store.block_dims)) as writer,
+        FlatIndexWriter(out / name, sum(store.block_dims)) as writer,
         progress_bar(total=store.rows, desc="index", unit="row", unit_scale=True, enabled=progress) as bar,
     ):
         for _, raw in store.iter_raw(max_bytes=WHITEN_BLOCK_BYTES):
@@ -81,8 +83,14 @@ def finish_index(
         },
         "normalization": config.index.mode,
         "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": chunks},
-        "index": {"kind": "flat", "metric": "inner_product", "file": layout.FLAT_INDEX},
-        "files": _file_records(out, (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, layout.FLAT_INDEX)),
+        "index": {
+            "kind": "flat",
+            "metric": "inner_product",
+            "segments": [{"file": layout.FLAT_INDEX, "rows": store.rows}],
+        },
+        "deleted": {"file": None, "rows": 0},
+        "version": 1,
+        "files": file_records(out, (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, layout.FLAT_INDEX)),
         "log": [event],
     }
     return _complete(out, manifest)
@@ -98,7 +106,7 @@ def finish_shard(
         "rows": sum(c["rows"] for c in chunks),
         "curvature": {"examples": curvature.count, "file": layout.CURVATURE},
         "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": chunks},
-        "files": _file_records(out, (layout.PROJECTIONS, layout.CURVATURE)),
+        "files": file_records(out, (layout.PROJECTIONS, layout.CURVATURE)),
         "log": [event],
     }
     return _complete(out, manifest)

@@ -15,7 +15,7 @@ from attribindex.config import ExtractConfig, config_from_dict
 from attribindex.data import PromptCompletion, batched
 from attribindex.errors import AttribIndexError, IndexMismatchError
 from attribindex.hessian import Preconditioner, normalize_rows
-from attribindex.index import FlatIndex
+from attribindex.index import SegmentedIndex
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.query._results import Attribution, Attributions, QueryResult
@@ -58,26 +58,32 @@ class AttributionIndex:
         specs = [ModuleSpec(m["name"], m["kind"], m["in_features"], m["out_features"]) for m in manifest["modules"]]
         self.module_names = [s.name for s in specs]
         self.block_dims = [m["dim"] for m in manifest["modules"]]
-        hashed = (layout.PROJECTIONS, layout.PRECONDITIONER)  # contents checked against their hashes below
+        self.version: int = manifest["version"]
+        preconditioner_file = manifest["hessian"]["file"]
+        hashed = (layout.PROJECTIONS, preconditioner_file)  # contents checked against their hashes below
         for name, record in manifest["files"].items():  # a missing or truncated file fails here, not mid-query
             if name not in hashed or not (root / name).is_file():
                 check_file(root, name, record, content=False)
         self.projections = ProjectionSet.load(root / layout.PROJECTIONS, specs)
         self._expect("projection hash", manifest["projection"]["hash"], self.projections.hash(), layout.PROJECTIONS)
-        self.preconditioner = Preconditioner.load(root / layout.PRECONDITIONER, self.module_names, self.block_dims)
+        self.preconditioner = Preconditioner.load(root / preconditioner_file, self.module_names, self.block_dims)
         self._expect(
             "preconditioner hash",
             manifest["hessian"]["preconditioner_hash"],
             self.preconditioner.hash(),
-            layout.PRECONDITIONER,
+            preconditioner_file,
         )
         self.store = RowStore(root, self.block_dims, manifest["store"]["dtype"], manifest["store"]["chunks"])
-        self.index = FlatIndex.load(root / layout.FLAT_INDEX, device=device)
-        if self.index.rows != manifest["rows"] or self.index.dim != manifest["dim"]:
-            raise AttribIndexError(
-                f"{root / layout.FLAT_INDEX} holds {self.index.rows} × {self.index.dim} vectors but the manifest says "
-                f"{manifest['rows']} × {manifest['dim']}. The index is damaged; rebuild it."
-            )
+        segments = manifest["index"]["segments"]
+        deleted = manifest["deleted"]
+        deleted_rows = np.load(root / deleted["file"]) if deleted["file"] else np.zeros(0, dtype=np.int64)
+        self.index = SegmentedIndex.load(root, [s["file"] for s in segments], deleted_rows, device=device)
+        for segment, flat in zip(segments, self.index.segments):
+            if flat.rows != segment["rows"] or flat.dim != manifest["dim"]:
+                raise AttribIndexError(
+                    f"{root / segment['file']} holds {flat.rows} × {flat.dim} vectors but the manifest says "
+                    f"{segment['rows']} × {manifest['dim']}. The index is damaged; rebuild it."
+                )
         self.extract_config = config_from_dict(ExtractConfig, manifest["config"]["extract"])
         self._extractor: GradientExtractor | None = None
         self._fingerprint = ""
@@ -141,8 +147,16 @@ class AttributionIndex:
         self._extractor = GradientExtractor(model, tokenizer, self.projections, self.extract_config.max_length, compute)
 
     @property
+    def extractor(self) -> GradientExtractor:
+        """The model, projections and settings that turn texts into this index's gradients."""
+        if self._extractor is None:
+            raise AttribIndexError("this index was opened without a model (load_model_now=False).")
+        return self._extractor
+
+    @property
     def rows(self) -> int:
-        return self.index.rows
+        """Rows that can be returned (deleted ones excluded)."""
+        return self.index.live_rows
 
     def query_vectors(self, queries: Sequence[Query], batch_size: int | None = None) -> QueryVectors:
         """Queries → whitened query vectors (same capture, projection and whitening as the build)."""
@@ -224,7 +238,14 @@ class AttributionIndex:
             for q, (top, low), loss in zip(queries, found, vectors.losses)
         ]
         latency = (time.perf_counter() - started) * 1000
-        return Attributions(index_id=self.index_id, latency_ms=latency, exact=True, mode=self.mode, results=results)
+        return Attributions(
+            index_id=self.index_id,
+            index_version=self.version,
+            latency_ms=latency,
+            exact=True,
+            mode=self.mode,
+            results=results,
+        )
 
     def _attributions(self, scores: np.ndarray, rows: np.ndarray) -> list[Attribution]:
         valid = [(float(s), int(r)) for s, r in zip(scores, rows) if r >= 0]

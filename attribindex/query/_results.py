@@ -50,6 +50,7 @@ class Attributions:
     """
 
     index_id: str
+    index_version: int  # the index version (manifest `version`) that answered: appends and deletes raise it
     latency_ms: float
     exact: bool
     mode: str

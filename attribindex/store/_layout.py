@@ -6,7 +6,8 @@ from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
 SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index segments, deleted rows, versioned files (version 1 is read as one segment)
+READABLE_VERSIONS = (1, 2)
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
 BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete
@@ -15,8 +16,12 @@ CURVATURE = "curvature.safetensors"
 PRECONDITIONER = "preconditioner.safetensors"
 ROWS_DIR = "rows"
 INDEX_DIR = "index"
-FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"
+FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"  # the segment of a build; compaction and refresh write flat.vN.faiss
+APPENDED_SEGMENT = f"{INDEX_DIR}/segment.faiss"  # one per append, versioned: segment.vN.faiss
 SHARDS_DIR = "shards"  # a multi-process build keeps its shards here until they are merged
+DELETED = "deleted.npy"  # sorted int64 global rows hidden from every result (versioned, see `versioned`)
+APPEND_CHECKPOINT = "append.checkpoint.safetensors"  # curvature of rows being appended, until the commit
+LOCK = ".lock"  # held (flock) by the one process changing an index
 
 # Per chunk `rows/<chunk>.<suffix>`; chunks are numbered in build order and never renamed.
 CHUNK_GRADS = "grads.npy"  # (n, D) raw projected gradients, store dtype (bfloat16 as uint16 bits)
@@ -32,6 +37,19 @@ def chunk_name(number: int) -> str:
 
 def chunk_file(chunk: str, suffix: str) -> str:
     return f"{ROWS_DIR}/{chunk}.{suffix}"
+
+
+def versioned(name: str, version: int) -> str:
+    """The name of a file rewritten by mutation `version`: `curvature.v3.safetensors`; version 1 keeps `name`.
+
+    A mutation writes new files under new names and commits by rewriting the manifest, so a crash
+    before the commit leaves the previous version whole.
+    """
+    if version <= 1:
+        return name
+    folder, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return f"{folder + '/' if folder else ''}{stem}.v{version}.{suffix}"
 
 
 def shard_dir_name(index: int, count: int) -> str:

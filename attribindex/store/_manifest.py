@@ -46,9 +46,20 @@ def read_manifest(root: Path, kind: str = "index") -> dict[str, Any]:
             f"--num-shards N --shard-index I."
         )
     version = manifest.get("format_version")
-    if version != layout.FORMAT_VERSION:
+    if version not in layout.READABLE_VERSIONS:
+        readable = " and ".join(map(str, layout.READABLE_VERSIONS))
         raise AttribIndexError(
-            f"{root} uses index format version {version}; this attribindex reads version {layout.FORMAT_VERSION}. "
+            f"{root} uses index format version {version}; this attribindex reads versions {readable}. "
             f"Install the attribindex version that built it, or rebuild."
         )
+    return _upgraded(manifest) if found == layout.FORMAT_NAME else manifest
+
+
+def _upgraded(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 index, seen as version 2: one segment, nothing deleted, never mutated."""
+    if manifest["format_version"] == 1:
+        manifest["format_version"] = 2
+        manifest["version"] = 1
+        manifest["index"]["segments"] = [{"file": manifest["index"].pop("file"), "rows": manifest["rows"]}]
+        manifest["deleted"] = {"file": None, "rows": 0}
     return manifest

@@ -50,9 +50,13 @@ class ChunkWriter:
 
     def add(self, vectors: torch.Tensor, documents: list[Document]) -> dict | None:
         """Buffer (B, D) raw vectors with their documents (B <= room); write the chunk when it is full."""
+        stored, scales = encode(vectors, self.block_dims, self.dtype)
+        return self.add_encoded(stored, scales, documents)
+
+    def add_encoded(self, stored: np.ndarray, scales: np.ndarray, documents: list[Document]) -> dict | None:
+        """`add` for rows already in store encoding (compaction copies them bit for bit)."""
         if len(documents) > self.room:
             raise ValueError(f"{len(documents)} rows do not fit in the {self.room} rows left in this chunk")
-        stored, scales = encode(vectors, self.block_dims, self.dtype)
         self._stored.append(stored)
         self._scales.append(scales)
         self._docs.extend(documents)
@@ -129,7 +133,35 @@ class RowStore:
                 block = slice(first, first + step)
                 yield int(start) + first, decode(stored[block], scales[block], self.block_dims, self.dtype)
 
-    def documents(self, rows: list[int]) -> list[Document]:
+    def iter_encoded(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[Document]]]:
+        """Yield (first row, stored values, scales, documents) chunk by chunk, as written (no decoding)."""
+        for c, (start, chunk) in enumerate(zip(self.starts, self.chunks)):
+            name = chunk["name"]
+            stored = np.load(self.root / layout.chunk_file(name, layout.CHUNK_GRADS), mmap_mode="r")
+            scales = np.load(self.root / layout.chunk_file(name, layout.CHUNK_SCALES))
+            yield int(start), stored, scales, self.documents(range(int(start), int(self.starts[c + 1])))
+
+    def raw_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), D) float32 raw gradients of the given global rows (sorted ascending)."""
+        out = []
+        for c, chunk in enumerate(self.chunks):
+            start, stop = int(self.starts[c]), int(self.starts[c + 1])
+            local = rows[(rows >= start) & (rows < stop)] - start
+            if len(local):
+                stored = np.load(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_GRADS), mmap_mode="r")
+                scales = np.load(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_SCALES))
+                out.append(decode(stored[local], scales[local], self.block_dims, self.dtype))
+        return torch.cat(out) if out else torch.zeros(0, sum(self.block_dims))
+
+    def ids(self) -> list[str]:
+        """Every row's id, in row order (reads the docs files once)."""
+        ids = []
+        for chunk in self.chunks:
+            with open(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_DOCS), "rb") as handle:
+                ids.extend(json.loads(line)["id"] for line in handle)
+        return ids
+
+    def documents(self, rows) -> list[Document]:
         """The documents at the given global row positions.
 
         A chunk's text files are checked against their checksums the first time they are read (a few ms per

@@ -75,7 +75,9 @@ def test_info(built):
     assert json.loads(result.output)["rows"] == 24
 
 
-@pytest.mark.parametrize("command", ["build", "query", "info", "demo", "merge", "verify"])
+@pytest.mark.parametrize(
+    "command", ["build", "query", "info", "demo", "merge", "verify", "append", "delete", "compact", "refresh"]
+)
 def test_help_shows_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "Example" in result.output and "attribindex " + command in result.output

@@ -15,37 +15,13 @@ from attribindex import AttribIndexError, AttributionIndex, build_index
 from attribindex.config import config_to_dict
 from attribindex.store import layout
 from tests.conftest import exact_config, with_store
+from tests.killing import run_killed
 from tests.reference import assert_same_index
 
 CONFIG = with_store(
     dataclasses.replace(exact_config(), extract=dataclasses.replace(exact_config().extract, batch_size=1)),
     chunk_rows=5,
 )  # 24 documents → chunks of 5, 5, 5, 5, 4; windows of 16 documents
-
-# Runs a build in a real subprocess and SIGKILLs it from inside at a chosen point: when call number
-# `nth` of a chosen function begins ("before") or has returned ("after").
-KILL_DRIVER = """
-import os, signal, sys, importlib
-import json
-model, data, out, config_path, module_name, attr, nth, when, extra = sys.argv[1:]
-owner_name, _, function_name = attr.rpartition(".")
-module = importlib.import_module(module_name)
-owner = getattr(module, owner_name) if owner_name else module
-original = getattr(owner, function_name)
-calls = 0
-def wrapper(*args, **kwargs):
-    global calls
-    calls += 1
-    if calls == int(nth) and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    result = original(*args, **kwargs)
-    if calls == int(nth) and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return result
-setattr(owner, function_name, wrapper)
-from attribindex import build_index, load_config
-build_index(load_config(config_path), model, data, out, id_field="id", progress=False, **json.loads(extra))
-"""
 
 KILL_POINTS = {
     "before the second chunk is written": ("attribindex.store._rows", "ChunkWriter.flush", 2, "before"),
@@ -54,6 +30,20 @@ KILL_POINTS = {
     "while writing the FAISS index": ("attribindex.index._flat", "FlatIndexWriter.add", 2, "before"),
     "before the manifest": ("attribindex.pipeline._finish", "write_json", 1, "before"),
 }
+
+
+def _build_killed(kill_at, tiny_models, corpus_file, out, config_file, **kwargs):
+    return run_killed(
+        kill_at,
+        "build_index",
+        tiny_models["gpt2"],
+        corpus_file,
+        out,
+        config=str(config_file),
+        id_field="id",
+        progress=False,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +65,7 @@ def test_killed_build_resumes_to_the_uninterrupted_result(
     point, tiny_models, corpus_file, config_file, uninterrupted, tmp_path
 ):
     out = tmp_path / "idx"
-    module, attr, nth, when = KILL_POINTS[point]
-    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when, "{}"]
-    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True, text=True)
+    killed = _build_killed(KILL_POINTS[point], tiny_models, corpus_file, out, config_file)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not layout.is_index_dir(out)
     with pytest.raises(AttribIndexError, match="incomplete build"):
@@ -111,9 +99,7 @@ def test_resume_refuses_a_different_command_and_allows_another_batch_size(
     tiny_models, corpus_file, config_file, tmp_path
 ):
     out = tmp_path / "idx"
-    module, attr, nth, when = KILL_POINTS["after a chunk, before its checkpoint"]
-    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file), module, attr, str(nth), when, "{}"]
-    subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True)
+    _build_killed(KILL_POINTS["after a chunk, before its checkpoint"], tiny_models, corpus_file, out, config_file)
     other_rank = dataclasses.replace(CONFIG, projection=dataclasses.replace(CONFIG.projection, rank_in=5))
     with pytest.raises(
         AttribIndexError, match=r"interrupted build of a different command \(config.projection.rank_in: 3"
@@ -129,9 +115,8 @@ def test_killed_multi_shard_build_keeps_finished_shards_and_resumes_the_interrup
 ):
     out = tmp_path / "idx"
     # 3 shards of 8 documents in chunks of 5: shard 0 writes chunks 1-2, shard 1 chunk 3 … killed before chunk 4.
-    args = [str(tiny_models["gpt2"]), str(corpus_file), str(out), str(config_file)]
-    args += ["attribindex.store._rows", "ChunkWriter.flush", "4", "before", '{"num_shards": 3}']
-    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, *args], capture_output=True, text=True)
+    kill_at = ("attribindex.store._rows", "ChunkWriter.flush", 4, "before")
+    killed = _build_killed(kill_at, tiny_models, corpus_file, out, config_file, num_shards=3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert layout.is_index_dir(out / layout.SHARDS_DIR / layout.shard_dir_name(0, 3))
     summary = build_index(

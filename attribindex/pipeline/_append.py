@@ -1,0 +1,169 @@
+"""Appending documents to an index with its own model, projection and (frozen) preconditioner.
+
+The new rows get new chunks and one new FAISS segment, so an append costs its own rows, not the
+index. Their curvature is added to the sums; `attribindex info` shows how far the whitening in use
+has drifted from what the sums now imply, and `attribindex refresh` re-whitens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from attribindex.config import StoreConfig, config_from_dict
+from attribindex.data import Corpus, Document, open_corpus
+from attribindex.errors import AttribIndexError
+from attribindex.pipeline._extract import extract
+from attribindex.pipeline._finish import file_records, write_flat_index
+from attribindex.pipeline._living import commit, mutation, whitening_drift
+from attribindex.query import AttributionIndex
+from attribindex.store import RowStore, layout
+
+
+@dataclass(frozen=True)
+class AppendSummary:
+    """What an append changed.
+
+    Example:
+        >>> print(append_documents("my-index", "new.jsonl", id_field="id").format())  # doctest: +SKIP
+    """
+
+    out: Path
+    version: int
+    added: int
+    duplicates_skipped: int
+    empty_skipped: int
+    live_rows: int
+    seconds: float
+    drift: dict | None
+
+    def format(self) -> str:
+        lines = [
+            f"appended   {self.added:,} rows to {self.out} (now version {self.version}, {self.live_rows:,} live rows)",
+            f"skipped    {self.duplicates_skipped:,} already indexed, {self.empty_skipped:,} empty",
+            f"time       {self.seconds:.1f} s",
+        ]
+        if self.drift is not None:
+            lines.append(
+                f"whitening  drift {self.drift['median']:.2%} median, {self.drift['max']:.2%} max over modules "
+                f"(`attribindex refresh` re-whitens)"
+            )
+        return "\n".join(lines)
+
+
+class _NewDocuments:
+    """A corpus without the documents already in the index (positions kept, so progress stays truthful)."""
+
+    def __init__(self, corpus: Corpus, skip: set[int]):
+        self.corpus, self.skip = corpus, skip
+        self.description, self.start = corpus.description, 0
+
+    def known_length(self) -> int | None:
+        return self.corpus.known_length()
+
+    def numbered(self, first: int = 0) -> Iterator[tuple[int, Document]]:
+        return ((p, doc) for p, doc in self.corpus.numbered(first) if p not in self.skip)
+
+
+def append_documents(
+    index_dir: str | Path,
+    data: str | Path | Corpus,
+    *,
+    text_field: str = "text",
+    id_field: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    skip_empty: bool = False,
+    skip_duplicates: bool = False,
+    model: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> AppendSummary:
+    """Add documents to an index under new stable ids, searchable as soon as this returns.
+
+    Args:
+        data: as for `build_index`. Ids must be new: a document whose id is already in the index is an
+            error, or left out with `skip_duplicates` (without an id field, the id is the text's hash, so
+            a text already indexed counts as a duplicate).
+        model: a copy of the index's model elsewhere; its fingerprint must match the manifest's.
+
+    Example:
+        >>> from attribindex import append_documents
+        >>> append_documents("my-index", "new-crawl.jsonl", id_field="id", skip_duplicates=True)  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    root = Path(index_dir)
+    corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
+    with mutation(root) as change:
+        manifest = change.manifest
+        config = manifest["config"]
+        index = AttributionIndex.open(root, model=model, device=config["extract"]["device"])
+        existing = set(index.store.ids())
+        duplicates, total = {}, 0
+        for position, doc in corpus.numbered():
+            total += 1
+            if doc.id in existing:
+                duplicates[position] = doc.id
+        if duplicates and not skip_duplicates:
+            first = next(iter(duplicates.values()))
+            raise AttribIndexError(
+                f"{len(duplicates)} documents of {corpus.description} are already in the index (first: id {first!r}). "
+                f"Pass --skip-duplicates to leave them out, or delete the indexed ones first."
+            )
+        if len(duplicates) == total:
+            raise AttribIndexError(f"all {total} documents of {corpus.description} are already in the index.")
+
+        store = config_from_dict(StoreConfig, config["store"])
+        extraction = extract(
+            _NewDocuments(corpus, set(duplicates)),
+            index.extractor,
+            root,
+            store,
+            batch_size or config["extract"]["batch_size"],
+            skip_empty,
+            None,
+            progress,
+            label="append",
+            checkpoint=layout.APPEND_CHECKPOINT,
+            first_chunk=change.next_chunk(),
+        )
+        chunks = extraction.state.chunks
+        added = sum(c["rows"] for c in chunks)
+        segment = change.name(layout.APPENDED_SEGMENT)
+        new_rows = RowStore(root, change.dims, store.dtype, chunks)
+        write_flat_index(root, new_rows, index.preconditioner, manifest["normalization"], progress, name=segment)
+
+        sums = change.curvature()
+        sums.merge(extraction.curvature)
+        curvature = change.name(layout.CURVATURE)
+        sums.save(root / curvature)
+        drift = whitening_drift(index.preconditioner, sums, manifest["hessian"]["damping"])
+
+        manifest["store"]["chunks"] += chunks
+        manifest["rows"] += added
+        segments = [(s["file"], s["rows"]) for s in manifest["index"]["segments"]] + [(segment, added)]
+        kept = {n: r for n, r in manifest["files"].items() if n.startswith(f"{layout.INDEX_DIR}/")}
+        change.set_segments(segments, kept | file_records(root, [segment]))
+        change.replace_file("curvature", curvature, file_records(root, [curvature])[curvature])
+        manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
+        event = {
+            "event": "append",
+            "rows": added,
+            "data": corpus.description,
+            "duplicates_skipped": len(duplicates),
+            "empty_skipped": extraction.state.skipped,
+            "tokens": extraction.state.tokens,
+        }
+        committed = commit(change, event)
+    return AppendSummary(
+        out=root,
+        version=committed["version"],
+        added=added,
+        duplicates_skipped=len(duplicates),
+        empty_skipped=extraction.state.skipped,
+        live_rows=committed["rows"] - committed["deleted"]["rows"],
+        seconds=time.perf_counter() - started,
+        drift=drift,
+    )

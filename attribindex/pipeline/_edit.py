@@ -1,0 +1,223 @@
+"""Deleting documents by id, compacting them away, and re-whitening with the current curvature (refresh).
+
+Delete hides rows at once (every search excludes them inside FAISS) and takes their gradients out of
+the curvature sums; their bytes stay on disk until `compact_index` rewrites the store without them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attribindex.config import StoreConfig, config_from_dict
+from attribindex.errors import AttribIndexError
+from attribindex.hessian import Preconditioner
+from attribindex.pipeline._finish import file_records, write_flat_index
+from attribindex.pipeline._living import Mutation, commit, deleted_rows, mutation, whitening_drift
+from attribindex.store import ChunkWriter, RowStore, atomic_open, layout
+
+
+@dataclass(frozen=True)
+class EditSummary:
+    """What a delete, compact or refresh changed; `version` is None when nothing needed changing.
+
+    Example:
+        >>> print(delete_ids("my-index", ["doc-17", "doc-99"]).format())  # doctest: +SKIP
+    """
+
+    out: Path
+    action: str
+    version: int | None
+    rows: int  # rows deleted, removed from storage, or re-whitened
+    live_rows: int
+    seconds: float
+    unknown_ids: list[str] = ()
+    already_deleted: int = 0
+    bytes_freed: int = 0
+    drift_before: dict | None = None
+
+    def format(self) -> str:
+        state = f"now version {self.version}" if self.version else "nothing changed"
+        lines = [f"{self.action:<10} {self.rows:,} rows in {self.out} ({state}, {self.live_rows:,} live rows)"]
+        if self.already_deleted:
+            lines.append(f"already    {self.already_deleted:,} of the ids were deleted before")
+        if self.unknown_ids:
+            shown = ", ".join(repr(i) for i in self.unknown_ids[:5]) + (" …" if len(self.unknown_ids) > 5 else "")
+            lines.append(f"unknown    {len(self.unknown_ids):,} ids are not in the index: {shown}")
+        if self.bytes_freed:
+            lines.append(f"freed      {self.bytes_freed / 2**20:.1f} MiB")
+        if self.drift_before:
+            lines.append(f"drift      was {self.drift_before['median']:.2%} median, {self.drift_before['max']:.2%} max")
+        lines.append(f"time       {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _live(manifest: dict) -> int:
+    return manifest["rows"] - manifest["deleted"]["rows"]
+
+
+def _save_rows(change: Mutation, rows: np.ndarray) -> str:
+    name = change.name(layout.DELETED)
+    with atomic_open(change.root / name) as handle:
+        np.save(handle, rows.astype(np.int64))
+    return name
+
+
+def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
+    """Hide documents from every result from now on (durable), and take them out of the curvature sums.
+
+    Unknown ids are reported, not fatal. Their text stays on disk until `compact_index`.
+
+    Example:
+        >>> from attribindex import delete_ids
+        >>> delete_ids("my-index", ["doc-17"]).unknown_ids  # doctest: +SKIP
+        []
+    """
+    started = time.perf_counter()
+    root = Path(index_dir)
+    with mutation(root) as change:
+        manifest = change.manifest
+        store = change.store()
+        row_of = {doc_id: row for row, doc_id in enumerate(store.ids())}
+        before = set(deleted_rows(root, manifest).tolist())
+        rows, unknown, already = [], [], 0
+        for doc_id in dict.fromkeys(str(i) for i in ids):
+            row = row_of.get(doc_id)
+            if row is None:
+                unknown.append(doc_id)
+            elif row in before:
+                already += 1
+            else:
+                rows.append(row)
+        if not rows:
+            return EditSummary(
+                root, "deleted", None, 0, _live(manifest), time.perf_counter() - started, unknown, already
+            )
+        if len(before) + len(rows) == manifest["rows"]:
+            raise AttribIndexError(f"deleting these ids would leave {root} with no rows. Build a new index instead.")
+        new = np.array(sorted(rows), dtype=np.int64)
+        sums = change.curvature()
+        sums.remove(dict(zip(change.names, store.raw_rows(new).split(change.dims, dim=1))))
+        curvature = change.name(layout.CURVATURE)
+        sums.save(root / curvature)
+        deleted = _save_rows(change, np.union1d(np.array(sorted(before), dtype=np.int64), new))
+        manifest["deleted"] = {"file": deleted, "rows": len(before) + len(new)}
+        change.replace_file("deleted", deleted, file_records(root, [deleted])[deleted])
+        change.replace_file("curvature", curvature, file_records(root, [curvature])[curvature])
+        drift = whitening_drift(change.preconditioner(), sums, manifest["hessian"]["damping"])
+        manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
+        committed = commit(change, {"event": "delete", "rows": len(new), "unknown_ids": len(unknown)})
+    return EditSummary(
+        root,
+        "deleted",
+        committed["version"],
+        len(new),
+        _live(committed),
+        time.perf_counter() - started,
+        unknown,
+        already,
+    )
+
+
+def compact_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
+    """Rewrite the store and the FAISS index without deleted rows, reclaiming their space.
+
+    Atomic: until the new manifest is written the old version is intact; a crash leaves the old index.
+    Row positions change; ids do not.
+
+    Example:
+        >>> from attribindex import compact_index
+        >>> print(compact_index("my-index").format())  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    root = Path(index_dir)
+    with mutation(root) as change:
+        manifest = change.manifest
+        gone = deleted_rows(root, manifest)
+        if len(gone) == 0:
+            return EditSummary(root, "compacted", None, 0, _live(manifest), time.perf_counter() - started)
+        bytes_before = _bytes(root, manifest)
+        config = config_from_dict(StoreConfig, manifest["config"]["store"])
+        writer = ChunkWriter(root, change.dims, config.dtype, config.chunk_rows, first_chunk=change.next_chunk())
+        chunks = []
+        for start, stored, scales, documents in change.store().iter_encoded():
+            keep = np.flatnonzero(~np.isin(np.arange(start, start + len(documents)), gone))
+            first = 0
+            while first < len(keep):  # copied bit for bit: no decode / re-encode
+                part = keep[first : first + writer.room]
+                record = writer.add_encoded(stored[part], scales[part], [documents[i] for i in part])
+                chunks += [record] if record else []
+                first += len(part)
+        chunks += [last] if (last := writer.close()) else []
+        live = _live(manifest)
+        segment = change.name(layout.FLAT_INDEX)
+        store = RowStore(root, change.dims, config.dtype, chunks)
+        write_flat_index(root, store, change.preconditioner(), manifest["normalization"], progress, name=segment)
+        manifest["store"]["chunks"] = chunks
+        manifest["rows"] = live
+        manifest["deleted"] = {"file": None, "rows": 0}
+        change.set_segments([(segment, live)], file_records(root, [segment]))
+        for name in [n for n in manifest["files"] if n.split(".")[0] == "deleted"]:
+            del manifest["files"][name]
+        committed = commit(change, {"event": "compact", "rows_removed": len(gone), "rows": live})
+    return EditSummary(
+        root,
+        "compacted",
+        committed["version"],
+        len(gone),
+        live,
+        time.perf_counter() - started,
+        bytes_freed=bytes_before - _bytes(root, committed),
+    )
+
+
+def _bytes(root: Path, manifest: dict) -> int:
+    chunks = sum(r["bytes"] for c in manifest["store"]["chunks"] for r in c["files"].values())
+    return chunks + sum(r["bytes"] for r in manifest["files"].values())
+
+
+def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
+    """Re-whiten every stored row with the preconditioner the current curvature sums imply (after appends
+    and deletes), without running the model. Query vectors from before are refused afterwards.
+
+    Example:
+        >>> from attribindex import refresh_index
+        >>> print(refresh_index("my-index").format())  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    root = Path(index_dir)
+    with mutation(root) as change:
+        manifest = change.manifest
+        hessian = manifest["hessian"]
+        if hessian["kind"] == "identity":
+            raise AttribIndexError(f"{root} uses the identity Hessian: there is no whitening to refresh.")
+        sums = change.curvature()
+        drift = whitening_drift(change.preconditioner(), sums, hessian["damping"])
+        preconditioner = Preconditioner.from_curvature(sums, change.names, change.dims, hessian["damping"])
+        name = change.name(layout.PRECONDITIONER)
+        preconditioner.save(root / name)
+        segment = change.name(layout.FLAT_INDEX)
+        write_flat_index(root, change.store(), preconditioner, manifest["normalization"], progress, name=segment)
+        change.set_segments([(segment, manifest["rows"])], file_records(root, [segment]))
+        change.replace_file("preconditioner", name, file_records(root, [name])[name])
+        hessian |= {
+            "file": name,
+            "preconditioner_hash": preconditioner.hash(),
+            "modules": {n: dataclasses.asdict(stats) for n, stats in preconditioner.stats.items()},
+            "drift": {"median": 0.0, "max": 0.0, "examples": sums.count},
+        }
+        committed = commit(change, {"event": "refresh", "rows": manifest["rows"], "drift_before": drift})
+    return EditSummary(
+        root,
+        "refreshed",
+        committed["version"],
+        manifest["rows"],
+        _live(committed),
+        time.perf_counter() - started,
+        drift_before=drift,
+    )

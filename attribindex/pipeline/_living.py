@@ -1,0 +1,148 @@
+"""A living index: every change (append, delete, compact, refresh) is one versioned, atomic mutation.
+
+A mutation takes the index lock, writes new files under new names (`curvature.v3.safetensors`,
+`index/segment.v3.faiss`, new chunk numbers), and commits by rewriting `manifest.json` (one rename)
+with its version raised and an event logged. Files the new manifest no longer names are then
+removed. A crash before the commit leaves the previous version whole; its leftovers are removed by
+the next mutation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import fcntl
+import shutil
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribindex.errors import AttribIndexError
+from attribindex.hessian import CurvatureSums, Preconditioner
+from attribindex.store import RowStore, layout, read_manifest, write_json
+
+_OUR_TOP_LEVEL = ("projections", "curvature", "preconditioner", "deleted", "append")  # name stems a mutation writes
+
+
+@dataclass
+class Mutation:
+    """The manifest being changed; `name` gives this version's file names."""
+
+    root: Path
+    manifest: dict  # a deep copy of the committed manifest, edited in place
+    version: int
+
+    def name(self, base: str) -> str:
+        return layout.versioned(base, self.version)
+
+    @property
+    def names(self) -> list[str]:
+        return [m["name"] for m in self.manifest["modules"]]
+
+    @property
+    def dims(self) -> list[int]:
+        return [m["dim"] for m in self.manifest["modules"]]
+
+    def store(self) -> RowStore:
+        manifest = self.manifest
+        return RowStore(self.root, self.dims, manifest["store"]["dtype"], manifest["store"]["chunks"])
+
+    def curvature(self) -> CurvatureSums:
+        sums, _ = CurvatureSums.load(self.root / self.manifest["hessian"]["curvature_file"])
+        return sums
+
+    def preconditioner(self) -> Preconditioner:
+        return Preconditioner.load(self.root / self.manifest["hessian"]["file"], self.names, self.dims)
+
+    def replace_file(self, kind: str, new: str, record: dict) -> None:
+        """Point the manifest's `kind` file (e.g. the curvature) at `new`, dropping the old record."""
+        files = self.manifest["files"]
+        for old in [n for n in files if n.split("/")[-1].split(".")[0] == kind]:
+            del files[old]
+        files[new] = record
+
+    def set_segments(self, segments: list[tuple[str, int]], records: dict) -> None:
+        """Make `segments` [(file, rows)] the searchable index, replacing the file records of the old ones."""
+        files = self.manifest["files"]
+        for old in [n for n in files if n.startswith(f"{layout.INDEX_DIR}/")]:
+            del files[old]
+        files.update(records)
+        self.manifest["index"]["segments"] = [{"file": name, "rows": rows} for name, rows in segments]
+
+    def next_chunk(self) -> int:
+        chunks = self.manifest["store"]["chunks"]
+        return max((int(c["name"]) for c in chunks), default=-1) + 1
+
+
+@contextlib.contextmanager
+def mutation(root: Path) -> Iterator[Mutation]:
+    """Lock the index, clear a crashed mutation's leftovers, and yield the next version to fill and `commit`."""
+    root = Path(root)
+    read_manifest(root)  # a clear error for a folder that is not a complete index, before anything is created
+    with open(root / layout.LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AttribIndexError(
+                f"another attribindex process is changing {root} right now. Wait for it to finish, then retry."
+            ) from None
+        manifest = read_manifest(root)  # re-read under the lock
+        collect_garbage(root, manifest)
+        yield Mutation(root, copy.deepcopy(manifest), manifest["version"] + 1)
+
+
+def commit(change: Mutation, event: dict) -> dict:
+    """Write the new manifest (the commit point), then remove the files it no longer names."""
+    manifest = change.manifest
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    manifest["format_version"] = layout.FORMAT_VERSION
+    manifest["version"] = change.version
+    manifest["log"].append({"version": change.version, "time": now} | event)
+    write_json(change.root / layout.MANIFEST, manifest)
+    collect_garbage(change.root, manifest)
+    return manifest
+
+
+def collect_garbage(root: Path, manifest: dict) -> None:
+    """Remove our files that the manifest does not name: leftovers of a crashed or superseded version."""
+    keep = {name for chunk in manifest["store"]["chunks"] for name in _chunk_files(chunk)} | set(manifest["files"])
+    for folder in (layout.ROWS_DIR, layout.INDEX_DIR):
+        if (root / folder).is_dir():
+            for file in (root / folder).iterdir():
+                if f"{folder}/{file.name}" not in keep:
+                    shutil.rmtree(file) if file.is_dir() else file.unlink()
+    for file in root.iterdir():
+        ours = file.name.split(".")[0] in _OUR_TOP_LEVEL or layout.is_temporary(file.name)
+        if file.is_file() and ours and file.name not in keep:
+            file.unlink()
+
+
+def _chunk_files(chunk: dict) -> list[str]:
+    return [layout.chunk_file(chunk["name"], suffix) for suffix in chunk["files"]]
+
+
+def deleted_rows(root: Path, manifest: dict) -> np.ndarray:
+    """Sorted int64 global rows deleted so far."""
+    file = manifest["deleted"]["file"]
+    return np.load(root / file) if file else np.zeros(0, dtype=np.int64)
+
+
+def whitening_drift(preconditioner: Preconditioner, sums: CurvatureSums, damping: float) -> dict | None:
+    """How far the whitening in use is from the one the current curvature sums imply:
+    ‖W_now − W_used‖_F / ‖W_used‖_F per module, summarised as median and max. None for `identity`."""
+    if preconditioner.kind == "identity":
+        return None
+    implied = Preconditioner.from_curvature(sums, preconditioner.names, preconditioner.dims, damping)
+    changes = [
+        float(
+            torch.linalg.norm(implied.matrices[n] - preconditioner.matrices[n])
+            / torch.linalg.norm(preconditioner.matrices[n])
+        )
+        for n in preconditioner.names
+    ]
+    return {"median": statistics.median(changes), "max": max(changes), "examples": sums.count}

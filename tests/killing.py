@@ -1,0 +1,45 @@
+"""Kill a real subprocess with SIGKILL at a chosen point of a library call, to test crash safety."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Patches `module.attr` so that its call number `nth` SIGKILLs the process just before it starts
+# ("before") or just after it returns ("after"), then runs attribindex.<function>(*args, **kwargs).
+_DRIVER = """
+import importlib, json, os, signal, sys
+module_name, attr, nth, when, function, arguments = sys.argv[1:]
+owner_name, _, name = attr.rpartition(".")
+module = importlib.import_module(module_name)
+owner = getattr(module, owner_name) if owner_name else module
+original = getattr(owner, name)
+calls = 0
+def wrapper(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == int(nth) and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    if calls == int(nth) and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+setattr(owner, name, wrapper)
+import attribindex
+arguments = json.loads(arguments)
+if "config" in arguments["kwargs"]:
+    arguments["args"].insert(0, attribindex.load_config(arguments["kwargs"].pop("config")))
+getattr(attribindex, function)(*arguments["args"], **arguments["kwargs"])
+"""
+
+
+def run_killed(kill_at: tuple[str, str, int, str], function: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    """Run attribindex.`function` in a subprocess killed at `kill_at` = (module, attr, nth call, before|after).
+
+    A `config=PATH` keyword is loaded with `load_config` and passed as the first argument.
+    """
+    module, attr, nth, when = kill_at
+    arguments = json.dumps({"args": [str(a) for a in args], "kwargs": kwargs})
+    command = [sys.executable, "-c", _DRIVER, module, attr, str(nth), when, function, arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
