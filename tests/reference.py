@@ -71,7 +71,6 @@ def assert_same_index(
 
     from attribindex import AttributionIndex
     from attribindex.hessian import CurvatureSums
-    from attribindex.store import layout
 
     a, b = (AttributionIndex.open(p, load_model_now=False) for p in (path_a, path_b))
     assert a.manifest["rows"] == b.manifest["rows"] and a.manifest["dim"] == b.manifest["dim"]

@@ -230,3 +230,33 @@ def test_opening_an_index_with_a_truncated_file_fails_clearly(built, tmp_path):
     flat.write_bytes(flat.read_bytes()[:-100])
     _fails(["query", str(copy), "--text", "x y"], "flat.faiss is damaged (")
     assert "attribindex verify" in _fails(["query", str(copy), "--text", "x y"], "bytes, the manifest records").output
+
+
+def test_append_delete_compact_refresh(tiny_models, corpus_file, corpus_records, tmp_path):
+    out = tmp_path / "idx"
+    first = write_jsonl(tmp_path / "first.jsonl", corpus_records[:20])
+    assert CliRunner().invoke(main, _build_args(tiny_models["gpt2"], first, out)).exit_code == 0
+    new = write_jsonl(tmp_path / "new.jsonl", corpus_records[18:])  # 2 already indexed
+    _fails(["append", str(out), "--data", str(new), "--id-field", "id"], "Pass --skip-duplicates")
+    result = CliRunner().invoke(main, ["append", str(out), "--data", str(new), "--id-field", "id", "--skip-duplicates"])
+    assert result.exit_code == 0, result.output
+    assert "appended   4 rows" in result.output and "2 already indexed" in result.output and "drift" in result.output
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("doc-0021\ndoc-0000\nnot-there\n")
+    result = CliRunner().invoke(main, ["delete", str(out), "--ids", str(ids)])
+    assert result.exit_code == 0 and "deleted    2 rows" in result.output and "'not-there'" in result.output
+    answer = json.loads(
+        CliRunner().invoke(main, ["query", str(out), "--text", "King queen crown.", "-k", "22", "--json"]).output
+    )
+    assert answer["index_version"] == 3
+    assert not {"doc-0021", "doc-0000"} & {a["id"] for a in answer["results"][0]["top"]}
+    _fails(["query", str(out), "--text", "x y", "-k", "23"], "between 1 and the number of indexed rows (22)")
+
+    info = CliRunner().invoke(main, ["info", str(out)]).output
+    assert "version      3" in info and "2 rows deleted" in info and "2 segments" in info and "drift" in info
+    assert "compacted  2 rows" in CliRunner().invoke(main, ["compact", str(out)]).output
+    assert "refreshed  22 rows" in CliRunner().invoke(main, ["refresh", str(out)]).output
+    info = CliRunner().invoke(main, ["info", str(out)]).output
+    assert "version      5" in info and "deleted" not in info and "1 segment)" in info
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
