@@ -16,7 +16,7 @@ from attribindex.config import StoreConfig, config_from_dict
 from attribindex.data import Corpus, Document, open_corpus
 from attribindex.errors import AttribIndexError
 from attribindex.pipeline._extract import extract
-from attribindex.pipeline._finish import file_records, write_flat_index
+from attribindex.pipeline._finish import write_flat_index
 from attribindex.pipeline._living import commit, mutation, whitening_drift
 from attribindex.query import AttributionIndex
 from attribindex.store import RowStore, layout
@@ -143,10 +143,8 @@ def append_documents(
 
         manifest["store"]["chunks"] += chunks
         manifest["rows"] += added
-        segments = [(s["file"], s["rows"]) for s in manifest["index"]["segments"]] + [(segment, added)]
-        kept = {n: r for n, r in manifest["files"].items() if n.startswith(f"{layout.INDEX_DIR}/")}
-        change.set_segments(segments, kept | file_records(root, [segment]))
-        change.replace_file("curvature", curvature, file_records(root, [curvature])[curvature])
+        change.set_segments([(s["file"], s["rows"]) for s in manifest["index"]["segments"]] + [(segment, added)])
+        change.replace_file("curvature", curvature)
         manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
         event = {
             "event": "append",

@@ -17,7 +17,7 @@ import numpy as np
 from attribindex.config import StoreConfig, config_from_dict
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import Preconditioner
-from attribindex.pipeline._finish import file_records, write_flat_index
+from attribindex.pipeline._finish import write_flat_index
 from attribindex.pipeline._living import Mutation, commit, deleted_rows, mutation, whitening_drift
 from attribindex.store import ChunkWriter, RowStore, atomic_open, layout
 
@@ -107,8 +107,8 @@ def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
         sums.save(root / curvature)
         deleted = _save_rows(change, np.union1d(np.array(sorted(before), dtype=np.int64), new))
         manifest["deleted"] = {"file": deleted, "rows": len(before) + len(new)}
-        change.replace_file("deleted", deleted, file_records(root, [deleted])[deleted])
-        change.replace_file("curvature", curvature, file_records(root, [curvature])[curvature])
+        change.replace_file("deleted", deleted)
+        change.replace_file("curvature", curvature)
         drift = whitening_drift(change.preconditioner(), sums, manifest["hessian"]["damping"])
         manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
         committed = commit(change, {"event": "delete", "rows": len(new), "unknown_ids": len(unknown)})
@@ -161,9 +161,8 @@ def compact_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
         manifest["store"]["chunks"] = chunks
         manifest["rows"] = live
         manifest["deleted"] = {"file": None, "rows": 0}
-        change.set_segments([(segment, live)], file_records(root, [segment]))
-        for name in [n for n in manifest["files"] if n.split(".")[0] == "deleted"]:
-            del manifest["files"][name]
+        change.set_segments([(segment, live)])
+        change.drop_files("deleted")
         committed = commit(change, {"event": "compact", "rows_removed": len(gone), "rows": live})
     return EditSummary(
         root,
@@ -203,8 +202,8 @@ def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
         preconditioner.save(root / name)
         segment = change.name(layout.FLAT_INDEX)
         write_flat_index(root, change.store(), preconditioner, manifest["normalization"], progress, name=segment)
-        change.set_segments([(segment, manifest["rows"])], file_records(root, [segment]))
-        change.replace_file("preconditioner", name, file_records(root, [name])[name])
+        change.set_segments([(segment, manifest["rows"])])
+        change.replace_file("preconditioner", name)
         hessian |= {
             "file": name,
             "preconditioner_hash": preconditioner.hash(),

@@ -24,6 +24,7 @@ import torch
 
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, Preconditioner
+from attribindex.pipeline._finish import file_records
 from attribindex.store import RowStore, layout, read_manifest, write_json
 
 _OUR_TOP_LEVEL = ("projections", "curvature", "preconditioner", "deleted", "append")  # name stems a mutation writes
@@ -59,19 +60,23 @@ class Mutation:
     def preconditioner(self) -> Preconditioner:
         return Preconditioner.load(self.root / self.manifest["hessian"]["file"], self.names, self.dims)
 
-    def replace_file(self, kind: str, new: str, record: dict) -> None:
-        """Point the manifest's `kind` file (e.g. the curvature) at `new`, dropping the old record."""
-        files = self.manifest["files"]
-        for old in [n for n in files if n.split("/")[-1].split(".")[0] == kind]:
-            del files[old]
-        files[new] = record
+    def drop_files(self, kind: str) -> None:
+        """Forget the file records of `kind` (`curvature`, `deleted`, …), whatever their version."""
+        for old in [n for n in self.manifest["files"] if "/" not in n and n.split(".")[0] == kind]:
+            del self.manifest["files"][old]
 
-    def set_segments(self, segments: list[tuple[str, int]], records: dict) -> None:
-        """Make `segments` [(file, rows)] the searchable index, replacing the file records of the old ones."""
+    def replace_file(self, kind: str, new: str) -> None:
+        """Point the manifest's `kind` file (e.g. the curvature) at the freshly written `new`."""
+        self.drop_files(kind)
+        self.manifest["files"] |= file_records(self.root, [new])
+
+    def set_segments(self, segments: list[tuple[str, int]]) -> None:
+        """Make `segments` [(file, rows)] the searchable index; files not yet recorded are hashed now."""
         files = self.manifest["files"]
+        kept = {name: files[name] for name, _ in segments if name in files}
         for old in [n for n in files if n.startswith(f"{layout.INDEX_DIR}/")]:
             del files[old]
-        files.update(records)
+        files |= kept | file_records(self.root, [name for name, _ in segments if name not in kept])
         self.manifest["index"]["segments"] = [{"file": name, "rows": rows} for name, rows in segments]
 
     def next_chunk(self) -> int:
