@@ -25,6 +25,7 @@ from attribindex.pipeline import (  # noqa: E402
     refresh_index,
 )
 from attribindex.query import Attribution, AttributionIndex, Attributions, QueryResult, QueryVectors  # noqa: E402
+from attribindex.serve import Client  # noqa: E402
 
 __all__ = [
     "AppendSummary",
@@ -34,6 +35,7 @@ __all__ = [
     "Attributions",
     "BuildConfig",
     "BuildSummary",
+    "Client",
     "EditSummary",
     "IndexMismatchError",
     "MergeSummary",

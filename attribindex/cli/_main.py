@@ -220,6 +220,46 @@ def refresh(index_dir):
 
 @main.command()
 @click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless you ask).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--token", envvar="ATTRIBINDEX_TOKEN", default=None, help="Require this bearer token (env ATTRIBINDEX_TOKEN)."
+)
+@click.option("--model", default=None, help="Use this model folder instead of the one recorded in the index.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-queries", type=int, default=64, show_default=True, help="Queries per request.")
+@click.option("--max-tokens", type=int, default=2048, show_default=True, help="Tokens per query.")
+@click.option("--max-k", type=int, default=1000, show_default=True, help="Largest k and bottom.")
+@click.option("--max-body-kb", type=int, default=1024, show_default=True, help="Request body size.")
+@click.option("--batch-window-ms", type=float, default=5.0, show_default=True, help="Micro-batching wait; 0 = none.")
+@click.option("--max-batch", type=int, default=64, show_default=True, help="Queries per model pass (1 = no batching).")
+def serve(
+    index_dir, host, port, token, model, device, max_queries, max_tokens, max_k, max_body_kb, batch_window_ms, max_batch
+):
+    """Serve an index over HTTP/JSON: load the model and index once, answer many requests.
+
+    \b
+    Example:
+      attribindex serve demo-index --port 8000 &
+      attribindex query --server http://127.0.0.1:8000 --text "Friends, Romans, countrymen" -k 5
+      curl -s localhost:8000/v1/attribute -H 'content-type: application/json' \\
+          -d '{"queries": ["To be, or not to be"], "k": 3}'
+    """
+    from attribindex.serve import ServerLimits, serve
+
+    limits = ServerLimits(
+        max_body_bytes=max_body_kb * 1024,
+        max_queries=max_queries,
+        max_tokens=max_tokens,
+        max_k=max_k,
+        batch_window_ms=batch_window_ms,
+        max_batch_queries=max_batch,
+    )
+    serve(index_dir, host, port, token=token, model=model, device=device, limits=limits)
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
 def verify(index_dir):
     """Re-check every file of an index or shard against the checksums in its manifest.
 
@@ -251,7 +291,13 @@ def _replace_checked(section, overrides: dict):
 
 
 @main.command()
-@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.argument("index_dir", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--server", default=None, help="Ask a running `attribindex serve` at this URL instead of opening INDEX_DIR."
+)
+@click.option(
+    "--token", envvar="ATTRIBINDEX_TOKEN", default=None, help="Bearer token for --server (env ATTRIBINDEX_TOKEN)."
+)
 @click.option("--text", "texts", multiple=True, help="A query text (repeatable).")
 @click.option("--prompt", default=None, help="Prompt of a (prompt, completion) query; only completion tokens count.")
 @click.option("--completion", default=None, help="Completion of a (prompt, completion) query.")
@@ -267,7 +313,7 @@ def _replace_checked(section, overrides: dict):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--width", type=int, default=100, show_default=True, help="Characters of text shown per result.")
-def query(index_dir, texts, prompt, completion, k, bottom, model, device, as_json, width):
+def query(index_dir, server, token, texts, prompt, completion, k, bottom, model, device, as_json, width):
     """Find the training examples that most influenced a text.
 
     \b
@@ -275,6 +321,7 @@ def query(index_dir, texts, prompt, completion, k, bottom, model, device, as_jso
       attribindex query my-index --text "Now is the winter of our discontent" -k 5
       attribindex query my-index --prompt "Q: Who killed Duncan?\\nA:" --completion " Macbeth" --bottom 3
       attribindex query my-index --text "first" --text "second" --json
+      attribindex query --server http://127.0.0.1:8000 --text "Friends, Romans, countrymen"
     """
     from attribindex.data import PromptCompletion
     from attribindex.query import AttributionIndex, one_line
@@ -286,8 +333,15 @@ def query(index_dir, texts, prompt, completion, k, bottom, model, device, as_jso
         queries.append(PromptCompletion(prompt, completion))
     if not queries:
         raise click.UsageError("give at least one --text, or --prompt with --completion.")
-    index = AttributionIndex.open(index_dir, model=model, device=device)
-    answer = index.attribute(queries, k=k, bottom=bottom)
+    if (index_dir is None) == (server is None):
+        raise click.UsageError("give an INDEX_DIR to open, or --server URL to ask a running server (not both).")
+    if server is not None:
+        from attribindex.serve import Client
+
+        with Client(server, token=token) as remote:
+            answer = remote.attribute(queries, k=k, bottom=bottom)
+    else:
+        answer = AttributionIndex.open(index_dir, model=model, device=device).attribute(queries, k=k, bottom=bottom)
     if as_json:
         click.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
         return

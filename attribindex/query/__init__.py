@@ -1,6 +1,15 @@
-"""The query API used by people and evaluation harnesses."""
+"""Answering attribution queries: open an index with its model, search, typed results."""
 
-from attribindex.query._index import AttributionIndex, QueryVectors
-from attribindex.query._results import Attribution, Attributions, QueryResult, one_line
+from attribindex.query._index import AttributionIndex, QueryVectors, as_queries
+from attribindex.query._results import Attribution, Attributions, QueryResult, attributions_from_dict, one_line
 
-__all__ = ["Attribution", "AttributionIndex", "Attributions", "QueryResult", "QueryVectors", "one_line"]
+__all__ = [
+    "Attribution",
+    "AttributionIndex",
+    "Attributions",
+    "QueryResult",
+    "QueryVectors",
+    "as_queries",
+    "attributions_from_dict",
+    "one_line",
+]

@@ -164,7 +164,7 @@ class AttributionIndex:
             raise AttribIndexError(
                 "this index was opened without a model; open it with load_model_now=True to query text."
             )
-        queries = _as_queries(queries)
+        queries = as_queries(queries)
         if not queries:
             raise AttribIndexError("no query given. Pass at least one text or (prompt, completion) pair.")
         examples = self._extractor.tokenize(queries, [f"query {i} ({_preview(q)})" for i, q in enumerate(queries)])
@@ -228,7 +228,7 @@ class AttributionIndex:
             bottom: number of opponents per query (0 = none).
         """
         started = time.perf_counter()
-        queries = _as_queries(queries)
+        queries = as_queries(queries)
         _check_count("k", k, self.rows, minimum=1)
         _check_count("bottom", bottom, self.rows, minimum=0)
         vectors = self.query_vectors(queries, batch_size)
@@ -253,7 +253,7 @@ class AttributionIndex:
         return [Attribution(id=d.id, score=s, text=d.text, source=d.source, row=r) for (s, r), d in zip(valid, docs)]
 
 
-def _as_queries(queries: Sequence[Query | tuple[str, str]] | Query) -> list[Query]:
+def as_queries(queries: Sequence[Query | tuple[str, str]] | Query) -> list[Query]:
     """One query or many; (prompt, completion) tuples become PromptCompletion."""
     if isinstance(queries, (str, PromptCompletion)):
         return [queries]

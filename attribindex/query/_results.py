@@ -63,3 +63,22 @@ class Attributions:
             if isinstance(result.query, PromptCompletion):
                 raw["query"] = {"prompt": result.query.prompt, "completion": result.query.completion}
         return data
+
+
+def attributions_from_dict(data: dict) -> Attributions:
+    """Inverse of `Attributions.to_dict` (what `Client` does with a server's JSON)."""
+
+    def query(raw):
+        return PromptCompletion(raw["prompt"], raw["completion"]) if isinstance(raw, dict) else raw
+
+    results = [
+        QueryResult(
+            query=query(r["query"]),
+            top=[Attribution(**a) for a in r["top"]],
+            bottom=[Attribution(**a) for a in r["bottom"]],
+            loss=r["loss"],
+        )
+        for r in data["results"]
+    ]
+    fields = {k: data[k] for k in ("index_id", "index_version", "latency_ms", "exact", "mode")}
+    return Attributions(**fields, results=results)

@@ -1,0 +1,210 @@
+"""The HTTP/JSON attribution server: FastAPI over one loaded index and model (OpenAPI at /docs, /openapi.json).
+
+Every limit is enforced before any model work, and every error is a JSON body
+`{"error": {"type", "message"}}` with a 4xx status (5xx only for a real server fault, never a trace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hmac
+import time
+from dataclasses import asdict, dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from attribindex.data import PromptCompletion, tokenize
+from attribindex.errors import AttribIndexError
+from attribindex.query import AttributionIndex, Attributions
+from attribindex.serve._batcher import MicroBatcher, ShuttingDown
+
+API_PREFIX = "/v1"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on one request; each violation is a 4xx JSON error naming the limit.
+
+    Example:
+        >>> ServerLimits(max_queries=16).max_queries
+        16
+    """
+
+    max_body_bytes: int = 1 << 20
+    max_queries: int = 64  # texts or pairs per request
+    max_tokens: int = 2048  # tokens per query text (prompt + completion)
+    max_k: int = 1000  # for k and for bottom
+    batch_window_ms: float = 5.0  # how long a request waits for others to share its model pass
+    max_batch_queries: int = 64  # queries per model pass
+
+
+class PairModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    completion: str
+
+
+class AttributeRequest(BaseModel):
+    """Body of POST /v1/attribute."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[str | PairModel] = Field(min_length=1, description="Texts, or {prompt, completion} pairs.")
+    k: int = Field(10, ge=1, description="Most influential examples per query.")
+    bottom: int = Field(0, ge=0, description="Least influential examples per query.")
+    include_text: bool = Field(True, description="Return each example's text (false: ids and scores only).")
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: bodies over `limit` bytes get 413 before they are read whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            await _too_large(self.limit)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, "body_too_large", f"request body exceeds {limit:,} bytes. Send fewer or shorter queries.")
+
+
+def _error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(index: AttributionIndex, limits: ServerLimits | None = None, token: str | None = None) -> FastAPI:
+    """An ASGI app answering attribution requests for `index` (opened with its model).
+
+    Example:
+        >>> app = create_app(AttributionIndex.open("demo-index"), token="s3cret")  # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+    """
+    limits = limits or ServerLimits()
+    batcher = MicroBatcher(index, limits.batch_window_ms / 1000, limits.max_batch_queries)
+    # Requests are checked on the event loop while the worker thread runs the model: a tokenizer of their own
+    # (fast tokenizers refuse concurrent use from two threads).
+    tokenizer = copy.deepcopy(index.extractor.tokenizer)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.close()
+
+    app = FastAPI(
+        title="attribindex",
+        summary="Training-data attribution: which training examples most influenced a model output.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        problems = err.errors()
+        if any(p["type"] == "json_invalid" for p in problems):
+            return _error(400, "malformed_json", "the request body is not valid JSON.")
+        first = problems[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        return _error(422, "invalid_request", f"{where or 'body'}: {first['msg']}.")
+
+    @app.exception_handler(AttribIndexError)
+    async def refused(request: Request, err: AttribIndexError):
+        if isinstance(err, ShuttingDown):
+            return _error(503, "shutting_down", str(err))
+        return _error(400, "bad_query", str(err))
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if token is not None and request.url.path.startswith(API_PREFIX):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return _error(401, "unauthorized", "missing or wrong bearer token.", {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.get("/health", summary="Liveness: the index and model are loaded.")
+    async def health():
+        return {"status": "ok", "index_id": index.index_id, "index_version": index.version}
+
+    @app.get(f"{API_PREFIX}/info", summary="What the index holds, and this server's limits.")
+    async def info():
+        manifest = index.manifest
+        return {
+            "index_id": index.index_id,
+            "index_version": index.version,
+            "rows": index.rows,
+            "dim": manifest["dim"],
+            "model": manifest["model"]["name_or_path"],
+            "hessian": manifest["hessian"]["kind"],
+            "normalization": index.mode,
+            "limits": asdict(limits),
+            "batches_run": batcher.batches,
+        }
+
+    @app.post(f"{API_PREFIX}/attribute", summary="Top-k (and bottom-k) training examples for each query.")
+    async def attribute(body: AttributeRequest) -> dict:
+        started = time.perf_counter()
+        queries = [q if isinstance(q, str) else PromptCompletion(q.prompt, q.completion) for q in body.queries]
+        _check_limits(body, queries, index, tokenizer, limits)
+        results = await batcher.submit(queries, body.k, body.bottom)
+        answer = Attributions(
+            index_id=index.index_id,
+            index_version=index.version,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            exact=True,
+            mode=index.mode,
+            results=results,
+        ).to_dict()
+        if not body.include_text:
+            for result in answer["results"]:
+                for attribution in result["top"] + result["bottom"]:
+                    attribution["text"] = ""
+        return answer
+
+    return app
+
+
+def _check_limits(body: AttributeRequest, queries: list, index: AttributionIndex, tokenizer, limits: ServerLimits):
+    """Bounds and tokenisation, per request, before it joins a batch (one bad query must not fail others)."""
+    if len(queries) > limits.max_queries:
+        raise AttribIndexError(
+            f"{len(queries)} queries in one request; this server takes at most {limits.max_queries}."
+        )
+    for name, value in (("k", body.k), ("bottom", body.bottom)):
+        if value > min(limits.max_k, index.rows):
+            raise AttribIndexError(
+                f"{name}={value} is over the limit: at most {min(limits.max_k, index.rows)} "
+                f"(server max_k {limits.max_k}, {index.rows} indexed rows)."
+            )
+    for i, query in enumerate(queries):
+        text = query if isinstance(query, str) else query.prompt + query.completion
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length > limits.max_tokens:
+            raise AttribIndexError(f"query {i} has {length} tokens; this server takes at most {limits.max_tokens}.")
+        tokenize(tokenizer, query, index.extract_config.max_length, f"query {i}")  # refuses a query with no loss

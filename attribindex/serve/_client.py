@@ -1,0 +1,82 @@
+"""The query client: the local library's query methods and result types, over HTTP.
+
+A harness swaps `AttributionIndex.open(path)` for `Client(url)` and keeps the rest of its code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+
+from attribindex.data import PromptCompletion
+from attribindex.errors import AttribIndexError
+from attribindex.query import Attributions, as_queries, attributions_from_dict
+
+
+class Client:
+    """Talks to `attribindex serve`.
+
+    Example:
+        >>> from attribindex import Client, PromptCompletion
+        >>> with Client("http://127.0.0.1:8000") as index:  # doctest: +SKIP
+        ...     answer = index.attribute(["Friends, Romans, countrymen"], k=5, bottom=2)
+        ...     answer.results[0].top[0].id, answer.index_version
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0):
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def attribute(
+        self,
+        queries: Sequence[str | PromptCompletion | tuple[str, str]] | str | PromptCompletion,
+        k: int = 10,
+        bottom: int = 0,
+        include_text: bool = True,
+    ) -> Attributions:
+        """The k most (and `bottom` least) influential training examples per query, as `AttributionIndex.attribute`."""
+        body = {
+            "queries": [
+                q if isinstance(q, str) else {"prompt": q.prompt, "completion": q.completion}
+                for q in as_queries(queries)
+            ],
+            "k": k,
+            "bottom": bottom,
+            "include_text": include_text,
+        }
+        return attributions_from_dict(self._call("POST", "/v1/attribute", json=body))
+
+    def info(self) -> dict:
+        """The index's id, version, rows, model and the server's limits."""
+        return self._call("GET", "/v1/info")
+
+    def health(self) -> dict:
+        return self._call("GET", "/health")
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise AttribIndexError(
+                f"cannot reach the attribindex server at {self.url} ({type(err).__name__}: {err or 'no answer'}). "
+                f"Is `attribindex serve` running there?"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                message = f"{error['message'].rstrip('.')} ({response.status_code} {error['type']})."
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status_code}: {response.text[:200]}"
+            raise AttribIndexError(f"the server refused the request: {message}")
+        return response.json()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,180 @@
+"""The real server, as a subprocess on a free loopback port, talked to over HTTP."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from attribindex import AttribIndexError, AttributionIndex, Attributions, Client, PromptCompletion, build_index
+from attribindex.cli import main
+from tests.conftest import exact_config
+
+TOKEN = "s3cret-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(index, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    command = [sys.executable, "-m", "attribindex", "serve", str(index), "--port", str(port), *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError("server did not come up within 60 s")
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny_models, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("served") / "idx"
+    build_index(exact_config("cosine"), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(index_dir):
+    process, url = _start(index_dir, "--token", TOKEN, "--max-queries", "8", "--max-tokens", "40", "--max-body-kb", "4")
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+QUERIES = [
+    "King queen crown castle.",
+    PromptCompletion("Ghost father", " son mind heart."),
+    "Storm war peace sister brother.",
+]
+
+
+def _assert_same(remote: Attributions, local: Attributions) -> None:
+    assert (remote.index_id, remote.index_version, remote.exact, remote.mode) == (
+        local.index_id,
+        local.index_version,
+        local.exact,
+        local.mode,
+    )
+    for got, want in zip(remote.results, local.results, strict=True):
+        assert got.query == want.query
+        assert [a.id for a in got.top] == [a.id for a in want.top]
+        assert [a.id for a in got.bottom] == [a.id for a in want.bottom]
+        assert [a.text for a in got.top] == [a.text for a in want.top]
+        assert [a.score for a in got.top] == pytest.approx([a.score for a in want.top], rel=1e-5)
+        assert got.loss == pytest.approx(want.loss, rel=1e-6)
+
+
+def test_answers_equal_the_local_library(server, index_dir):
+    local = AttributionIndex.open(index_dir).attribute(QUERIES, k=5, bottom=2)
+    with Client(server, token=TOKEN) as client:
+        remote = client.attribute(QUERIES, k=5, bottom=2)
+        info = client.info()
+    assert isinstance(remote, Attributions) and isinstance(remote.results[1].query, PromptCompletion)
+    _assert_same(remote, local)
+    assert info["rows"] == 24 and info["limits"]["max_queries"] == 8
+    assert httpx.get(f"{server}/openapi.json").json()["paths"].keys() >= {"/v1/attribute", "/v1/info", "/health"}
+
+
+def test_32_concurrent_clients_all_succeed_and_share_model_passes(server, index_dir):
+    texts = [f"{w} king {w} queen crown." for w in ("war", "peace", "storm", "heart") * 8]
+    local = AttributionIndex.open(index_dir).attribute(texts, k=3)
+    with Client(server, token=TOKEN) as client:
+        before = client.info()["batches_run"]
+
+    def ask(i: int) -> Attributions:
+        with Client(server, token=TOKEN) as client:
+            return client.attribute(texts[i], k=3)
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    for i, answer in enumerate(answers):
+        assert [a.id for a in answer.results[0].top] == [a.id for a in local.results[i].top]
+    with Client(server, token=TOKEN) as client:
+        batches = client.info()["batches_run"] - before
+    assert batches < 32  # requests were micro-batched together
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ('{"queries": [', 400, "not valid JSON"),
+        ('{"queries": ["a b c"], "k": 0}', 422, "k: Input should be greater than or equal to 1"),
+        ('{"queries": []}', 422, "queries"),
+        ('{"queries": ["a b c"], "colour": 1}', 422, "colour"),
+        ('{"queries": ["a b c"], "k": 25}', 400, "k=25 is over the limit: at most 24"),
+        ('{"queries": ["a b c"], "bottom": 1001}', 400, "bottom=1001 is over the limit"),
+        ('{"queries": ["a b", "c d", "e f", "g h", "i j", "k l", "m n", "o p", "q r"]}', 400, "at most 8"),
+        ('{"queries": ["' + "king " * 60 + '"]}', 400, "tokens; this server takes at most 40"),
+        ('{"queries": [""]}', 400, "no token carries loss"),
+        ('{"queries": ["' + "x" * 5000 + '"]}', 413, "exceeds 4,096 bytes"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error(server, body, status, message):
+    headers = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
+    response = httpx.post(f"{server}/v1/attribute", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_the_token_is_required_and_paths_are_fixed(server):
+    body = {"queries": ["a b c"]}
+    assert httpx.post(f"{server}/v1/attribute", json=body).status_code == 401
+    wrong = httpx.post(f"{server}/v1/attribute", json=body, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server}/v1/attribute", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 405
+    assert httpx.get(f"{server}/../../etc/passwd").status_code == 404
+    with pytest.raises(AttribIndexError, match=r"missing or wrong bearer token \(401 unauthorized\)"):
+        Client(server).attribute("a b c")
+
+
+def test_cli_query_through_the_server(server, index_dir):
+    args = ["query", "--server", server, "--token", TOKEN, "--text", "King queen crown castle.", "-k", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    local = AttributionIndex.open(index_dir).attribute("King queen crown castle.", k=2)
+    assert local.results[0].top[0].id in result.output
+    bad = CliRunner().invoke(main, ["query", str(index_dir), "--server", server, "--text", "x"])
+    assert bad.exit_code != 0 and "not both" in bad.output
+
+
+def test_shutdown_finishes_or_refuses_cleanly(index_dir):
+    process, url = _start(index_dir)
+    outcomes: list = []
+
+    def ask():
+        try:
+            with Client(url) as client:
+                outcomes.append(client.attribute(QUERIES * 2, k=3))
+        except AttribIndexError as err:  # the only acceptable failure: a clean, explained one
+            outcomes.append(err)
+
+    inflight = threading.Thread(target=ask)
+    inflight.start()
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    inflight.join(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so that supervisors see why it stopped
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], (Attributions, AttribIndexError))
+    with pytest.raises(AttribIndexError, match="cannot reach the attribindex server"):
+        Client(url, timeout=5).attribute("a b c")
+    assert "Traceback" not in process.stderr.read()
