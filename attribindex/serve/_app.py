@@ -140,6 +140,10 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
             return _error(503, "shutting_down", str(err))
         return _error(400, "bad_query", str(err))
 
+    @app.exception_handler(Exception)
+    async def fault(request: Request, err: Exception):  # a server fault: say what, never send a trace
+        return _error(500, "server_error", f"the server failed on this request ({type(err).__name__}: {err}).")
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if token is not None and request.url.path.startswith(API_PREFIX):
