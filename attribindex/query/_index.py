@@ -53,6 +53,7 @@ class AttributionIndex:
     def __init__(self, root: Path, manifest: dict, device: str = "auto"):
         self.root = root
         self.manifest = manifest
+        self._device = device
         self.index_id: str = manifest["index_id"]
         self.mode: str = manifest["normalization"]
         specs = [ModuleSpec(m["name"], m["kind"], m["in_features"], m["out_features"]) for m in manifest["modules"]]
@@ -125,6 +126,28 @@ class AttributionIndex:
             lm, loaded_tokenizer = load_model(source, dtype or index.extract_config.dtype, device)
             index._attach_model(lm, loaded_tokenizer, dtype=dtype)
         return index
+
+    def reopened(self) -> AttributionIndex:
+        """The same folder opened again, keeping the loaded model: picks up appends, deletes and refreshes
+        committed since this object was opened (a running server does this between batches)."""
+        index = type(self)(self.root, read_manifest(self.root), device=self._device)
+        if self._extractor is not None:
+            index._extractor = GradientExtractor(
+                self._extractor.model,
+                self._extractor.tokenizer,
+                index.projections,
+                index.extract_config.max_length,
+                self._extractor.dtype,
+            )
+            index._fingerprint = self._fingerprint  # the same model object: its fingerprint is unchanged
+            if self._fingerprint != index.manifest["model"]["fingerprint"]:
+                raise IndexMismatchError(f"{self.root} was rebuilt with another model; restart with that model.")
+        return index
+
+    def manifest_stamp(self) -> tuple[int, int]:
+        """(mtime ns, size) of the manifest: it changes with every committed mutation."""
+        stat = (self.root / layout.MANIFEST).stat()
+        return stat.st_mtime_ns, stat.st_size
 
     def _expect(self, what: str, recorded: str, actual: str, source: str) -> None:
         if recorded != actual:

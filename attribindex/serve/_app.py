@@ -154,10 +154,11 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
 
     @app.get("/health", summary="Liveness: the index and model are loaded.")
     async def health():
-        return {"status": "ok", "index_id": index.index_id, "index_version": index.version}
+        return {"status": "ok", "index_id": batcher.index.index_id, "index_version": batcher.index.version}
 
     @app.get(f"{API_PREFIX}/info", summary="What the index holds, and this server's limits.")
     async def info():
+        index = batcher.index
         manifest = index.manifest
         return {
             "index_id": index.index_id,
@@ -175,14 +176,14 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
     async def attribute(body: AttributeRequest) -> dict:
         started = time.perf_counter()
         queries = [q if isinstance(q, str) else PromptCompletion(q.prompt, q.completion) for q in body.queries]
-        _check_limits(body, queries, index, tokenizer, limits)
-        results = await batcher.submit(queries, body.k, body.bottom)
+        _check_limits(body, queries, batcher.index, tokenizer, limits)
+        results, answered_by = await batcher.submit(queries, body.k, body.bottom)
         answer = Attributions(
-            index_id=index.index_id,
-            index_version=index.version,
+            index_id=answered_by.index_id,
+            index_version=answered_by.version,
             latency_ms=(time.perf_counter() - started) * 1000,
             exact=True,
-            mode=index.mode,
+            mode=answered_by.mode,
             results=results,
         ).to_dict()
         if not body.include_text:
@@ -190,6 +191,11 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
                 for attribution in result["top"] + result["bottom"]:
                     attribution["text"] = ""
         return answer
+
+    @app.post(f"{API_PREFIX}/reload", summary="Pick up appends, deletes and refreshes committed on disk now.")
+    async def reload():
+        index = await batcher.reload_now()
+        return {"index_id": index.index_id, "index_version": index.version, "rows": index.rows}
 
     return app
 

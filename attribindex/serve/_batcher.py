@@ -36,7 +36,8 @@ class MicroBatcher:
     """
 
     def __init__(self, index: AttributionIndex, window_s: float, max_queries: int):
-        self.index = index
+        self.index = index  # replaced, between batches, when the index on disk changes (see `reload`)
+        self._stamp = index.manifest_stamp()
         self.window_s = window_s
         self.max_queries = max_queries
         self.batches = 0  # batches run, for /v1/info
@@ -48,7 +49,18 @@ class MicroBatcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, queries: list, k: int, bottom: int) -> list[QueryResult]:
+    def reload(self) -> AttributionIndex:
+        """Reopen the index if a mutation was committed since it was loaded. Runs on the worker thread only."""
+        stamp = self.index.manifest_stamp()
+        if stamp != self._stamp:
+            self.index, self._stamp = self.index.reopened(), stamp
+        return self.index
+
+    async def reload_now(self) -> AttributionIndex:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.reload)
+
+    async def submit(self, queries: list, k: int, bottom: int) -> tuple[list[QueryResult], AttributionIndex]:
+        """The results for `queries`, and the index (version) that answered them."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry against another instance or after a restart.")
         job = _Job(queries, k, bottom, asyncio.get_running_loop().create_future())
@@ -95,23 +107,23 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_result(answer)
 
-    def _answer(self, jobs: list[_Job]) -> list[list[QueryResult]]:
+    def _answer(self, jobs: list[_Job]) -> list[tuple[list[QueryResult], AttributionIndex]]:
         """One model pass over every query of the batch, one search with the largest k; each job takes its prefix."""
         self.batches += 1
+        index = self.reload()  # appends and deletes committed while serving take effect from this batch on
         queries = [q for job in jobs for q in job.queries]
-        vectors = self.index.query_vectors(queries)
-        k = max(job.k for job in jobs)
-        bottom = max(job.bottom for job in jobs)
-        found = self.index.search(vectors, k, bottom)
+        vectors = index.query_vectors(queries)
+        k = min(max(job.k for job in jobs), index.rows)
+        bottom = min(max(job.bottom for job in jobs), index.rows)
+        found = index.search(vectors, k, bottom)
         answers, start = [], 0
         for job in jobs:
-            answers.append(
-                [
-                    QueryResult(query=q, top=top[: job.k], bottom=low[: job.bottom], loss=float(loss))
-                    for q, (top, low), loss in zip(
-                        job.queries, found[start : start + len(job.queries)], vectors.losses[start:]
-                    )
-                ]
-            )
+            results = [
+                QueryResult(query=q, top=top[: job.k], bottom=low[: job.bottom], loss=float(loss))
+                for q, (top, low), loss in zip(
+                    job.queries, found[start : start + len(job.queries)], vectors.losses[start:]
+                )
+            ]
+            answers.append((results, index))
             start += len(job.queries)
         return answers

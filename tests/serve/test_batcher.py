@@ -36,7 +36,8 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers(index):
 
     batches, answers = asyncio.run(scenario())
     assert batches == 1
-    for (queries, k, bottom), answer in zip(requests, answers):
+    for (queries, k, bottom), (answer, answered_by) in zip(requests, answers):
+        assert answered_by is index
         alone = index.attribute(queries, k=k, bottom=bottom)
         for got, want in zip(answer, alone.results, strict=True):
             assert [a.id for a in got.top] == [a.id for a in want.top] and len(got.top) == k

@@ -14,8 +14,18 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from attribindex import AttribIndexError, AttributionIndex, Attributions, Client, PromptCompletion, build_index
+from attribindex import (
+    AttribIndexError,
+    AttributionIndex,
+    Attributions,
+    Client,
+    PromptCompletion,
+    append_documents,
+    build_index,
+    delete_ids,
+)
 from attribindex.cli import main
+from attribindex.testing import write_jsonl
 from tests.conftest import exact_config
 
 TOKEN = "s3cret-token"
@@ -178,3 +188,31 @@ def test_shutdown_finishes_or_refuses_cleanly(index_dir):
     with pytest.raises(AttribIndexError, match="cannot reach the attribindex server"):
         Client(url, timeout=5).attribute("a b c")
     assert "Traceback" not in process.stderr.read()
+
+
+def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tiny_models, corpus_file, tmp_path):
+    out = tmp_path / "living"
+    build_index(exact_config("cosine"), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    process, url = _start(out)
+    question = "King queen crown castle."
+    try:
+        with Client(url) as client:
+            first = client.attribute(question, k=24)
+            assert first.index_version == 1
+            gone = first.results[0].top[0].id
+            delete_ids(out, [gone])
+            after_delete = client.attribute(question, k=23)
+            assert after_delete.index_version == 2 and gone not in {a.id for a in after_delete.results[0].top}
+            with pytest.raises(AttribIndexError, match="at most 23"):
+                client.attribute(question, k=24)
+
+            append_documents(
+                out, write_jsonl(tmp_path / "new.jsonl", [{"id": "new-1", "text": question}]), id_field="id"
+            )
+            after_append = client.attribute(question, k=3)
+            assert after_append.index_version == 3
+            assert after_append.results[0].top[0].id == "new-1" and after_append.results[0].top[0].score > 0.999
+        assert httpx.post(f"{url}/v1/reload").json() == {"index_id": first.index_id, "index_version": 3, "rows": 24}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
