@@ -21,7 +21,8 @@ def explicit_projected_gradients(model, tokenizer, items, projections: Projectio
         with torch.enable_grad():
             for spec in projections.modules:
                 modules[spec.name].weight.requires_grad_(True)
-            per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask).sum().backward()
+            loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
+            loss.sum().backward()  # the plain path: full logits, no checkpointing
         blocks = []
         for spec in projections.modules:
             grad = modules[spec.name].weight.grad  # Linear: (out, in); Conv1D: (in, out)

@@ -23,13 +23,70 @@ class ExtractedBatch:
         return torch.cat([self.blocks[name] for name in order], dim=1)  # (B, D)
 
 
-def per_example_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
-    """Summed next-token cross-entropy per example over positions where `loss_mask` is set. Shape (B,)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
+# Architectures whose logits are exactly `output_embeddings(base_model(...).last_hidden_state)`: no soft-capping,
+# logit scale or other post-processing, so the head can run a few positions at a time.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "olmo", "olmo2"})
+HEAD_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (B × positions × vocab): 16 MiB in float32
+
+
+def per_example_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunked_head: bool = True,
+):
+    """Summed next-token cross-entropy per example over positions where `loss_mask` is set. Shape (B,).
+
+    With `chunked_head` (for architectures in PLAIN_HEAD_MODEL_TYPES with a frozen head), the (B, T, V)
+    logits are never held at once — they were the largest tensor of a build (B × T × 49k floats for
+    SmolLM2). The head and loss run a few positions at a time, and the loss's gradient with respect to
+    the hidden states is formed in the same pass, so nothing is recomputed: same losses, same gradients.
+    """
     targets = input_ids[:, 1:]  # (B, T-1)
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (token_loss.view(targets.shape) * loss_mask[:, 1:]).sum(dim=1)  # (B,)
+    mask = loss_mask[:, 1:]  # (B, T-1)
+    head = model.get_output_embeddings()
+    plain = getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and isinstance(head, nn.Linear)
+    if not (chunked_head and plain and not head.weight.requires_grad):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+        logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return (token_loss.view(targets.shape) * mask).sum(dim=1)  # (B,)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    step = max(1, HEAD_CHUNK_ELEMENTS // max(1, hidden.shape[0] * head.weight.shape[0]))
+    return _ChunkedHeadLoss.apply(hidden[:, :-1], head.weight, head.bias, targets, mask, step)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Masked summed cross-entropy of `hidden @ weightᵀ + bias`, `step` positions at a time (the head is frozen).
+
+    Forward also forms d loss_b / d hidden = mask · (softmax − onehot) @ weight per chunk (the matmul
+    backward would do anyway); backward scales it by the incoming per-example gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, step):
+        # hidden: (B, S, H); weight: (V, H); targets, mask: (B, S)
+        losses = hidden.new_zeros(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[1], step):
+            part = slice(start, start + step)
+            logits = F.linear(hidden[:, part].contiguous(), weight, bias)  # (B, s, V)
+            log_probs = torch.log_softmax(logits.to(losses.dtype), dim=-1)
+            del logits
+            picked = targets[:, part].unsqueeze(-1)  # (B, s, 1)
+            chunk_mask = mask[:, part].to(losses.dtype)  # (B, s)
+            losses -= (log_probs.gather(-1, picked).squeeze(-1) * chunk_mask).sum(dim=1)
+            d_logits = log_probs.exp_().scatter_add_(-1, picked, torch.full_like(picked, -1, dtype=losses.dtype))
+            d_logits *= chunk_mask.unsqueeze(-1)  # (B, s, V) = mask · (softmax − onehot)
+            grad_hidden[:, part] = d_logits.to(weight.dtype) @ weight  # (B, s, H)
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses.to(grad_hidden.dtype)[:, None, None], None, None, None, None, None
 
 
 class GradientExtractor:
@@ -58,6 +115,10 @@ class GradientExtractor:
         self.dtype = torch.promote_types(dtype, torch.float32)
         self.device = next(model.parameters()).device
         self._capture = LoGraCapture(self.model, projections, self.dtype)  # projections moved to device once
+        # A captured LM head must run once, not again in the chunked head's recomputation (its hook would fire twice).
+        head = model.get_output_embeddings()
+        modules = dict(model.named_modules())
+        self._chunked_head = not any(modules.get(spec.name) is head for spec in projections.modules)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = pad if pad is not None else 0
 
@@ -75,6 +136,7 @@ class GradientExtractor:
                 batch.input_ids.to(self.device),
                 batch.attention_mask.to(self.device),
                 batch.loss_mask.to(self.device),
+                chunked_head=self._chunked_head,
             )
             blocks = capture.backward(losses.sum())
         return ExtractedBatch(blocks={k: v.detach() for k, v in blocks.items()}, losses=losses.detach())

@@ -101,3 +101,32 @@ def test_bfloat16_model_gives_nearly_the_same_vectors(tiny_models):
     assert got.dtype == torch.float32  # projections run in fp32 even for a bf16 model
     cosine = torch.nn.functional.cosine_similarity(got.double(), reference, dim=1)
     assert (cosine > 0.97).all(), cosine
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_chunked_lm_head_gives_the_same_losses_and_gradients(tiny_models, arch, monkeypatch):
+    """The head and loss run 3 positions at a time under checkpointing: identical losses and LoGra blocks."""
+    from attribindex.logra import _extractor
+
+    model, tokenizer, projections = _setup(tiny_models[arch])
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    examples = extractor.tokenize(ITEMS)
+    whole = extractor.extract(examples)
+    monkeypatch.setattr(_extractor, "HEAD_CHUNK_ELEMENTS", len(ITEMS) * model.config.vocab_size * 3)
+    chunked = extractor.extract(examples)
+    torch.testing.assert_close(chunked.losses, whole.losses, rtol=1e-12, atol=0)
+    names = [m.name for m in projections.modules]
+    torch.testing.assert_close(chunked.concatenated(names), whole.concatenated(names), rtol=1e-10, atol=1e-14)
+    expected = explicit_projected_gradients(model, tokenizer, ITEMS, projections, max_length=32)
+    torch.testing.assert_close(chunked.concatenated(names), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_captured_lm_head_is_captured_once(tiny_models, monkeypatch):
+    from attribindex.logra import _extractor
+
+    monkeypatch.setattr(_extractor, "HEAD_CHUNK_ELEMENTS", 64)  # would split into many chunks if it were chunked
+    model, tokenizer, projections = _setup(tiny_models["llama"], modules=("lm_head",), exclude=())
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    got = extractor.extract(extractor.tokenize(ITEMS)).concatenated(["lm_head"])
+    expected = explicit_projected_gradients(model, tokenizer, ITEMS, projections, max_length=32)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
