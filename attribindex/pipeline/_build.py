@@ -8,6 +8,7 @@ same command run again on an interrupted folder continues from its last written 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import shutil
 import time
@@ -23,7 +24,7 @@ from attribindex.data import Corpus, open_corpus, shard_window
 from attribindex.errors import AttribIndexError
 from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
 from attribindex.model import DTYPES, load_model, model_description
-from attribindex.pipeline._extract import extract, read_checkpoint, remove_temporaries
+from attribindex.pipeline._extract import extract, read_checkpoint, release_freed_memory, remove_temporaries
 from attribindex.pipeline._finish import finish_index, finish_shard
 from attribindex.store import layout, read_manifest, write_json
 
@@ -174,6 +175,11 @@ class ModelCache:
             self._loaded = {key: load_model(name, dtype, device)}
         return self._loaded[key]
 
+    def release(self) -> None:
+        self._loaded = {}
+        gc.collect()
+        release_freed_memory()
+
 
 def resolve_model_path(model: str) -> str:
     """Local models are recorded by absolute path, so queries run from anywhere."""
@@ -308,6 +314,9 @@ def _build(
         manifest = finish_shard(out, config, header, extraction.curvature, state.chunks, shard, event)
         kind = f"shard {shard['index']} of {shard['count']}"
     else:
+        # The model is not needed for whitening and indexing: drop it first (its weights are most of the memory).
+        del lm, tokenizer, extractor
+        models.release()
         manifest = finish_index(out, config, header, extraction.curvature, state.chunks, event, progress)
         kind = "index"
     return BuildSummary(
