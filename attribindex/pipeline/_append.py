@@ -7,6 +7,7 @@ has drifted from what the sums now imply, and `attribindex refresh` re-whitens.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,11 +16,11 @@ from pathlib import Path
 from attribindex.config import StoreConfig, config_from_dict
 from attribindex.data import Corpus, Document, open_corpus
 from attribindex.errors import AttribIndexError
-from attribindex.pipeline._extract import extract
+from attribindex.pipeline._extract import Checkpoint, extract, read_checkpoint
 from attribindex.pipeline._finish import write_flat_index
 from attribindex.pipeline._living import commit, mutation, whitening_drift
 from attribindex.query import AttributionIndex
-from attribindex.store import RowStore, layout
+from attribindex.store import RowStore, layout, write_json
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class AppendSummary:
 
     out: Path
     version: int
-    added: int
+    added: int  # rows added, including those an interrupted run of the same append had written
+    resumed: int
     duplicates_skipped: int
     empty_skipped: int
     live_rows: int
@@ -41,7 +43,8 @@ class AppendSummary:
 
     def format(self) -> str:
         lines = [
-            f"appended   {self.added:,} rows to {self.out} (now version {self.version}, {self.live_rows:,} live rows)",
+            f"appended   {self.added:,} rows to {self.out} (now version {self.version}, {self.live_rows:,} live rows)"
+            + (f"; {self.resumed:,} of them from the interrupted run, resumed" if self.resumed else ""),
             f"skipped    {self.duplicates_skipped:,} already indexed, {self.empty_skipped:,} empty",
             f"time       {self.seconds:.1f} s",
         ]
@@ -65,6 +68,23 @@ class _NewDocuments:
 
     def numbered(self, first: int = 0) -> Iterator[tuple[int, Document]]:
         return ((p, doc) for p, doc in self.corpus.numbered(first) if p not in self.skip)
+
+
+def _pending_append(root: Path, request: dict, first_chunk: int) -> Checkpoint | None:
+    """The checkpoint of an interrupted append of the same documents onto the same version, to resume;
+    anything else an interrupted append left is discarded."""
+    try:
+        same = json.loads((root / layout.APPEND_REQUEST).read_text(encoding="utf-8")) == request
+        return read_checkpoint(root, layout.APPEND_CHECKPOINT, first_chunk) if same else _discard(root, first_chunk)
+    except (OSError, ValueError, AttribIndexError):  # no, unreadable or damaged leftovers: start afresh
+        return _discard(root, first_chunk)
+
+
+def _discard(root: Path, first_chunk: int) -> None:
+    (root / layout.APPEND_CHECKPOINT).unlink(missing_ok=True)
+    for file in (root / layout.ROWS_DIR).iterdir():
+        if layout.is_temporary(file.name) or int(file.name.split(".")[0]) >= first_chunk:
+            file.unlink()
 
 
 def append_documents(
@@ -96,7 +116,7 @@ def append_documents(
     started = time.perf_counter()
     root = Path(index_dir)
     corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
-    with mutation(root) as change:
+    with mutation(root, keep_pending_append=True) as change:
         manifest = change.manifest
         config = manifest["config"]
         index = AttributionIndex.open(root, model=model, device=config["extract"]["device"])
@@ -115,6 +135,17 @@ def append_documents(
         if len(duplicates) == total:
             raise AttribIndexError(f"all {total} documents of {corpus.description} are already in the index.")
 
+        request = {
+            "data": corpus.description,
+            "text_field": corpus.text_field,
+            "id_field": corpus.id_field,
+            "limit": corpus.limit,
+            "skip_empty": skip_empty,
+            "skip_duplicates": skip_duplicates,
+            "base_version": manifest["version"],
+        }
+        resume = _pending_append(root, request, change.next_chunk())
+        write_json(root / layout.APPEND_REQUEST, request)
         store = config_from_dict(StoreConfig, config["store"])
         extraction = extract(
             _NewDocuments(corpus, set(duplicates)),
@@ -123,7 +154,7 @@ def append_documents(
             store,
             batch_size or config["extract"]["batch_size"],
             skip_empty,
-            None,
+            resume,
             progress,
             label="append",
             checkpoint=layout.APPEND_CHECKPOINT,
@@ -159,6 +190,7 @@ def append_documents(
         out=root,
         version=committed["version"],
         added=added,
+        resumed=extraction.resumed_rows,
         duplicates_skipped=len(duplicates),
         empty_skipped=extraction.state.skipped,
         live_rows=committed["rows"] - committed["deleted"]["rows"],

@@ -289,7 +289,10 @@ def _build(
     resume = None
     if resuming:
         remove_temporaries(out)
-        resume = read_checkpoint(out)
+        try:
+            resume = read_checkpoint(out)
+        except AttribIndexError as err:
+            raise AttribIndexError(f"{err} Start over with --overwrite.") from None
 
     lm, tokenizer = models.get(model, config.extract.dtype, config.extract.device)
     modules = select_modules(lm, config.projection)

@@ -75,12 +75,14 @@ class Extraction:
     resumed_rows: int
 
 
-def read_checkpoint(out: Path) -> Checkpoint | None:
-    """The last committed state of an interrupted build in `out`, with leftovers of the killed run removed.
+def read_checkpoint(out: Path, checkpoint: str = layout.CURVATURE, first_chunk: int = 0) -> Checkpoint | None:
+    """The last committed state of an interrupted extraction into `out` (its chunks are numbered from
+    `first_chunk`), with the killed run's leftovers removed: chunk files from `first_chunk` on that the
+    checkpoint does not list, and temporaries.
 
     Chunk files are re-hashed: resuming on top of a damaged chunk would build a wrong index.
     """
-    path = out / layout.CURVATURE
+    path = out / checkpoint
     if not path.is_file():
         return None
     curvature, note = CurvatureSums.load(path)
@@ -93,11 +95,11 @@ def read_checkpoint(out: Path) -> Checkpoint | None:
             file = out / name
             if not file.is_file() or file_sha256(file) != record["sha256"]:
                 raise AttribIndexError(
-                    f"cannot resume the build in {out}: its chunk file {name} is missing or damaged. "
-                    f"Start over with --overwrite."
+                    f"cannot resume the interrupted work in {out}: its chunk file {name} is missing or damaged."
                 )
     for file in (out / layout.ROWS_DIR).iterdir():  # chunks written after the last commit, and temporaries
-        if f"{layout.ROWS_DIR}/{file.name}" not in keep:
+        ours = layout.is_temporary(file.name) or int(file.name.split(".")[0]) >= first_chunk
+        if ours and f"{layout.ROWS_DIR}/{file.name}" not in keep:
             file.unlink()
     return Checkpoint(curvature, state)
 

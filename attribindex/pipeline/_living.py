@@ -85,8 +85,11 @@ class Mutation:
 
 
 @contextlib.contextmanager
-def mutation(root: Path) -> Iterator[Mutation]:
-    """Lock the index, clear a crashed mutation's leftovers, and yield the next version to fill and `commit`."""
+def mutation(root: Path, keep_pending_append: bool = False) -> Iterator[Mutation]:
+    """Lock the index, clear a crashed mutation's leftovers, and yield the next version to fill and `commit`.
+
+    `keep_pending_append` spares an interrupted append's files, for an append that may resume it.
+    """
     root = Path(root)
     read_manifest(root)  # a clear error for a folder that is not a complete index, before anything is created
     with open(root / layout.LOCK, "a") as lock:
@@ -97,7 +100,7 @@ def mutation(root: Path) -> Iterator[Mutation]:
                 f"another attribindex process is changing {root} right now. Wait for it to finish, then retry."
             ) from None
         manifest = read_manifest(root)  # re-read under the lock
-        collect_garbage(root, manifest)
+        collect_garbage(root, manifest, keep_pending_append)
         yield Mutation(root, copy.deepcopy(manifest), manifest["version"] + 1)
 
 
@@ -113,9 +116,19 @@ def commit(change: Mutation, event: dict) -> dict:
     return manifest
 
 
-def collect_garbage(root: Path, manifest: dict) -> None:
-    """Remove our files that the manifest does not name: leftovers of a crashed or superseded version."""
+def collect_garbage(root: Path, manifest: dict, keep_pending_append: bool = False) -> None:
+    """Remove our files that the manifest does not name: leftovers of a crashed or superseded version
+    (and of an interrupted append, unless `keep_pending_append`)."""
     keep = {name for chunk in manifest["store"]["chunks"] for name in _chunk_files(chunk)} | set(manifest["files"])
+    if keep_pending_append:
+        keep |= {layout.APPEND_CHECKPOINT, layout.APPEND_REQUEST}
+        first_new = max((int(c["name"]) for c in manifest["store"]["chunks"]), default=-1) + 1
+        if (root / layout.ROWS_DIR).is_dir():
+            keep |= {
+                f"{layout.ROWS_DIR}/{f.name}"
+                for f in (root / layout.ROWS_DIR).iterdir()
+                if not layout.is_temporary(f.name) and int(f.name.split(".")[0]) >= first_new
+            }
     for folder in (layout.ROWS_DIR, layout.INDEX_DIR):
         if (root / folder).is_dir():
             for file in (root / folder).iterdir():

@@ -21,6 +21,7 @@ APPENDED_SEGMENT = f"{INDEX_DIR}/segment.faiss"  # one per append, versioned: se
 SHARDS_DIR = "shards"  # a multi-process build keeps its shards here until they are merged
 DELETED = "deleted.npy"  # sorted int64 global rows hidden from every result (versioned, see `versioned`)
 APPEND_CHECKPOINT = "append.checkpoint.safetensors"  # curvature of rows being appended, until the commit
+APPEND_REQUEST = "append.request.json"  # what the append in progress is doing: a rerun of it resumes
 LOCK = ".lock"  # held (flock) by the one process changing an index
 
 # Per chunk `rows/<chunk>.<suffix>`; chunks are numbered in build order and never renamed.

@@ -307,3 +307,28 @@ def test_a_crash_during_append_or_compaction_leaves_a_consistent_index(
     )
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert on_disk == named | {layout.MANIFEST}
+
+
+def test_a_killed_append_resumes_with_the_same_command(tiny_models, corpus_file, corpus_records, tmp_path):
+    old, new = _jsonl(tmp_path, "old", corpus_records[:4]), _jsonl(tmp_path, "new", corpus_records[4:])
+    whole, out = tmp_path / "whole", tmp_path / "idx"
+    for folder in (whole, out):
+        _build(tiny_models, old, folder)
+    _append(whole, new)
+
+    # 20 new rows in chunks of 10: killed before the second chunk is written.
+    kill_at = ("attribindex.store._rows", "ChunkWriter.flush", 2, "before")
+    killed = run_killed(kill_at, "append_documents", out, new, id_field="id", progress=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert read_manifest(out)["version"] == 1 and AttributionIndex.open(out, load_model_now=False).rows == 4
+    summary = _append(out, new)
+    assert summary.added == 20 and summary.resumed == 10 and "resumed" in summary.format()
+    assert_same_index(whole, out)
+
+    # Another change in between discards an interrupted append; the next append starts afresh.
+    again = tmp_path / "again"
+    _build(tiny_models, old, again)
+    run_killed(kill_at, "append_documents", again, new, id_field="id", progress=False)
+    delete_ids(again, ["doc-0001"])
+    assert not (again / layout.APPEND_REQUEST).exists()
+    assert _append(again, new).resumed == 0
