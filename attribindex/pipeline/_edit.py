@@ -36,7 +36,7 @@ class EditSummary:
     rows: int  # rows deleted, removed from storage, or re-whitened
     live_rows: int
     seconds: float
-    unknown_ids: list[str] = ()
+    unknown_ids: tuple[str, ...] = ()
     already_deleted: int = 0
     bytes_freed: int = 0
     drift_before: dict | None = None
@@ -76,7 +76,7 @@ def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
     Example:
         >>> from attribindex import delete_ids
         >>> delete_ids("my-index", ["doc-17"]).unknown_ids  # doctest: +SKIP
-        []
+        ()
     """
     started = time.perf_counter()
     root = Path(index_dir)
@@ -96,7 +96,7 @@ def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
                 rows.append(row)
         if not rows:
             return EditSummary(
-                root, "deleted", None, 0, _live(manifest), time.perf_counter() - started, unknown, already
+                root, "deleted", None, 0, _live(manifest), time.perf_counter() - started, tuple(unknown), already
             )
         if len(before) + len(rows) == manifest["rows"]:
             raise AttribIndexError(f"deleting these ids would leave {root} with no rows. Build a new index instead.")
@@ -119,7 +119,7 @@ def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
         len(new),
         _live(committed),
         time.perf_counter() - started,
-        unknown,
+        tuple(unknown),
         already,
     )
 

@@ -160,7 +160,7 @@ def test_random_appends_deletes_compactions_and_queries_match_brute_force(tiny_m
         elif operation == "delete" and len(model.live) > 3:
             victims = rng.sample(model.live, rng.randint(1, 3))
             summary = delete_ids(out, victims + ["never-indexed"])
-            assert summary.unknown_ids == ["never-indexed"] and summary.rows == len(victims)
+            assert summary.unknown_ids == ("never-indexed",) and summary.rows == len(victims)
             model.delete(victims)
             deleted |= set(victims)
         elif operation == "compact":
@@ -195,7 +195,7 @@ def test_duplicates_unknown_ids_and_another_model_are_reported(tiny_models, corp
         _append(out, _jsonl(tmp_path, "other", [{"id": "x", "text": "Another text."}]), model=str(tiny_models["llama"]))
 
     nothing = delete_ids(out, ["no-such-id"])
-    assert nothing.version is None and nothing.unknown_ids == ["no-such-id"] and "unknown" in nothing.format()
+    assert nothing.version is None and nothing.unknown_ids == ("no-such-id",) and "unknown" in nothing.format()
     assert delete_ids(out, ["fresh"]).version == 3
     assert delete_ids(out, ["fresh"]).already_deleted == 1
     with pytest.raises(AttribIndexError, match="would leave .* with no rows"):
