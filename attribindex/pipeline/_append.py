@@ -120,12 +120,10 @@ def append_documents(
         manifest = change.manifest
         config = manifest["config"]
         index = AttributionIndex.open(root, model=model, device=config["extract"]["device"])
-        existing = set(index.store.ids())
-        duplicates, total = {}, 0
-        for position, doc in corpus.numbered():
-            total += 1
-            if doc.id in existing:
-                duplicates[position] = doc.id
+        positions = {doc.id: position for position, doc in corpus.numbered()}
+        total = len(positions)
+        duplicates = {positions[doc_id]: doc_id for doc_id in index.store.find_rows(positions)}
+        duplicates = dict(sorted(duplicates.items()))
         if duplicates and not skip_duplicates:
             first = next(iter(duplicates.values()))
             raise AttribIndexError(

@@ -83,10 +83,11 @@ def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
     with mutation(root) as change:
         manifest = change.manifest
         store = change.store()
-        row_of = {doc_id: row for row, doc_id in enumerate(store.ids())}
+        requested = list(dict.fromkeys(str(i) for i in ids))
+        row_of = store.find_rows(requested)
         before = set(deleted_rows(root, manifest).tolist())
         rows, unknown, already = [], [], 0
-        for doc_id in dict.fromkeys(str(i) for i in ids):
+        for doc_id in requested:
             row = row_of.get(doc_id)
             if row is None:
                 unknown.append(doc_id)

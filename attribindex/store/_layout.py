@@ -29,7 +29,8 @@ CHUNK_GRADS = "grads.npy"  # (n, D) raw projected gradients, store dtype (bfloat
 CHUNK_SCALES = "scales.npy"  # (n, M) float32 per-row, per-module scale: raw = grads * scale
 CHUNK_DOCS = "docs.jsonl"  # n lines {"id", "source", "text"}
 CHUNK_DOC_OFFSETS = "docs.offsets.npy"  # (n + 1,) int64 byte offsets of the lines of docs.jsonl
-CHUNK_FILES = (CHUNK_GRADS, CHUNK_SCALES, CHUNK_DOCS, CHUNK_DOC_OFFSETS)
+CHUNK_ID_HASHES = "ids.npy"  # (n,) uint64 id hashes (`id_hash`), so finding ids never reads the texts
+CHUNK_FILES = (CHUNK_GRADS, CHUNK_SCALES, CHUNK_DOCS, CHUNK_DOC_OFFSETS, CHUNK_ID_HASHES)
 
 
 def chunk_name(number: int) -> str:

@@ -7,8 +7,9 @@ r - start of the chunk that holds it; external ids live in the docs file, apart 
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,13 @@ from attribindex.store import _layout as layout
 from attribindex.store._atomic import atomic_open, file_sha256
 from attribindex.store._codec import decode, encode, numpy_store_dtype
 from attribindex.store._verify import check_file
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """(n,) uint64: the first 8 bytes of sha256(id), little-endian."""
+    return np.array(
+        [int.from_bytes(hashlib.sha256(i.encode("utf-8")).digest()[:8], "little") for i in ids], dtype=np.uint64
+    )
 
 
 class ChunkWriter:
@@ -78,6 +86,7 @@ class ChunkWriter:
             layout.CHUNK_SCALES: lambda h: np.save(h, scales),
             layout.CHUNK_DOCS: lambda h: h.writelines(lines),
             layout.CHUNK_DOC_OFFSETS: lambda h: np.save(h, offsets),
+            layout.CHUNK_ID_HASHES: lambda h: np.save(h, id_hashes([d.id for d in self._docs])),
         }
         files = {}
         for suffix, write in payloads.items():
@@ -112,8 +121,8 @@ class RowStore:
         self.chunks = chunks
         self.starts = np.cumsum([0] + [c["rows"] for c in chunks])  # (num_chunks + 1,)
         for chunk in chunks:
-            for suffix in layout.CHUNK_FILES:
-                check_file(root, layout.chunk_file(chunk["name"], suffix), chunk["files"][suffix], content=False)
+            for suffix, record in chunk["files"].items():  # what was recorded: older chunks have no ids.npy
+                check_file(root, layout.chunk_file(chunk["name"], suffix), record, content=False)
         self._offsets: dict[str, np.ndarray] = {}
 
     @property
@@ -153,13 +162,23 @@ class RowStore:
                 out.append(decode(stored[local], scales[local], self.block_dims, self.dtype))
         return torch.cat(out) if out else torch.zeros(0, sum(self.block_dims))
 
-    def ids(self) -> list[str]:
-        """Every row's id, in row order (reads the docs files once)."""
-        ids = []
-        for chunk in self.chunks:
-            with open(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_DOCS), "rb") as handle:
-                ids.extend(json.loads(line)["id"] for line in handle)
-        return ids
+    def find_rows(self, ids: Iterable[str]) -> dict[str, int]:
+        """{id: global row} for those of `ids` the store holds. Reads 8 bytes per row (the id hashes) and
+        then only the matching documents, to rule out hash collisions."""
+        wanted = set(ids)
+        keys = np.unique(id_hashes(sorted(wanted)))
+        found: dict[str, int] = {}
+        for c, chunk in enumerate(self.chunks):
+            start, stop = int(self.starts[c]), int(self.starts[c + 1])
+            if layout.CHUNK_ID_HASHES in chunk["files"]:
+                hashes = np.load(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_ID_HASHES))
+            else:  # written before id hashes existed
+                hashes = id_hashes([d.id for d in self.documents(range(start, stop))])
+            hits = start + np.flatnonzero(np.isin(hashes, keys))
+            for row, doc in zip(hits.tolist(), self.documents(hits.tolist())):
+                if doc.id in wanted:
+                    found[doc.id] = row
+        return found
 
     def documents(self, rows) -> list[Document]:
         """The documents at the given global row positions.

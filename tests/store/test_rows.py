@@ -88,3 +88,16 @@ def test_chunk_files_are_plain_numpy(tmp_path):
     grads = np.load(tmp_path / layout.chunk_file(chunk["name"], layout.CHUNK_GRADS))
     assert grads.dtype == np.uint16 and grads.shape == (2, 3)
     assert not any(p.name.startswith(".") for p in (tmp_path / layout.ROWS_DIR).iterdir())  # no temp files left
+
+
+def test_find_rows_reads_id_hashes_and_falls_back_to_texts_for_older_chunks(tmp_path):
+    docs = [Document(id=f"doc-{i}", text=f"text {i}", source="s") for i in range(23)]
+    chunks = _write(ChunkWriter(tmp_path, [2, 4], "float32", chunk_rows=10), torch.randn(23, 6), docs, step=10)
+    assert all(layout.CHUNK_ID_HASHES in c["files"] for c in chunks)
+    store = RowStore(tmp_path, [2, 4], "float32", chunks)
+    assert store.find_rows(["doc-21", "nope", "doc-0", "doc-10"]) == {"doc-21": 21, "doc-0": 0, "doc-10": 10}
+
+    older = [c | {"files": {k: v for k, v in c["files"].items() if k != layout.CHUNK_ID_HASHES}} for c in chunks]
+    for chunk in chunks:
+        (tmp_path / layout.chunk_file(chunk["name"], layout.CHUNK_ID_HASHES)).unlink()
+    assert RowStore(tmp_path, [2, 4], "float32", older).find_rows(["doc-13", "doc-22"]) == {"doc-13": 13, "doc-22": 22}
