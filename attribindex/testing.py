@@ -161,3 +161,46 @@ def make_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def start_server(index: str | Path, *flags: str, timeout_s: float = 60.0):
+    """Start `attribindex serve INDEX` as a subprocess on a free loopback port; return (process, url) once
+    /health answers. The caller stops it (`process.send_signal(SIGTERM)`); `server_log(process)` is its stderr.
+
+    Example:
+        >>> process, url = start_server("demo-index", "--token", "s3cret")  # doctest: +SKIP
+    """
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "attribindex", "serve", str(index), "--port", str(port), *flags]
+    # stderr goes to a file that lives as long as the server: an unread pipe would block a chatty one
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process.log = log
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {server_log(process)[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"the server did not answer /health within {timeout_s:.0f} s")
+
+
+def server_log(process) -> str:
+    """What a server started by `start_server` has written to stderr so far."""
+    process.log.seek(0)
+    return process.log.read()

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,9 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 from attribindex import Client
+from attribindex.testing import start_server
 
 QUERIES = [
     "Now is the winter of our discontent made glorious summer by this sun of York.",
@@ -31,27 +29,6 @@ QUERIES = [
     "Out, damned spot! out, I say!",
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(index: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "attribindex", "serve", str(index), "--port", str(port), *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    sys.exit("the server did not start")
 
 
 def load(url: str, clients: int, seconds: float) -> tuple[float, float, float, int]:

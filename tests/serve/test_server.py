@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,34 +22,10 @@ from attribindex import (
     delete_ids,
 )
 from attribindex.cli import main
-from attribindex.testing import write_jsonl
+from attribindex.testing import server_log, start_server, write_jsonl
 from tests.conftest import exact_config
 
 TOKEN = "s3cret-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start(index, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    command = [sys.executable, "-m", "attribindex", "serve", str(index), "--port", str(port), *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("server did not come up within 60 s")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +37,9 @@ def index_dir(tiny_models, corpus_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(index_dir):
-    process, url = _start(index_dir, "--token", TOKEN, "--max-queries", "8", "--max-tokens", "40", "--max-body-kb", "4")
+    process, url = start_server(
+        index_dir, "--token", TOKEN, "--max-queries", "8", "--max-tokens", "40", "--max-body-kb", "4"
+    )
     yield url
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
@@ -167,7 +142,7 @@ def test_cli_query_through_the_server(server, index_dir):
 
 
 def test_shutdown_finishes_or_refuses_cleanly(index_dir):
-    process, url = _start(index_dir)
+    process, url = start_server(index_dir)
     outcomes: list = []
 
     def ask():
@@ -187,13 +162,13 @@ def test_shutdown_finishes_or_refuses_cleanly(index_dir):
     assert len(outcomes) == 1 and isinstance(outcomes[0], (Attributions, AttribIndexError))
     with pytest.raises(AttribIndexError, match="cannot reach the attribindex server"):
         Client(url, timeout=5).attribute("a b c")
-    assert "Traceback" not in process.stderr.read()
+    assert "Traceback" not in server_log(process)
 
 
 def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tiny_models, corpus_file, tmp_path):
     out = tmp_path / "living"
     build_index(exact_config("cosine"), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    process, url = _start(out)
+    process, url = start_server(out)
     question = "King queen crown castle."
     try:
         with Client(url) as client:
