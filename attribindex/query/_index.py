@@ -191,18 +191,21 @@ class AttributionIndex:
         if not queries:
             raise AttribIndexError("no query given. Pass at least one text or (prompt, completion) pair.")
         examples = self._extractor.tokenize(queries, [f"query {i} ({_preview(q)})" for i, q in enumerate(queries)])
+        # Batched longest-first so that texts of similar length pad each other (rows do not depend on batching).
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
         vectors, losses = [], []
-        for group in batched(examples, batch_size or self.extract_config.batch_size):
+        for group in batched([examples[i] for i in order], batch_size or self.extract_config.batch_size):
             extracted = self._extractor.extract(group)
             raw = extracted.concatenated(self.module_names).to("cpu", torch.float32)
             vectors.append(self.preconditioner.whiten(raw))
             losses.append(extracted.losses.to("cpu", torch.float64))
-        whitened = torch.cat(vectors)
+        back = torch.argsort(torch.tensor(order))  # sorted position of each query
+        whitened = torch.cat(vectors)[back]  # (Q, D), in query order
         if self.mode == "cosine":
             whitened = normalize_rows(whitened)
         return QueryVectors(
             vectors=whitened.numpy(),
-            losses=torch.cat(losses).numpy(),
+            losses=torch.cat(losses)[back].numpy(),
             model_fingerprint=self._fingerprint,
             projection_hash=self.manifest["projection"]["hash"],  # verified against the file at open
             preconditioner_hash=self.manifest["hessian"]["preconditioner_hash"],

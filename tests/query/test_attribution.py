@@ -108,3 +108,14 @@ def test_moved_model_is_reported_with_the_fix(indexes, tiny_models, tmp_path):
     with pytest.raises(AttribIndexError, match="no longer there. Point at a copy"):
         AttributionIndex.open(copy)
     assert AttributionIndex.open(copy, model=str(tiny_models["gpt2"])).rows == 24
+
+
+def test_query_vectors_come_back_in_query_order_whatever_the_lengths(indexes):
+    """Queries are batched longest-first internally; vectors and losses still follow the caller's order."""
+    index = AttributionIndex.open(indexes[("dot", "raw")])
+    queries = ["Ghost.", "King queen crown sword love death night fear hope trust doubt.", "War peace heart weep."]
+    together = index.query_vectors(queries, batch_size=2)
+    for i, query in enumerate(queries):
+        alone = index.query_vectors([query])
+        np.testing.assert_allclose(together.vectors[i], alone.vectors[0], rtol=1e-9, atol=1e-12)
+        assert together.losses[i] == pytest.approx(alone.losses[0], rel=1e-12)
