@@ -43,10 +43,6 @@ class SegmentedIndex:
     def live_rows(self) -> int:
         return self.rows - len(self.deleted)
 
-    @property
-    def dim(self) -> int:
-        return self.segments[0].dim
-
     def _filter(self, i: int):
         """(FAISS search parameters excluding the segment's deleted rows, their count); (None, 0) when none."""
         start, stop = self.starts[i], self.starts[i + 1]

@@ -82,9 +82,8 @@ def _pending_append(root: Path, request: dict, first_chunk: int) -> Checkpoint |
 
 def _discard(root: Path, first_chunk: int) -> None:
     (root / layout.APPEND_CHECKPOINT).unlink(missing_ok=True)
-    for file in (root / layout.ROWS_DIR).iterdir():
-        if layout.is_temporary(file.name) or int(file.name.split(".")[0]) >= first_chunk:
-            file.unlink()
+    for file in layout.chunk_files_from(root, first_chunk):
+        file.unlink()
 
 
 def append_documents(

@@ -97,9 +97,8 @@ def read_checkpoint(out: Path, checkpoint: str = layout.CURVATURE, first_chunk: 
                 raise AttribIndexError(
                     f"cannot resume the interrupted work in {out}: its chunk file {name} is missing or damaged."
                 )
-    for file in (out / layout.ROWS_DIR).iterdir():  # chunks written after the last commit, and temporaries
-        ours = layout.is_temporary(file.name) or int(file.name.split(".")[0]) >= first_chunk
-        if ours and f"{layout.ROWS_DIR}/{file.name}" not in keep:
+    for file in layout.chunk_files_from(out, first_chunk):  # chunks written after the last commit, and temporaries
+        if f"{layout.ROWS_DIR}/{file.name}" not in keep:
             file.unlink()
     return Checkpoint(curvature, state)
 

@@ -80,8 +80,12 @@ class Mutation:
         self.manifest["index"]["segments"] = [{"file": name, "rows": rows} for name, rows in segments]
 
     def next_chunk(self) -> int:
-        chunks = self.manifest["store"]["chunks"]
-        return max((int(c["name"]) for c in chunks), default=-1) + 1
+        return next_chunk_number(self.manifest)
+
+
+def next_chunk_number(manifest: dict) -> int:
+    """The number a new chunk gets: one past the highest the manifest names (numbers are never reused)."""
+    return max((int(c["name"]) for c in manifest["store"]["chunks"]), default=-1) + 1
 
 
 @contextlib.contextmanager
@@ -122,13 +126,11 @@ def collect_garbage(root: Path, manifest: dict, keep_pending_append: bool = Fals
     keep = {name for chunk in manifest["store"]["chunks"] for name in _chunk_files(chunk)} | set(manifest["files"])
     if keep_pending_append:
         keep |= {layout.APPEND_CHECKPOINT, layout.APPEND_REQUEST}
-        first_new = max((int(c["name"]) for c in manifest["store"]["chunks"]), default=-1) + 1
-        if (root / layout.ROWS_DIR).is_dir():
-            keep |= {
-                f"{layout.ROWS_DIR}/{f.name}"
-                for f in (root / layout.ROWS_DIR).iterdir()
-                if not layout.is_temporary(f.name) and int(f.name.split(".")[0]) >= first_new
-            }
+        keep |= {
+            f"{layout.ROWS_DIR}/{f.name}"
+            for f in layout.chunk_files_from(root, next_chunk_number(manifest))
+            if not layout.is_temporary(f.name)
+        }
     for folder in (layout.ROWS_DIR, layout.INDEX_DIR):
         if (root / folder).is_dir():
             for file in (root / folder).iterdir():

@@ -63,6 +63,14 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
+def chunk_files_from(root: Path, first: int) -> list[Path]:
+    """The files of chunks numbered `first` or higher in `root/rows`, and the temporaries there: what an
+    unfinished extraction (a build or an append) may have left."""
+    if not (root / ROWS_DIR).is_dir():
+        return []
+    return [f for f in (root / ROWS_DIR).iterdir() if is_temporary(f.name) or int(f.name.split(".")[0]) >= first]
+
+
 def is_index_dir(path: Path) -> bool:
     """True when `path` holds a complete index or shard (its manifest exists)."""
     return (path / MANIFEST).is_file()

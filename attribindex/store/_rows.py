@@ -7,10 +7,12 @@ r - start of the chunk that holds it; external ids live in the docs file, apart 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -187,17 +189,22 @@ class RowStore:
         chunk), so a damaged file fails clearly instead of returning the wrong text or id.
         """
         out = []
-        for row in rows:
-            c = int(np.searchsorted(self.starts, row, side="right")) - 1
-            name = self.chunks[c]["name"]
-            if name not in self._offsets:
-                for suffix in (layout.CHUNK_DOCS, layout.CHUNK_DOC_OFFSETS):
-                    check_file(self.root, layout.chunk_file(name, suffix), self.chunks[c]["files"][suffix])
-                self._offsets[name] = np.load(self.root / layout.chunk_file(name, layout.CHUNK_DOC_OFFSETS))
-            offsets = self._offsets[name]
-            local = row - int(self.starts[c])
-            with open(self.root / layout.chunk_file(name, layout.CHUNK_DOCS), "rb") as handle:
+        with contextlib.ExitStack() as files:
+            handles: dict[str, BinaryIO] = {}  # one open docs file per chunk for the whole call
+            for row in rows:
+                c = int(np.searchsorted(self.starts, row, side="right")) - 1
+                name = self.chunks[c]["name"]
+                if name not in self._offsets:
+                    for suffix in (layout.CHUNK_DOCS, layout.CHUNK_DOC_OFFSETS):
+                        check_file(self.root, layout.chunk_file(name, suffix), self.chunks[c]["files"][suffix])
+                    self._offsets[name] = np.load(self.root / layout.chunk_file(name, layout.CHUNK_DOC_OFFSETS))
+                if name not in handles:
+                    handles[name] = files.enter_context(
+                        open(self.root / layout.chunk_file(name, layout.CHUNK_DOCS), "rb")
+                    )
+                offsets, handle = self._offsets[name], handles[name]
+                local = row - int(self.starts[c])
                 handle.seek(int(offsets[local]))
                 record = json.loads(handle.read(int(offsets[local + 1] - offsets[local])))
-            out.append(Document(id=record["id"], text=record["text"], source=record["source"]))
+                out.append(Document(id=record["id"], text=record["text"], source=record["source"]))
         return out
