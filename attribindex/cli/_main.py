@@ -404,9 +404,13 @@ def info(index_dir, as_json):
             + (f", {deleted:,} rows deleted (`attribindex compact` frees them)" if deleted else ""),
             f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
             + _spectrum(hessian.get("modules", {})),
-            f"scores       {manifest['normalization']}  ({manifest['index']['kind']} {manifest['index']['metric']} "
-            f"index, {len(segments)} segment{'s' if len(segments) > 1 else ''})",
+            f"scores       {manifest['normalization']}  ({len(segments)} segment{'s' if len(segments) > 1 else ''}: "
+            + " + ".join(f"{s.get('plan', {}).get('factory', 'Flat')} ({s['rows']:,} rows)" for s in segments)
+            + ")",
         ]
+        point = manifest["index"].get("operating_point")
+        if point:
+            lines.append(f"operating    {_operating_point(point)}")
         drift = hessian.get("drift")
         if drift and drift["max"] > 0:
             lines.append(
@@ -418,6 +422,15 @@ def info(index_dir, as_json):
         "on disk      " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())),
     ]
     click.echo("\n".join(lines))
+
+
+def _operating_point(point: dict) -> str:
+    """One line for the operating point `eval recall` recorded."""
+    settings = " ".join(f"{k}={point[k]}" for k in ("nprobe", "ef_search") if point.get(k) is not None)
+    return (
+        f"{settings or 'defaults'}: recall@{point['k']} {point['recall']:.3f} at {point['ms_per_query']:.2f} ms/query "
+        f"(measured on {point['queries']} queries, target {point['target']})"
+    )
 
 
 def _spectrum(stats: dict) -> str:

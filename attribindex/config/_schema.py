@@ -11,7 +11,8 @@ HessianKind = Literal["raw", "identity"]
 ScoreMode = Literal["dot", "cosine"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
 ComputeDtype = Literal["float32", "float64", "bfloat16", "float16"]
-IndexKind = Literal["flat"]
+IndexKind = Literal["flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw"]
+IndexStorage = Literal["float32", "float16", "bfloat16"]
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -135,17 +136,71 @@ class IndexConfig:
     Args:
         mode: ``dot`` = influence ``⟨H^{-1/2}g_q, H^{-1/2}g_t⟩``; ``cosine`` = the same on
             unit-normalised vectors (robust to gradient-norm outliers).
-        kind: ``flat`` = exact inner-product search.
+        kind: ``flat`` = exhaustive search (exact with float32 storage); ``ivf_flat``, ``ivf_sq8``,
+            ``ivf_pq`` = inverted lists over ``nlist`` k-means cells, ``nprobe`` of them scanned per
+            query (full vectors, 8-bit scalar codes, product-quantised codes); ``hnsw`` = a graph
+            (CPU only). In ``dot`` mode approximate kinds search the MIPS→L2 augmented vectors
+            ``[x, √(M² − ‖x‖²)]`` (M = the largest norm, recorded), because inner-product cells ignore norms.
+        storage: element type of a ``flat`` index (float16/bfloat16 halve its memory; scores are then
+            approximate until re-ranked).
+        nlist: k-means cells of IVF kinds (None = the power of two nearest √N, at most N/39).
+        nprobe: cells scanned per query (None = nlist/16, or the operating point `eval recall` records).
+        pq_m: sub-quantisers of ``ivf_pq`` (None = one per 8 dimensions; codes are pq_m bytes).
+        hnsw_m: graph degree of ``hnsw``.
+        ef_construction / ef_search: HNSW candidate-list sizes when building / searching
+            (searching uses at least the number of candidates fetched).
+        rerank: non-exact kinds fetch ``rerank × k`` candidates and re-score them exactly from the stored
+            raw gradients; 0 returns the approximate scores as they are.
+        train_per_centroid: IVF training rows per cell, sampled from the stored vectors (39–256).
+        seed: seed of the training sample and of k-means (the same seed and data give the same index).
         device: ``auto`` uses a GPU when GPU faiss and a GPU are present.
 
     Example:
-        >>> IndexConfig(mode="dot")
-        IndexConfig(mode='dot', kind='flat', device='auto')
+        >>> IndexConfig(mode="dot", kind="ivf_pq").rerank
+        4
     """
 
     mode: ScoreMode = "cosine"
     kind: IndexKind = "flat"
+    storage: IndexStorage = "float32"
+    nlist: int | None = None
+    nprobe: int | None = None
+    pq_m: int | None = None
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 64
+    rerank: int = 4
+    train_per_centroid: int = 64
+    seed: int = 0
     device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.storage == "float32" or self.kind == "flat",
+            f"index.storage={self.storage} applies to kind 'flat' only; {self.kind} stores its own codes. "
+            f"Remove index.storage or set index.kind: flat.",
+        )
+        for name in ("nlist", "nprobe", "pq_m"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"index.{name} must be >= 1 or null (derived), got {value}.")
+        _require(
+            self.nlist is None or self.nprobe is None or self.nprobe <= self.nlist,
+            f"index.nprobe ({self.nprobe}) cannot exceed index.nlist ({self.nlist}).",
+        )
+        for name in ("hnsw_m", "ef_construction", "ef_search"):
+            _require(getattr(self, name) >= 1, f"index.{name} must be >= 1, got {getattr(self, name)}.")
+        _require(self.rerank >= 0, f"index.rerank must be >= 0 (0 = no exact re-rank), got {self.rerank}.")
+        _require(
+            39 <= self.train_per_centroid <= 256,
+            f"index.train_per_centroid must be within 39..256 (faiss k-means needs 39 per cell and gains "
+            f"nothing past 256), got {self.train_per_centroid}.",
+        )
+        _require(self.seed >= 0, f"index.seed must be >= 0, got {self.seed}.")
+
+    @property
+    def exact(self) -> bool:
+        """True when search returns the exact top-k with exact scores."""
+        return self.kind == "flat" and self.storage == "float32"
 
 
 @dataclass(frozen=True)

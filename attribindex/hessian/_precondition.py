@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -83,6 +84,12 @@ class Preconditioner:
             out[:, block] = vectors[:, block] @ self.matrices[name].to(vectors.dtype)  # W is symmetric
             offset += dim
         return out
+
+    def index_vectors(self, raw: torch.Tensor, mode: str) -> np.ndarray:
+        """(B, D) raw projected gradients → the (B, D) float32 vectors an index of `mode` holds: whitened, and
+        unit-normalised in cosine mode."""
+        vectors = self.whiten(raw)
+        return (normalize_rows(vectors) if mode == "cosine" else vectors).numpy()
 
     def hash(self) -> str:
         digest = hashlib.sha256(f"{self.kind}:{self.damping!r}".encode())

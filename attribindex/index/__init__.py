@@ -1,6 +1,21 @@
-"""FAISS inner-product indexes over whitened gradient vectors."""
+"""FAISS inner-product indexes over whitened vectors: exact flat, approximate segments, exact re-ranking."""
 
+from attribindex.index._approx import APPROXIMATE_KINDS, ApproximateIndex, SegmentPlan, build_segment, default_nlist
 from attribindex.index._flat import FlatIndex, FlatIndexWriter, gpu_available, import_faiss
-from attribindex.index._segments import SegmentedIndex
+from attribindex.index._rerank import rerank
+from attribindex.index._segments import SegmentedIndex, segment_is_exact
 
-__all__ = ["FlatIndex", "FlatIndexWriter", "SegmentedIndex", "gpu_available", "import_faiss"]
+__all__ = [
+    "APPROXIMATE_KINDS",
+    "ApproximateIndex",
+    "FlatIndex",
+    "FlatIndexWriter",
+    "SegmentPlan",
+    "SegmentedIndex",
+    "build_segment",
+    "default_nlist",
+    "gpu_available",
+    "import_faiss",
+    "rerank",
+    "segment_is_exact",
+]

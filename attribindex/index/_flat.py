@@ -59,9 +59,14 @@ class FlatIndex:
         (2, 1.0)
     """
 
+    exact = True  # every candidate set and score is exact
+    description = "flat"
+
     def __init__(self, index, on_gpu: bool = False):
         self._index = index
         self.on_gpu = on_gpu
+        self._excluded = np.zeros(0, dtype=np.int64)
+        self._params = None  # search parameters carrying the selector that hides excluded rows
 
     @classmethod
     def empty(cls, dim: int) -> FlatIndex:
@@ -116,6 +121,34 @@ class FlatIndex:
         scores, rows = self.search(-np.asarray(queries, dtype=np.float32), k)
         return -scores, rows
 
+    def exclude(self, local_rows: np.ndarray) -> None:
+        """Never return these rows (sorted int64) from `candidates`: a bitmap selector inside FAISS on CPU
+        (about 3 % slower than an unfiltered scan); on GPU, which takes no selector, over-fetch and drop."""
+        self._excluded = np.asarray(local_rows, dtype=np.int64)
+        self._params = None
+        if len(self._excluded) and not self.on_gpu:
+            bitmap, selector = bitmap_selector(self.rows, self._excluded)
+            self._params = import_faiss().SearchParameters(sel=selector)
+            self._params.keep_alive = (bitmap, selector)  # FAISS holds raw pointers to both
+
+    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-min(k, rows) over the rows not excluded: ((Q, k') scores, (Q, k') rows, -1 and -inf past the end)."""
+        excluded = self._excluded
+        if not len(excluded) or not self.on_gpu:
+            scores, rows = self.raw_search(queries, min(k, self.rows), self._params)
+            return np.where(rows >= 0, scores, -np.inf), rows
+        want = min(k + len(excluded), self.rows)
+        if want > GPU_MAX_K:
+            raise AttribIndexError(
+                f"GPU faiss returns at most {GPU_MAX_K} results per query; k plus the {len(excluded)} deleted rows of a "
+                f"segment exceeds that. Compact the index (`attribindex compact`) or use a smaller k."
+            )
+        scores, rows = self.raw_search(queries, want)
+        gone = np.isin(rows, excluded) | (rows < 0)
+        scores, rows = np.where(gone, -np.inf, scores), np.where(gone, -1, rows)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, self.rows)]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
     def _check_k(self, k: int) -> None:
         if k < 1 or k > self.rows:
             raise AttribIndexError(f"k must be between 1 and the number of rows ({self.rows}), got {k}.")
@@ -123,6 +156,15 @@ class FlatIndex:
             raise AttribIndexError(
                 f"GPU faiss returns at most {GPU_MAX_K} results per query, got k={k}. Use a smaller k."
             )
+
+
+def bitmap_selector(rows: int, excluded: np.ndarray):
+    """(bitmap, FAISS selector) keeping every row of `rows` but `excluded`; FAISS holds a raw pointer to the bitmap."""
+    faiss = import_faiss()
+    alive = np.ones(rows, dtype=bool)
+    alive[excluded] = False
+    bitmap = np.packbits(alive, bitorder="little")
+    return bitmap, faiss.IDSelectorBitmap(rows, faiss.swig_ptr(bitmap))
 
 
 class FlatIndexWriter:

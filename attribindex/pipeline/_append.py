@@ -159,9 +159,9 @@ def append_documents(
         )
         chunks = extraction.state.chunks
         added = sum(c["rows"] for c in chunks)
-        segment = change.name(layout.APPENDED_SEGMENT)
         new_rows = RowStore(root, change.dims, store.dtype, chunks)
-        write_flat_index(root, new_rows, index.preconditioner, manifest["normalization"], progress, name=segment)
+        name = change.name(layout.APPENDED_SEGMENT)  # exact flat whatever the index kind: nothing to retrain
+        segment = write_flat_index(root, new_rows, index.preconditioner, manifest["normalization"], progress, name)
 
         sums = change.curvature()
         sums.merge(extraction.curvature)
@@ -171,7 +171,7 @@ def append_documents(
 
         manifest["store"]["chunks"] += chunks
         manifest["rows"] += added
-        change.set_segments([(s["file"], s["rows"]) for s in manifest["index"]["segments"]] + [(segment, added)])
+        change.set_segments(manifest["index"]["segments"] + [segment])
         change.replace_file("curvature", curvature)
         manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
         event = {

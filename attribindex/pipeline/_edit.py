@@ -17,7 +17,6 @@ import numpy as np
 from attribindex.config import StoreConfig, config_from_dict
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import Preconditioner
-from attribindex.pipeline._finish import write_flat_index
 from attribindex.pipeline._living import Mutation, commit, deleted_rows, mutation, whitening_drift
 from attribindex.store import ChunkWriter, RowStore, atomic_open, layout
 
@@ -156,13 +155,12 @@ def compact_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
                 first += len(part)
         chunks += [last] if (last := writer.close()) else []
         live = _live(manifest)
-        segment = change.name(layout.FLAT_INDEX)
         store = RowStore(root, change.dims, config.dtype, chunks)
-        write_flat_index(root, store, change.preconditioner(), manifest["normalization"], progress, name=segment)
+        segment = change.write_segment(store, change.preconditioner(), progress)
         manifest["store"]["chunks"] = chunks
         manifest["rows"] = live
         manifest["deleted"] = {"file": None, "rows": 0}
-        change.set_segments([(segment, live)])
+        change.set_segments([segment])
         change.drop_files("deleted")
         committed = commit(change, {"event": "compact", "rows_removed": len(gone), "rows": live})
     return EditSummary(
@@ -201,9 +199,8 @@ def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
         preconditioner = Preconditioner.from_curvature(sums, change.names, change.dims, hessian["damping"])
         name = change.name(layout.PRECONDITIONER)
         preconditioner.save(root / name)
-        segment = change.name(layout.FLAT_INDEX)
-        write_flat_index(root, change.store(), preconditioner, manifest["normalization"], progress, name=segment)
-        change.set_segments([(segment, manifest["rows"])])
+        segment = change.write_segment(change.store(), preconditioner, progress)
+        change.set_segments([segment])
         change.replace_file("preconditioner", name)
         hessian |= {
             "file": name,

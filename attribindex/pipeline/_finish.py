@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from attribindex._progress import progress as progress_bar
-from attribindex.config import BuildConfig
-from attribindex.hessian import CurvatureSums, Preconditioner, normalize_rows
-from attribindex.index import FlatIndexWriter
+from attribindex.config import BuildConfig, IndexConfig
+from attribindex.hessian import CurvatureSums, Preconditioner
+from attribindex.index import FlatIndexWriter, SegmentPlan, build_segment
 from attribindex.store import RowStore, file_sha256, layout, write_json
 
 
@@ -26,10 +29,16 @@ def file_records(out: Path, names) -> dict:
 WHITEN_BLOCK_BYTES = 32 * 2**20  # rows whitened at a time; a handful of copies of this is the merge's working memory
 
 
+def whitened_blocks(store: RowStore, preconditioner: Preconditioner, mode: str) -> Iterator[np.ndarray]:
+    """Every stored row whitened (and in cosine mode normalised), as (n, D) float32 blocks in row order."""
+    for _, raw in store.iter_raw(max_bytes=WHITEN_BLOCK_BYTES):
+        yield preconditioner.index_vectors(raw, mode)  # (n, D)
+
+
 def write_flat_index(
     out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool, name: str = layout.FLAT_INDEX
-) -> None:
-    """Whiten (and in cosine mode normalise) every stored raw row, block by block, into the FAISS file `out/name`.
+) -> dict:
+    """Write every stored row, whitened, into the exact FAISS file `out/name`; returns its segment record.
 
     Streams to disk: memory stays at a few blocks of WHITEN_BLOCK_BYTES whatever the number of rows.
     """
@@ -37,10 +46,41 @@ def write_flat_index(
         FlatIndexWriter(out / name, sum(store.block_dims)) as writer,
         progress_bar(total=store.rows, desc="index", unit="row", unit_scale=True, enabled=progress) as bar,
     ):
-        for _, raw in store.iter_raw(max_bytes=WHITEN_BLOCK_BYTES):
-            vectors = preconditioner.whiten(raw)  # (n, D)
-            writer.add((normalize_rows(vectors) if mode == "cosine" else vectors).numpy())
-            bar.update(len(raw))
+        for vectors in whitened_blocks(store, preconditioner, mode):
+            writer.add(vectors)
+            bar.update(len(vectors))
+    return {"file": name, "rows": store.rows}
+
+
+def write_segment(
+    out: Path,
+    store: RowStore,
+    preconditioner: Preconditioner,
+    config: IndexConfig,
+    mode: str,
+    progress: bool,
+    version: int = 1,
+) -> dict:
+    """Write the searchable segment `config` asks for over every stored row; returns its manifest record.
+
+    Exact flat segments stream to disk; other kinds are trained on a seeded sample of the rows, filled block
+    by block in memory (their size: codes of every row), then written atomically.
+    """
+    if config.exact:
+        return write_flat_index(
+            out, store, preconditioner, mode, progress, layout.versioned(layout.FLAT_INDEX, version)
+        )
+    name = layout.versioned(layout.segment_file(config.kind, config.storage), version)
+    plan = SegmentPlan.resolve(config, mode, store.rows, sum(store.block_dims))
+    record = build_segment(
+        out / name,
+        plan,
+        store.rows,
+        blocks=lambda: whitened_blocks(store, preconditioner, mode),
+        sample=lambda rows: preconditioner.index_vectors(store.raw_rows(rows), mode),
+        progress=progress,
+    )
+    return {"file": name, "rows": store.rows, "plan": record}
 
 
 def _complete(out: Path, manifest: dict) -> dict:
@@ -68,7 +108,7 @@ def finish_index(
         preconditioner = Preconditioner.identity(names, dims)
     preconditioner.save(out / layout.PRECONDITIONER)
     store = RowStore(out, dims, config.store.dtype, chunks)
-    write_flat_index(out, store, preconditioner, config.index.mode, progress)
+    segment = write_segment(out, store, preconditioner, config.index, config.index.mode, progress)
     manifest = header | {
         "format": layout.FORMAT_NAME,
         "rows": store.rows,
@@ -83,14 +123,10 @@ def finish_index(
         },
         "normalization": config.index.mode,
         "store": {"dtype": config.store.dtype, "chunk_rows": config.store.chunk_rows, "chunks": chunks},
-        "index": {
-            "kind": "flat",
-            "metric": "inner_product",
-            "segments": [{"file": layout.FLAT_INDEX, "rows": store.rows}],
-        },
+        "index": {"kind": config.index.kind, "segments": [segment], "operating_point": None},
         "deleted": {"file": None, "rows": 0},
         "version": 1,
-        "files": file_records(out, (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, layout.FLAT_INDEX)),
+        "files": file_records(out, (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, segment["file"])),
         "log": [event],
     }
     return _complete(out, manifest)

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attribindex.config import IndexConfig, config_from_dict
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, Preconditioner
-from attribindex.pipeline._finish import file_records
+from attribindex.pipeline._finish import file_records, write_segment
 from attribindex.store import RowStore, layout, read_manifest, write_json
 
 _OUR_TOP_LEVEL = ("projections", "curvature", "preconditioner", "deleted", "append")  # name stems a mutation writes
@@ -70,14 +71,24 @@ class Mutation:
         self.drop_files(kind)
         self.manifest["files"] |= file_records(self.root, [new])
 
-    def set_segments(self, segments: list[tuple[str, int]]) -> None:
-        """Make `segments` [(file, rows)] the searchable index; files not yet recorded are hashed now."""
+    def set_segments(self, segments: list[dict]) -> None:
+        """Make `segments` (manifest records) the searchable index; files not yet recorded are hashed now."""
         files = self.manifest["files"]
-        kept = {name: files[name] for name, _ in segments if name in files}
+        names = [s["file"] for s in segments]
+        kept = {name: files[name] for name in names if name in files}
         for old in [n for n in files if n.startswith(f"{layout.INDEX_DIR}/")]:
             del files[old]
-        files |= kept | file_records(self.root, [name for name, _ in segments if name not in kept])
-        self.manifest["index"]["segments"] = [{"file": name, "rows": rows} for name, rows in segments]
+        files |= kept | file_records(self.root, [name for name in names if name not in kept])
+        self.manifest["index"]["segments"] = segments
+
+    def write_segment(self, store: RowStore, preconditioner: Preconditioner, progress: bool) -> dict:
+        """One segment of the index's configured kind over `store`, under this version's name; the operating
+        point measured on the old segments no longer applies."""
+        config = config_from_dict(IndexConfig, self.manifest["config"]["index"])
+        self.manifest["index"]["operating_point"] = None
+        return write_segment(
+            self.root, store, preconditioner, config, self.manifest["normalization"], progress, self.version
+        )
 
     def next_chunk(self) -> int:
         return next_chunk_number(self.manifest)

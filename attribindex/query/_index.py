@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribindex.config import ExtractConfig, config_from_dict
+from attribindex.config import ExtractConfig, IndexConfig, config_from_dict
 from attribindex.data import PromptCompletion, batched
 from attribindex.errors import AttribIndexError, IndexMismatchError
 from attribindex.hessian import Preconditioner, normalize_rows
-from attribindex.index import SegmentedIndex
+from attribindex.index import SegmentedIndex, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.query._results import Attribution, Attributions, QueryResult
@@ -78,7 +78,7 @@ class AttributionIndex:
         segments = manifest["index"]["segments"]
         deleted = manifest["deleted"]
         deleted_rows = np.load(root / deleted["file"]) if deleted["file"] else np.zeros(0, dtype=np.int64)
-        self.index = SegmentedIndex.load(root, [s["file"] for s in segments], deleted_rows, device=device)
+        self.index = SegmentedIndex.load(root, segments, deleted_rows, device=device)
         for segment, flat in zip(segments, self.index.segments):
             if flat.rows != segment["rows"] or flat.dim != manifest["dim"]:
                 raise AttribIndexError(
@@ -86,6 +86,9 @@ class AttributionIndex:
                     f"{segment['rows']} × {manifest['dim']}. The index is damaged; rebuild it."
                 )
         self.extract_config = config_from_dict(ExtractConfig, manifest["config"]["extract"])
+        self.rerank = config_from_dict(IndexConfig, manifest["config"]["index"]).rerank
+        point = manifest["index"].get("operating_point") or {}
+        self.index.configure(nprobe=point.get("nprobe"), ef_search=point.get("ef_search"))
         self._extractor: GradientExtractor | None = None
         self._fingerprint = ""
 
@@ -233,15 +236,46 @@ class AttributionIndex:
                 )
         _check_count("k", k, self.rows, minimum=1)
         _check_count("bottom", bottom, self.rows, minimum=0)
-        top_scores, top_rows = self.index.search(queries.vectors, k)
+        top_scores, top_rows = self.ranked(queries.vectors, k)
         if bottom:
-            bottom_scores, bottom_rows = self.index.search_bottom(queries.vectors, bottom)
+            bottom_scores, bottom_rows = self.ranked(-queries.vectors, bottom)
+            bottom_scores = -bottom_scores
         out = []
         for q in range(len(queries.vectors)):
             top = self._attributions(top_scores[q], top_rows[q])
             low = self._attributions(bottom_scores[q], bottom_rows[q]) if bottom else []
             out.append((top, low))
         return out
+
+    @property
+    def rescored(self) -> bool:
+        """True when search re-scores approximate candidates exactly (scores exact, membership approximate)."""
+        return not self.index.exact and self.rerank > 0
+
+    @property
+    def search_description(self) -> str:
+        """How this index searches, e.g. ``IVF64,PQ16 nprobe=8, 4 × k re-scored exactly``."""
+        return self.index.description + (f", {self.rerank} × k re-scored exactly" if self.rescored else "")
+
+    def configure_search(self, nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None):
+        """Override the search effort of approximate segments (default: the recorded operating point) and the
+        re-rank factor (default: the config's)."""
+        self.index.configure(nprobe=nprobe, ef_search=ef_search)
+        if rerank is not None:
+            self.rerank = rerank
+
+    def ranked(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by inner product with `vectors` (Q, D): ((Q, k) scores, (Q, k) rows). Approximate
+        indexes fetch `rerank × k` candidates and re-score them from the stored gradients."""
+        if not self.rescored:
+            return self.index.search(vectors, k)
+        _, candidates = self.index.search(vectors, min(self.rows, max(k, self.rerank * k)))
+        return rerank(vectors, candidates, self.exact_vectors, k)
+
+    def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(n, D) float32 whitened (and in cosine mode normalised) vectors of sorted rows, from the stored raw
+        gradients: the values an exact flat index holds for them."""
+        return self.preconditioner.index_vectors(self.store.raw_rows(rows), self.mode)
 
     def attribute(
         self, queries: Sequence[Query] | Query, k: int = 10, bottom: int = 0, batch_size: int | None = None
@@ -268,8 +302,9 @@ class AttributionIndex:
             index_id=self.index_id,
             index_version=self.version,
             latency_ms=latency,
-            exact=True,
+            exact=self.index.exact,
             mode=self.mode,
+            search=self.search_description,
             results=results,
         )
 

@@ -52,9 +52,10 @@ class Attributions:
     index_id: str
     index_version: int  # the index version (manifest `version`) that answered: appends and deletes raise it
     latency_ms: float
-    exact: bool
+    exact: bool  # True: the true top-k with exact scores (flat float32); False: an approximate index answered
     mode: str
     results: list[QueryResult]
+    search: str = "flat"  # how it was searched, e.g. "IVF64,PQ16 nprobe=8, 4 × k re-scored exactly"
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the CLI's --json output)."""
@@ -80,5 +81,5 @@ def attributions_from_dict(data: dict) -> Attributions:
         )
         for r in data["results"]
     ]
-    fields = {k: data[k] for k in ("index_id", "index_version", "latency_ms", "exact", "mode")}
+    fields = {k: data[k] for k in ("index_id", "index_version", "latency_ms", "exact", "mode", "search") if k in data}
     return Attributions(**fields, results=results)

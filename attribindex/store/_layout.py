@@ -6,8 +6,8 @@ from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
 SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
-FORMAT_VERSION = 2  # 2: index segments, deleted rows, versioned files (version 1 is read as one segment)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`)
+READABLE_VERSIONS = (1, 2, 3)  # 1 is read as one segment; 2 has flat segments only
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
 BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete
@@ -17,7 +17,7 @@ PRECONDITIONER = "preconditioner.safetensors"
 ROWS_DIR = "rows"
 INDEX_DIR = "index"
 FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"  # the segment of a build; compaction and refresh write flat.vN.faiss
-APPENDED_SEGMENT = f"{INDEX_DIR}/segment.faiss"  # one per append, versioned: segment.vN.faiss
+APPENDED_SEGMENT = f"{INDEX_DIR}/segment.faiss"  # one per append (always exact flat), versioned: segment.vN.faiss
 SHARDS_DIR = "shards"  # a multi-process build keeps its shards here until they are merged
 DELETED = "deleted.npy"  # sorted int64 global rows hidden from every result (versioned, see `versioned`)
 APPEND_CHECKPOINT = "append.checkpoint.safetensors"  # curvature of rows being appended, until the commit
@@ -52,6 +52,13 @@ def versioned(name: str, version: int) -> str:
     folder, _, base = name.rpartition("/")
     stem, _, suffix = base.partition(".")
     return f"{folder + '/' if folder else ''}{stem}.v{version}.{suffix}"
+
+
+def segment_file(kind: str, storage: str = "float32") -> str:
+    """The segment a build writes: `index/flat.faiss`, `index/flat-float16.faiss`, `index/ivf_pq.faiss`, …"""
+    if kind == "flat":
+        return FLAT_INDEX if storage == "float32" else f"{INDEX_DIR}/flat-{storage}.faiss"
+    return f"{INDEX_DIR}/{kind}.faiss"
 
 
 def shard_dir_name(index: int, count: int) -> str:

@@ -258,5 +258,5 @@ def test_append_delete_compact_refresh(tiny_models, corpus_file, corpus_records,
     assert "compacted  2 rows" in CliRunner().invoke(main, ["compact", str(out)]).output
     assert "refreshed  22 rows" in CliRunner().invoke(main, ["refresh", str(out)]).output
     info = CliRunner().invoke(main, ["info", str(out)]).output
-    assert "version      5" in info and "deleted" not in info and "1 segment)" in info
+    assert "version      5" in info and "deleted" not in info and "1 segment: Flat (22 rows))" in info
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0

@@ -247,7 +247,7 @@ def test_a_version_1_index_opens_and_can_be_changed(tiny_models, corpus_file, tm
     (out / layout.MANIFEST).write_text(json.dumps(manifest))
     assert AttributionIndex.open(out, load_model_now=False).version == 1
     assert delete_ids(out, ["doc-0002"]).version == 2
-    assert json.loads((out / layout.MANIFEST).read_text())["format_version"] == 2
+    assert json.loads((out / layout.MANIFEST).read_text())["format_version"] == layout.FORMAT_VERSION
 
 
 CRASHES = {

@@ -1,0 +1,290 @@
+"""Approximate and compressed FAISS segments over whitened vectors, built from streamed blocks.
+
+Kinds: ``flat`` with float16/bfloat16 storage (exhaustive scan of scalar-quantised vectors), ``ivf_flat``,
+``ivf_sq8``, ``ivf_pq`` and ``hnsw``. Search results carry approximate scores; the query layer re-scores the
+candidates exactly from the stored raw gradients (`rerank`).
+
+Influence vectors have heavy-tailed norms, and inner-product IVF cells ignore norms (faiss issue #1496): in
+``dot`` mode, approximate kinds therefore index the MIPS→L2 augmentation ``x' = [x, √(M² − ‖x‖²)]`` with
+M the segment's largest norm (recorded), searched with ``q' = [q, 0]``:
+``‖q' − x'‖² = ‖q‖² + M² − 2⟨q, x⟩``, so the nearest x' is the largest inner product. In ``cosine`` mode
+every norm is 1 and the inner-product metric is used directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attribindex._progress import progress as progress_bar
+from attribindex.config import IndexConfig
+from attribindex.errors import AttribIndexError
+from attribindex.index._flat import bitmap_selector, import_faiss
+from attribindex.store import atomic_open
+
+APPROXIMATE_KINDS = ("ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
+MIN_TRAIN_PER_CENTROID = 39  # faiss k-means warns below this many training points per centroid
+PQ_DIMS_PER_CODE = 8  # default ivf_pq: one byte per 8 dimensions (32× smaller than float32)
+NORM_SAFETY = 1 + 1e-6  # M is raised slightly so that √(M² − ‖x‖²) never takes a rounding-negative argument
+
+_SQ_STORAGE = {"float16": "SQfp16", "bfloat16": "SQbf16"}
+
+
+def default_nlist(rows: int) -> int:
+    """The power of two nearest √rows, capped so that every cell gets 39 training rows.
+
+    Example:
+        >>> default_nlist(1_000_000), default_nlist(4_000), default_nlist(20)
+        (1024, 64, 1)
+    """
+    nearest = 2 ** round(math.log2(max(1.0, math.sqrt(rows))))
+    return max(1, min(nearest, rows // MIN_TRAIN_PER_CENTROID))
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Every resolved parameter of one FAISS segment: what the manifest records and search needs.
+
+    Example:
+        >>> plan = SegmentPlan.resolve(IndexConfig(kind="ivf_pq"), mode="dot", rows=1_000_000, dim=255)
+        >>> plan.factory, plan.index_dim, plan.nprobe
+        ('IVF1024,PQ32', 256, 64)
+    """
+
+    kind: str
+    storage: str
+    metric: str  # "inner_product" or "l2_augmented" (MIPS→L2, dot mode)
+    dim: int  # dimension of the whitened vectors
+    index_dim: int  # dimension FAISS sees: + 1 for the augmentation, zero-padded to a multiple of pq_m
+    nlist: int | None
+    nprobe: int | None
+    pq_m: int | None
+    pq_bits: int | None
+    hnsw_m: int | None
+    ef_construction: int | None
+    ef_search: int | None
+    train_rows: int
+    seed: int
+
+    @classmethod
+    def resolve(cls, config: IndexConfig, mode: str, rows: int, dim: int) -> SegmentPlan:
+        """Fill the parameters `config` leaves open from the segment's size: nlist ≈ √N, nprobe = nlist/16,
+        one PQ byte per 8 dimensions, and a training sample of `train_per_centroid` rows per cell."""
+        kind = config.kind
+        augmented = mode == "dot" and kind in APPROXIMATE_KINDS
+        index_dim = dim + 1 if augmented else dim
+        nlist = nprobe = pq_m = pq_bits = hnsw_m = ef_construction = ef_search = None
+        train_rows = 0
+        if kind.startswith("ivf_"):
+            nlist = min(config.nlist or default_nlist(rows), rows)
+            nprobe = min(config.nprobe or max(1, nlist // 16), nlist)
+            train_rows = min(rows, nlist * config.train_per_centroid)
+        if kind == "ivf_pq":
+            pq_m = config.pq_m or math.ceil(index_dim / PQ_DIMS_PER_CODE)
+            index_dim = pq_m * math.ceil(index_dim / pq_m)
+            train_rows = min(rows, max(train_rows, 256 * MIN_TRAIN_PER_CENTROID))
+            pq_bits = min(8, int(math.log2(train_rows)))  # a PQ codebook needs as many training rows as codes
+        if kind == "hnsw":
+            hnsw_m, ef_construction, ef_search = config.hnsw_m, config.ef_construction, config.ef_search
+        return cls(
+            kind=kind,
+            storage=config.storage,
+            metric="l2_augmented" if augmented else "inner_product",
+            dim=dim,
+            index_dim=index_dim,
+            nlist=nlist,
+            nprobe=nprobe,
+            pq_m=pq_m,
+            pq_bits=pq_bits,
+            hnsw_m=hnsw_m,
+            ef_construction=ef_construction,
+            ef_search=ef_search,
+            train_rows=train_rows,
+            seed=config.seed,
+        )
+
+    @property
+    def factory(self) -> str:
+        """The FAISS index-factory string of this segment."""
+        if self.kind == "flat":
+            return _SQ_STORAGE.get(self.storage, "Flat")
+        if self.kind == "hnsw":
+            return f"HNSW{self.hnsw_m}"
+        codes = {"ivf_flat": "Flat", "ivf_sq8": "SQ8", "ivf_pq": f"PQ{self.pq_m}x{self.pq_bits}"}[self.kind]
+        return f"IVF{self.nlist},{codes.replace('x8', '')}"
+
+    def record(self) -> dict:
+        return asdict(self) | {"factory": self.factory}
+
+    @classmethod
+    def from_record(cls, record: dict) -> SegmentPlan:
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+
+
+def training_rows(plan: SegmentPlan, rows: int) -> np.ndarray:
+    """Sorted row positions of the training sample: `plan.train_rows` drawn without replacement with
+    `plan.seed`, so the same seed and data give the same sample (and, with k-means seeded too, the same index)."""
+    rng = np.random.default_rng(plan.seed)
+    return np.sort(rng.choice(rows, size=plan.train_rows, replace=False))
+
+
+class _Augmentation:
+    """Maps whitened vectors and queries into the space FAISS searches (augmentation and zero padding)."""
+
+    def __init__(self, plan: SegmentPlan, max_norm: float | None):
+        self.plan = plan
+        self.max_norm = max_norm
+
+    def vectors(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)  # (n, D)
+        out = np.zeros((len(x), self.plan.index_dim), dtype=np.float32)  # (n, D')
+        out[:, : x.shape[1]] = x
+        if self.plan.metric == "l2_augmented":
+            squared = np.einsum("nd,nd->n", x, x, dtype=np.float64)
+            out[:, x.shape[1]] = np.sqrt(np.maximum(self.max_norm**2 - squared, 0.0))
+        return out
+
+    def queries(self, q: np.ndarray) -> np.ndarray:
+        q = np.asarray(q, dtype=np.float32)  # (Q, D)
+        out = np.zeros((len(q), self.plan.index_dim), dtype=np.float32)  # (Q, D'): the extra coordinate is 0
+        out[:, : q.shape[1]] = q
+        return out
+
+    def inner_products(self, q: np.ndarray, distances: np.ndarray) -> np.ndarray:
+        """FAISS results → inner products: identity for IP; (‖q‖² + M² − d²) / 2 for augmented L2."""
+        if self.plan.metric != "l2_augmented":
+            return distances
+        squared = np.einsum("qd,qd->q", q, q, dtype=np.float64)[:, None]  # (Q, 1)
+        return ((squared + self.max_norm**2 - distances) / 2).astype(np.float32)
+
+
+def build_segment(
+    path: Path,
+    plan: SegmentPlan,
+    rows: int,
+    blocks: Callable[[], Iterator[np.ndarray]],
+    sample: Callable[[np.ndarray], np.ndarray],
+    progress: bool = True,
+) -> dict:
+    """Train (when the kind needs it) and fill a FAISS segment, then write it atomically to `path`.
+
+    Args:
+        blocks: yields every whitened vector of the segment in row order, block by block (called once,
+            or twice in dot mode: a first pass finds the largest norm M).
+        sample: whitened vectors of the given sorted row positions (the training sample).
+
+    Returns the segment's manifest record: file details are added by the caller.
+    """
+    faiss = import_faiss()
+    max_norm = None
+    if plan.metric == "l2_augmented":
+        norms = (float(np.sqrt(np.einsum("nd,nd->n", b, b, dtype=np.float64).max())) for b in blocks())
+        max_norm = max(norms) * NORM_SAFETY
+    augment = _Augmentation(plan, max_norm)
+    metric = faiss.METRIC_L2 if plan.metric == "l2_augmented" else faiss.METRIC_INNER_PRODUCT
+    index = faiss.index_factory(plan.index_dim, plan.factory, metric)
+    if plan.kind == "hnsw":
+        index.hnsw.efConstruction = plan.ef_construction
+    if not index.is_trained:
+        _seed_clustering(faiss, index, plan.seed)
+        index.train(augment.vectors(sample(training_rows(plan, rows))))
+    with progress_bar(total=rows, desc=f"index {plan.factory}", unit="row", unit_scale=True, enabled=progress) as bar:
+        for block in blocks():
+            index.add(augment.vectors(block))
+            bar.update(len(block))
+    if index.ntotal != rows:
+        raise AttribIndexError(
+            f"built {index.ntotal} vectors for a segment of {rows} rows; the store changed during the build."
+        )
+    with atomic_open(path) as handle:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+    return plan.record() | {"max_norm": max_norm}
+
+
+def _seed_clustering(faiss, index, seed: int) -> None:
+    """Seed every k-means a kind runs (coarse quantiser, product quantiser) for a reproducible index."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None:
+            pq.cp.seed = seed
+
+
+class ApproximateIndex:
+    """One approximate or compressed FAISS segment, searched by inner product in the original space.
+
+    Deleted rows are excluded inside FAISS (an ID selector), so they never come back. `nprobe` and
+    `ef_search` may be changed between searches (the recall evaluation sweeps them).
+
+    Example:
+        >>> segment = ApproximateIndex.load(Path("index/segment.faiss"), record)  # doctest: +SKIP
+        >>> scores, rows = segment.candidates(queries, k=40)  # doctest: +SKIP
+    """
+
+    exact = False
+    on_gpu = False  # approximate segments search on CPU (HNSW has no GPU implementation)
+
+    def __init__(self, index, record: dict):
+        self._index = index
+        self.plan = SegmentPlan.from_record(record)
+        self._augment = _Augmentation(self.plan, record.get("max_norm"))
+        self.nprobe = self.plan.nprobe
+        self.ef_search = self.plan.ef_search
+        self._selector = None
+
+    @classmethod
+    def load(cls, path: Path, record: dict) -> ApproximateIndex:
+        faiss = import_faiss()
+        if not path.is_file():
+            raise AttribIndexError(f"index file {path} is missing. Rebuild the index or restore the file.")
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as err:
+            raise AttribIndexError(
+                f"index file {path} is damaged ({str(err).splitlines()[0]}). Rebuild the index."
+            ) from None
+        if index.d != record["index_dim"]:
+            raise AttribIndexError(
+                f"{path} has dimension {index.d} but the manifest records {record['index_dim']}. Rebuild the index."
+            )
+        return cls(index, record)
+
+    @property
+    def rows(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return self.plan.dim
+
+    @property
+    def description(self) -> str:
+        settings = {"nprobe": self.nprobe if self.plan.nlist else None, "efSearch": self.ef_search}
+        return " ".join([self.plan.factory] + [f"{k}={v}" for k, v in settings.items() if v is not None])
+
+    def exclude(self, local_rows: np.ndarray) -> None:
+        """Never return these segment-local rows (sorted int64)."""
+        if len(local_rows):
+            self._selector = bitmap_selector(self.rows, local_rows)
+
+    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k: ((Q, k) approximate inner products descending, (Q, k) rows, -1 past the end)."""
+        faiss = import_faiss()
+        queries = np.asarray(queries, dtype=np.float32)  # (Q, D)
+        k = min(k, self.rows)
+        if self.plan.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+        elif self.plan.nlist:
+            params = faiss.SearchParametersIVF(nprobe=self.nprobe)
+        else:
+            params = faiss.SearchParameters()
+        if self._selector is not None:
+            params.sel = self._selector[1]
+        distances, rows = self._index.search(self._augment.queries(queries), k, params=params)
+        scores = self._augment.inner_products(queries, distances)  # nearest first = largest inner product first
+        return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows
