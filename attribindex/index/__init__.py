@@ -1,6 +1,7 @@
 """FAISS inner-product indexes over whitened vectors: exact flat, approximate segments, exact re-ranking."""
 
 from attribindex.index._approx import APPROXIMATE_KINDS, ApproximateIndex, SegmentPlan, build_segment, default_nlist
+from attribindex.index._blockwise import TorchFlatIndex, read_flat_vectors
 from attribindex.index._flat import FlatIndex, FlatIndexWriter, gpu_available, import_faiss
 from attribindex.index._rerank import rerank
 from attribindex.index._segments import SegmentedIndex, segment_is_exact
@@ -12,10 +13,12 @@ __all__ = [
     "FlatIndexWriter",
     "SegmentPlan",
     "SegmentedIndex",
+    "TorchFlatIndex",
     "build_segment",
     "default_nlist",
     "gpu_available",
     "import_faiss",
+    "read_flat_vectors",
     "rerank",
     "segment_is_exact",
 ]

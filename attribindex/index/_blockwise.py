@@ -10,10 +10,11 @@ and a running (Q, k) top-k in float32 absorbs each block's top-k.
 Memory bound (on the compute device, beyond the caller's arrays), with e = bytes per element of `dtype`,
 Q queries, N rows of dimension D, B = max_score_bytes::
 
-    B                 score tile, query_tile * row_tile * e <= B (see `score_tile_shape`)
+    B                 score tile, query_tile * row_tile * e <= B (see `score_tile_shape`), one per search, reused
   + B                 top-k merge temporaries (the query tile shrinks when k is large to stay under this)
   + m * B             row blocks, materialised only when converted or streamed (row_tile * D * e <= B):
-                      m = 0 for resident or zero-copy float32 CPU blocks, 1 for converted CPU blocks,
+                      m = 0 for resident blocks and CPU blocks already in `dtype` (zero-copy views),
+                      1 for CPU blocks converted to `dtype`,
                       2 for GPU streaming (double buffer; plus 2 * B of pinned host staging)
   + Q * k * (4 + 8)   running top-k: float32 scores, int64 rows (this is also the size of the answer)
   + Q * D * e         the queries in `dtype`
@@ -23,7 +24,7 @@ plus torch.topk's own workspace. Pages of a memory-mapped store count in RSS as 
 are page cache the kernel reclaims, not allocations.
 
 float16 scores overflow above 65504: use bfloat16 (the GPU default) or float32 for unnormalised vectors;
-an overflow is reported rather than returned.
+an overflow that reaches the top-k is reported rather than returned. Ties come back in an unspecified order.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def score_tile_shape(
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
     """Zero-copy tensor over a numpy block; a read-only memmap is fine because blocks are never written."""
-    if array.dtype not in (np.float16, np.float32, np.float64):  # also catches big-endian and long double
-        array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.dtype not in (np.float16, np.float32, np.float64) or min(array.strides, default=0) < 0:
+        array = np.ascontiguousarray(array, dtype=np.float32)  # big-endian, long double, reversed views
     if array.flags.writeable:
         return torch.from_numpy(array)
     with warnings.catch_warnings():
@@ -149,6 +150,8 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         )
     if device.type not in ("cpu", "cuda"):
         raise AttribIndexError(f"device must be 'cpu', 'cuda' or 'auto', got {str(device)!r}.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # so a tensor on cuda:0 counts as already there
     return device
 
 
@@ -191,8 +194,6 @@ class TorchFlatIndex:
         [[1, 0, -1, -1]]
     """
 
-    exact = True
-
     def __init__(
         self,
         vectors: np.ndarray | torch.Tensor,
@@ -234,6 +235,26 @@ class TorchFlatIndex:
                 self.streamed = True
         elif isinstance(vectors, torch.Tensor) and vectors.device.type != "cpu":
             raise AttribIndexError(f"vectors are on {vectors.device} but device is 'cpu'. Pass vectors.cpu().")
+        self._hidden = np.zeros(0, dtype=np.int64)  # rows `exclude` hides from `candidates`
+
+    @property
+    def exact(self) -> bool:
+        """Float32 scores are exact; bf16/fp16 GEMMs round them, so their candidates are re-ranked."""
+        return self.dtype in (torch.float32, torch.float64)
+
+    @property
+    def description(self) -> str:
+        return f"flat torch {str(self.dtype).removeprefix('torch.')} on {self.device}" + (
+            " streamed" if self.streamed else ""
+        )
+
+    def exclude(self, local_rows: np.ndarray) -> None:
+        """Never return these rows from `candidates` (a segment of a living index hides its deleted rows)."""
+        self._hidden = self._excluded(local_rows)
+
+    def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-min(k, rows) over the rows not excluded (the segment interface of SegmentedIndex)."""
+        return self.search(queries, min(k, self.rows), self._hidden)
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> TorchFlatIndex:
@@ -255,7 +276,8 @@ class TorchFlatIndex:
     def _copy_resident(self) -> torch.Tensor:
         """One (N, D) tensor in `dtype` on the GPU, filled block by block so no full float32 copy is ever there."""
         store = torch.empty((self._rows, self._dim), dtype=self.dtype, device=self.device)  # (N, D)
-        step = max(1, self.max_score_bytes // (self._dim * 4))  # one float32 block in transit
+        source_bytes = self._source.element_size() if isinstance(self._source, torch.Tensor) else self._source.itemsize
+        step = max(1, self.max_score_bytes // (self._dim * source_bytes))  # one source block in transit: <= B
         for start in range(0, self._rows, step):
             stop = min(start + step, self._rows)
             store[start:stop].copy_(self._host_block(start, stop).to(self.device))  # converts on the GPU

@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from attribindex.errors import AttribIndexError
 from attribindex.index._approx import ApproximateIndex
-from attribindex.index._flat import FlatIndex
+from attribindex.index._blockwise import TorchFlatIndex
+from attribindex.index._flat import FlatIndex, gpu_available
 
 
 def segment_is_exact(record: dict) -> bool:
@@ -24,10 +26,15 @@ def segment_is_exact(record: dict) -> bool:
 
 
 def open_segment(root: Path, record: dict, device: str = "auto"):
-    """The segment `record` of a manifest: exact flat (on GPU when allowed) or an approximate FAISS index."""
-    if segment_is_exact(record):
-        return FlatIndex.load(root / record["file"], device=device)
-    return ApproximateIndex.load(root / record["file"], record["plan"])
+    """The segment `record` of a manifest: an approximate FAISS index, or an exact flat one searched by GPU faiss
+    when installed, else by torch GEMMs in bfloat16 on a CUDA GPU (streamed from host memory if it does not
+    fit), else by faiss on CPU (memory-mapped)."""
+    path = root / record["file"]
+    if not segment_is_exact(record):
+        return ApproximateIndex.load(path, record["plan"])
+    if device != "cpu" and not gpu_available() and torch.cuda.is_available():
+        return TorchFlatIndex.load(path, device="cuda")
+    return FlatIndex.load(path, device=device)
 
 
 class SegmentedIndex:

@@ -1,0 +1,92 @@
+"""Approximate index kinds end to end: at full search effort, approximate search plus exact re-ranking returns
+what the exact index returns; appends, deletes and compaction keep working on them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from attribindex import AttributionIndex, append_documents, build_index, compact_index, delete_ids
+from attribindex.config import IndexConfig
+from attribindex.store import layout, read_manifest, verify_files
+from attribindex.testing import write_jsonl
+from tests.conftest import exact_config
+
+QUERIES = ["the quick brown fox", "a tale of two cities", "to be or not to be"]
+
+
+def config_with(**index):
+    config = exact_config(mode="dot")
+    return dataclasses.replace(config, index=IndexConfig(**({"mode": "dot", "device": "cpu"} | index)))
+
+
+def build(tiny_models, data, out, **index):
+    return build_index(config_with(**index), str(tiny_models["gpt2"]), data, out, id_field="id", progress=False)
+
+
+def ranking(answer) -> list[list[tuple[str, float]]]:
+    return [[(a.id, a.score) for a in result.top + result.bottom] for result in answer.results]
+
+
+def assert_same_ranking(found, expected):
+    for got, want in zip(ranking(found), ranking(expected)):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_models, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exact") / "index"
+    build(tiny_models, corpus_file, out)
+    return AttributionIndex.open(out, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {"kind": "ivf_flat", "nlist": 2, "nprobe": 2},
+        {"kind": "ivf_flat", "nlist": 2, "nprobe": 2, "mips": "augment"},
+        {"kind": "ivf_sq8", "nlist": 2, "nprobe": 2},
+        {"kind": "ivf_pq", "nlist": 2, "nprobe": 2, "pq_m": 4},
+        {"kind": "hnsw"},
+        {"kind": "flat", "storage": "bfloat16"},
+    ],
+    ids=lambda index: "-".join(str(v) for v in index.values()),
+)
+def test_full_effort_with_rerank_equals_exact(tiny_models, corpus_file, tmp_path, exact, index):
+    out = tmp_path / "index"
+    build(tiny_models, corpus_file, out, rerank=8, **index)
+    segment = read_manifest(out)["index"]["segments"][0]
+    assert segment["plan"]["kind"] == index["kind"] and segment["file"] != layout.FLAT_INDEX
+    approximate = AttributionIndex.open(out, device="cpu")
+    found = approximate.attribute(QUERIES, k=3, bottom=2)
+    assert not found.exact and "re-scored exactly" in found.search
+    assert_same_ranking(found, exact.attribute(QUERIES, k=3, bottom=2))
+    approximate.configure_search(rerank=0)  # raw approximate scores: no longer the exact ones for quantised kinds
+    assert approximate.attribute(QUERIES, k=3).results[0].top
+
+
+def test_a_living_approximate_index(tiny_models, corpus_records, tmp_path):
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    write_jsonl(old, corpus_records[:16])
+    write_jsonl(new, corpus_records[16:])
+    out = tmp_path / "index"
+    build(tiny_models, old, out, kind="ivf_flat", nlist=2, nprobe=2, rerank=8)
+    append_documents(out, new, id_field="id", progress=False)
+    segments = read_manifest(out)["index"]["segments"]
+    assert [s.get("plan", {}).get("kind", "flat") for s in segments] == ["ivf_flat", "flat"]  # appends: exact flat
+    top_ids = [a.id for a in AttributionIndex.open(out, device="cpu").attribute(QUERIES, k=2).results[0].top]
+
+    delete_ids(out, top_ids)
+    after = AttributionIndex.open(out, device="cpu").attribute(QUERIES, k=22, bottom=22)
+    assert not {a.id for r in after.results for a in r.top + r.bottom} & set(top_ids)
+
+    summary = compact_index(out, progress=False)
+    manifest = read_manifest(out)
+    (segment,) = manifest["index"]["segments"]
+    assert summary.live_rows == 22 and segment["plan"]["kind"] == "ivf_flat" and segment["rows"] == 22
+    assert manifest["index"]["operating_point"] is None and verify_files(out, manifest).ok
+    compacted = AttributionIndex.open(out, device="cpu").attribute(QUERIES, k=22)
+    assert [a.id for a in compacted.results[0].top] == [a.id for a in after.results[0].top]
