@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from attribindex.config import BuildConfig, load_config  # noqa: E402
 from attribindex.data import PromptCompletion  # noqa: E402
 from attribindex.errors import AttribIndexError, IndexMismatchError  # noqa: E402
+from attribindex.eval import RecallReport, measure_recall  # noqa: E402
 from attribindex.pipeline import (  # noqa: E402
     AppendSummary,
     BuildSummary,
@@ -23,6 +24,7 @@ from attribindex.pipeline import (  # noqa: E402
     delete_ids,
     merge_shards,
     refresh_index,
+    set_operating_point,
 )
 from attribindex.query import Attribution, AttributionIndex, Attributions, QueryResult, QueryVectors  # noqa: E402
 from attribindex.serve import Client  # noqa: E402
@@ -42,11 +44,14 @@ __all__ = [
     "PromptCompletion",
     "QueryResult",
     "QueryVectors",
+    "RecallReport",
     "append_documents",
     "build_index",
     "compact_index",
     "delete_ids",
     "load_config",
+    "measure_recall",
     "merge_shards",
     "refresh_index",
+    "set_operating_point",
 ]

@@ -311,9 +311,13 @@ def _replace_checked(section, overrides: dict):
     show_default=True,
     help="Where the model and the index run.",
 )
+@click.option("--nprobe", type=int, default=None, help="IVF cells scanned (default: the recorded operating point).")
+@click.option("--ef-search", type=int, default=None, help="HNSW candidate list (default: the operating point).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--width", type=int, default=100, show_default=True, help="Characters of text shown per result.")
-def query(index_dir, server, token, texts, prompt, completion, k, bottom, model, device, as_json, width):
+def query(
+    index_dir, server, token, texts, prompt, completion, k, bottom, model, device, nprobe, ef_search, as_json, width
+):
     """Find the training examples that most influenced a text.
 
     \b
@@ -341,7 +345,9 @@ def query(index_dir, server, token, texts, prompt, completion, k, bottom, model,
         with Client(server, token=token) as remote:
             answer = remote.attribute(queries, k=k, bottom=bottom)
     else:
-        answer = AttributionIndex.open(index_dir, model=model, device=device).attribute(queries, k=k, bottom=bottom)
+        index = AttributionIndex.open(index_dir, model=model, device=device)
+        index.configure_search(nprobe=nprobe, ef_search=ef_search)
+        answer = index.attribute(queries, k=k, bottom=bottom)
     if as_json:
         click.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
         return
@@ -355,8 +361,79 @@ def query(index_dir, server, token, texts, prompt, completion, k, bottom, model,
                 click.echo(f"  {rank:3d}. {a.score:+.4f}  {a.id}  {one_line(a.text, width)}")
     click.echo(
         f"\n{answer.index_id} v{answer.index_version}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms "
-        f"({answer.mode}, exact)"
+        f"({answer.mode}, {'exact' if answer.exact else 'approximate: ' + answer.search})"
     )
+
+
+@main.group(name="eval")
+def eval_group() -> None:
+    """Measure an index: recall of approximate search against exact search."""
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 1,4,16, got {value!r}.") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}.")
+    return numbers
+
+
+@eval_group.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--queries", "queries_path", required=True, help="Held-out query texts: .jsonl, folder of .txt, or dataset."
+)
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text (jsonl / datasets).")
+@click.option("--limit", type=int, default=200, show_default=True, help="Use the first N queries.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Recall@k.")
+@click.option("--target", type=float, default=0.95, show_default=True, help="Recall the operating point must reach.")
+@click.option("--nprobe", default=None, help="IVF cells to try, e.g. 1,4,16 (default: 1, 2, 4, … nlist).")
+@click.option("--ef-search", default=None, help="HNSW efSearch values to try (default: 16 … 512).")
+@click.option("--rerank", type=int, default=None, help="Re-rank factor to measure with (default: the index's).")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write recall vs latency as a PNG.")
+@click.option(
+    "--record/--no-record", default=True, show_default=True, help="Record the operating point in the manifest."
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def recall(
+    index_dir, queries_path, text_field, limit, k, target, nprobe, ef_search, rerank, plot, record, device, as_json
+):
+    """Recall@k and latency of an approximate index per search setting, against exact search on held-out
+    queries; records the fastest setting that reaches --target as the index's operating point.
+
+    \b
+    Example:
+      attribindex eval recall my-ivf-index --queries held-out.jsonl -k 10 --plot recall.png
+    """
+    from attribindex.data import open_corpus
+    from attribindex.eval import measure_recall, plot_recall
+    from attribindex.pipeline import set_operating_point
+    from attribindex.query import AttributionIndex
+
+    index = AttributionIndex.open(index_dir, device=device)
+    texts = [document.text for document in open_corpus(queries_path, text_field=text_field, limit=limit)]
+    vectors = index.query_vectors(texts).vectors
+    settings = None
+    if nprobe is not None or ef_search is not None:
+        settings = [{"nprobe": n} for n in _int_list(nprobe) or []]
+        settings += [{"ef_search": n} for n in _int_list(ef_search) or []]
+    report = measure_recall(index, vectors, k=k, settings=settings, rerank=rerank, target=target)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.format())
+    if plot is not None:
+        click.echo(f"plot         {plot_recall(report, plot)}", err=as_json)
+    if record:
+        version = set_operating_point(index_dir, report.operating_point(), index.version)
+        click.echo(
+            f"recorded     operating point {report.chosen.label} in {index_dir} (version {version})", err=as_json
+        )
 
 
 @main.command()

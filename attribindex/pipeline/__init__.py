@@ -2,7 +2,7 @@
 
 from attribindex.pipeline._append import AppendSummary, append_documents
 from attribindex.pipeline._build import BuildSummary, build_index
-from attribindex.pipeline._edit import EditSummary, compact_index, delete_ids, refresh_index
+from attribindex.pipeline._edit import EditSummary, compact_index, delete_ids, refresh_index, set_operating_point
 from attribindex.pipeline._merge import MergeSummary, merge_shards
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "delete_ids",
     "merge_shards",
     "refresh_index",
+    "set_operating_point",
 ]

@@ -218,3 +218,24 @@ def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
         time.perf_counter() - started,
         drift_before=drift,
     )
+
+
+def set_operating_point(index_dir: str | Path, point: dict, measured_version: int) -> int:
+    """Record the search setting `eval recall` chose (e.g. ``{"nprobe": 16, "recall": 0.97, …}``) in the manifest,
+    as a mutation: searches use it from then on. Refused when the index changed after the measurement.
+
+    Returns the new index version.
+
+    Example:
+        >>> set_operating_point("my-index", report.operating_point(), index.version)  # doctest: +SKIP
+    """
+    root = Path(index_dir)
+    with mutation(root) as change:
+        if change.version - 1 != measured_version:
+            raise AttribIndexError(
+                f"{root} changed (version {change.version - 1}) after recall was measured on version "
+                f"{measured_version}. Measure again: `attribindex eval recall {root} …`."
+            )
+        change.manifest["index"]["operating_point"] = point
+        settings = {k: point[k] for k in ("nprobe", "ef_search", "recall", "k") if k in point}
+        return commit(change, {"event": "operating_point"} | settings)["version"]
