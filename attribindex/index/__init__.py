@@ -1,13 +1,12 @@
 """FAISS inner-product indexes over whitened vectors: exact flat, approximate segments, exact re-ranking."""
 
-from attribindex.index._approx import APPROXIMATE_KINDS, ApproximateIndex, SegmentPlan, build_segment, default_nlist
+from attribindex.index._approx import ApproximateIndex, SegmentPlan, build_segment, default_nlist
 from attribindex.index._blockwise import TorchFlatIndex, read_flat_vectors
 from attribindex.index._flat import FlatIndex, FlatIndexWriter, gpu_available, import_faiss
 from attribindex.index._rerank import rerank
 from attribindex.index._segments import SegmentedIndex, segment_is_exact
 
 __all__ = [
-    "APPROXIMATE_KINDS",
     "ApproximateIndex",
     "FlatIndex",
     "FlatIndexWriter",

@@ -29,7 +29,6 @@ from attribindex.errors import AttribIndexError
 from attribindex.index._flat import bitmap_selector, import_faiss
 from attribindex.store import atomic_open
 
-APPROXIMATE_KINDS = ("ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 MIN_TRAIN_PER_CENTROID = 39  # faiss k-means warns below this many training points per centroid
 PQ_DIMS_PER_CODE = 4  # default ivf_pq: one code per 4 dimensions (16× smaller than float32; 8 recalled 0.86 at 10 × k)
 NORM_SAFETY = 1 + 1e-6  # M is raised slightly so that √(M² − ‖x‖²) never takes a rounding-negative argument
@@ -76,9 +75,9 @@ class SegmentPlan:
     @classmethod
     def resolve(cls, config: IndexConfig, mode: str, rows: int, dim: int) -> SegmentPlan:
         """Fill the parameters `config` leaves open from the segment's size: nlist ≈ √N, nprobe = nlist/16,
-        one PQ byte per 8 dimensions, and a training sample of `train_per_centroid` rows per cell."""
+        one PQ code per 4 dimensions, and a training sample of `train_per_centroid` rows per cell."""
         kind = config.kind
-        augmented = mode == "dot" and kind in APPROXIMATE_KINDS and config.mips == "augment"
+        augmented = mode == "dot" and kind == "ivf_flat" and config.mips in ("auto", "augment")
         index_dim = dim + 1 if augmented else dim
         nlist = nprobe = pq_m = pq_bits = hnsw_m = ef_construction = ef_search = None
         train_rows = 0
@@ -118,8 +117,8 @@ class SegmentPlan:
             return _SQ_STORAGE.get(self.storage, "Flat")
         if self.kind == "hnsw":
             return f"HNSW{self.hnsw_m}"
-        codes = {"ivf_flat": "Flat", "ivf_sq8": "SQ8", "ivf_pq": f"PQ{self.pq_m}x{self.pq_bits}"}[self.kind]
-        return f"IVF{self.nlist},{codes.replace('x8', '')}"
+        pq = f"PQ{self.pq_m}" + (f"x{self.pq_bits}" if self.pq_bits != 8 else "")
+        return f"IVF{self.nlist}," + {"ivf_flat": "Flat", "ivf_sq8": "SQ8", "ivf_pq": pq}[self.kind]
 
     def record(self) -> dict:
         return asdict(self) | {"factory": self.factory}
@@ -178,7 +177,7 @@ def build_segment(
 
     Args:
         blocks: yields every whitened vector of the segment in row order, block by block (called once,
-            or twice in dot mode: a first pass finds the largest norm M).
+            or twice when augmented: a first pass finds the largest norm M).
         sample: whitened vectors of the given sorted row positions (the training sample).
 
     Returns the segment's manifest record: file details are added by the caller.
@@ -186,8 +185,12 @@ def build_segment(
     faiss = import_faiss()
     max_norm = None
     if plan.metric == "l2_augmented":
-        norms = (float(np.sqrt(np.einsum("nd,nd->n", b, b, dtype=np.float64).max())) for b in blocks())
-        max_norm = max(norms) * NORM_SAFETY
+        with progress_bar(total=rows, desc="norms", unit="row", unit_scale=True, enabled=progress) as bar:
+            for block in blocks():
+                norm = float(np.sqrt(np.einsum("nd,nd->n", block, block, dtype=np.float64).max()))
+                max_norm = max(max_norm or 0.0, norm)
+                bar.update(len(block))
+        max_norm *= NORM_SAFETY
     augment = _Augmentation(plan, max_norm)
     metric = faiss.METRIC_L2 if plan.metric == "l2_augmented" else faiss.METRIC_INNER_PRODUCT
     index = faiss.index_factory(plan.index_dim, plan.factory, metric)
@@ -195,7 +198,9 @@ def build_segment(
         index.hnsw.efConstruction = plan.ef_construction
     if not index.is_trained:
         _seed_clustering(faiss, index, plan.seed)
-        index.train(augment.vectors(sample(training_rows(plan, rows))))
+        with progress_bar(total=plan.train_rows, desc="train", unit="row", unit_scale=True, enabled=progress) as bar:
+            index.train(augment.vectors(sample(training_rows(plan, rows))))
+            bar.update(plan.train_rows)
     with progress_bar(total=rows, desc=f"index {plan.factory}", unit="row", unit_scale=True, enabled=progress) as bar:
         for block in blocks():
             index.add(augment.vectors(block))

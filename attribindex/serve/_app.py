@@ -168,6 +168,8 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
             "model": manifest["model"]["name_or_path"],
             "hessian": manifest["hessian"]["kind"],
             "normalization": index.mode,
+            "search": index.search_description,
+            "operating_point": manifest["index"].get("operating_point"),
             "limits": asdict(limits),
             "batches_run": batcher.batches,
         }
@@ -182,9 +184,10 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
             index_id=answered_by.index_id,
             index_version=answered_by.version,
             latency_ms=(time.perf_counter() - started) * 1000,
-            exact=True,
+            exact=answered_by.index.exact,
             mode=answered_by.mode,
             results=results,
+            search=answered_by.search_description,
         ).to_dict()
         if not body.include_text:
             for result in answer["results"]:

@@ -22,6 +22,17 @@ def test_required_presets_exist():
     assert load_config("llama3-8b-paper").projection.rank_in == 64
 
 
+def test_index_kinds_come_from_presets_and_are_validated(tmp_path):
+    assert load_config("llama3-8b-ivfpq").index.kind == "ivf_pq" and not load_config("demo-hnsw").index.exact
+    path = tmp_path / "c.yaml"
+    path.write_text("index:\n  kind: hnsw\n  storage: float16\n")
+    with pytest.raises(AttribIndexError, match="index.storage=float16 applies to kind 'flat' only"):
+        load_config(path)
+    path.write_text("index:\n  kind: ivf_pq\n  train_per_centroid: 10\n")
+    with pytest.raises(AttribIndexError, match="train_per_centroid must be within 39..256"):
+        load_config(path)
+
+
 def test_unknown_key_suggests_the_right_one(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("hessian:\n  dampng: 0.1\n")

@@ -47,7 +47,7 @@ def exact(tiny_models, corpus_file, tmp_path_factory):
     "index",
     [
         {"kind": "ivf_flat", "nlist": 2, "nprobe": 2},
-        {"kind": "ivf_flat", "nlist": 2, "nprobe": 2, "mips": "augment"},
+        {"kind": "ivf_flat", "nlist": 2, "nprobe": 2, "mips": "inner_product"},
         {"kind": "ivf_sq8", "nlist": 2, "nprobe": 2},
         {"kind": "ivf_pq", "nlist": 2, "nprobe": 2, "pq_m": 4},
         {"kind": "hnsw"},
