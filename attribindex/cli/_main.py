@@ -392,7 +392,9 @@ def _int_list(value: str | None) -> list[int] | None:
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Recall@k.")
 @click.option("--target", type=float, default=0.95, show_default=True, help="Recall the operating point must reach.")
 @click.option("--nprobe", default=None, help="IVF cells to try, e.g. 1,4,16 (default: 1, 2, 4, … nlist).")
-@click.option("--ef-search", default=None, help="HNSW efSearch values to try (default: 16 … 512).")
+@click.option(
+    "--ef-search", default=None, help="HNSW efSearch values to try (default: rerank × k, then doubling to 512)."
+)
 @click.option("--rerank", type=int, default=None, help="Re-rank factor to measure with (default: the index's).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write recall vs latency as a PNG.")
 @click.option(
@@ -446,6 +448,7 @@ def info(index_dir, as_json):
     Example:
       attribindex info my-index
     """
+    from attribindex.index import describe_segments
     from attribindex.store import read_manifest
 
     manifest = read_manifest(index_dir, kind="any")
@@ -482,8 +485,7 @@ def info(index_dir, as_json):
             f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
             + _spectrum(hessian.get("modules", {})),
             f"scores       {manifest['normalization']}  ({len(segments)} segment{'s' if len(segments) > 1 else ''}: "
-            + " + ".join(f"{s.get('plan', {}).get('factory', 'Flat')} ({s['rows']:,} rows)" for s in segments)
-            + ")",
+            f"{describe_segments(segments)})",
         ]
         point = manifest["index"].get("operating_point")
         if point:

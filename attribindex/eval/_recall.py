@@ -95,8 +95,9 @@ class RecallReport:
         return asdict(self) | {"operating_point": self.operating_point()}
 
 
-def default_settings(index: AttributionIndex) -> list[dict]:
-    """The sweep for the index's approximate segments: nprobe 1, 2, 4, … nlist; efSearch 16 … 512."""
+def default_settings(index: AttributionIndex, k: int) -> list[dict]:
+    """The sweep for the index's approximate segments: nprobe 1, 2, 4, … nlist; or efSearch from the number of
+    candidates fetched (HNSW never searches with fewer) doubling up to 512."""
     plans = [s.plan for s in index.index.segments if isinstance(s, ApproximateIndex)]
     if not plans:
         raise AttribIndexError(
@@ -107,7 +108,8 @@ def default_settings(index: AttributionIndex) -> list[dict]:
     if nlist:
         return [{"nprobe": 2**i} for i in range(nlist.bit_length()) if 2**i < nlist] + [{"nprobe": nlist}]
     if any(p.kind == "hnsw" for p in plans):
-        return [{"ef_search": 2**i} for i in range(4, 10)]
+        candidates = max(k, index.rerank * k)
+        return [{"ef_search": candidates}] + [{"ef_search": 2**i} for i in range(4, 10) if 2**i > candidates]
     return [{}]
 
 
@@ -143,6 +145,7 @@ def measure_recall(
     Args:
         vectors: (Q, D) whitened query vectors (`AttributionIndex.query_vectors(...).vectors`).
         settings: e.g. ``[{"nprobe": 4}, {"nprobe": 16}]`` (default: `default_settings`).
+            An HNSW efSearch below the number of candidates fetched searches with that number instead.
         rerank: re-rank factor to measure with (default: the index's).
         target: the recall the operating point must reach.
 
@@ -157,7 +160,7 @@ def measure_recall(
     if not 0 < target <= 1:
         raise AttribIndexError(f"the recall target must be in (0, 1], got {target}.")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    settings = settings if settings is not None else default_settings(index)
+    settings = settings if settings is not None else default_settings(index, k)
     started = time.perf_counter()
     _, truth = exact_top_k(index, vectors, k)
     exact_ms = (time.perf_counter() - started) * 1000 / len(vectors)

@@ -4,7 +4,7 @@ from attribindex.index._approx import ApproximateIndex, SegmentPlan, build_segme
 from attribindex.index._blockwise import TorchFlatIndex, read_flat_vectors
 from attribindex.index._flat import FlatIndex, FlatIndexWriter, gpu_available, import_faiss
 from attribindex.index._rerank import rerank
-from attribindex.index._segments import SegmentedIndex, segment_is_exact
+from attribindex.index._segments import SegmentedIndex, describe_segments, segment_is_exact
 
 __all__ = [
     "ApproximateIndex",
@@ -15,6 +15,7 @@ __all__ = [
     "TorchFlatIndex",
     "build_segment",
     "default_nlist",
+    "describe_segments",
     "gpu_available",
     "import_faiss",
     "read_flat_vectors",

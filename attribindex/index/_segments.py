@@ -25,6 +25,11 @@ def segment_is_exact(record: dict) -> bool:
     return plan is None or (plan["kind"] == "flat" and plan["storage"] == "float32")
 
 
+def describe_segments(records: list[dict]) -> str:
+    """The segments of a manifest in one line, e.g. ``IVF1024,PQ64 (1,000,000 rows) + Flat (2,000 rows)``."""
+    return " + ".join(f"{r.get('plan', {}).get('factory', 'Flat')} ({r['rows']:,} rows)" for r in records)
+
+
 def open_segment(root: Path, record: dict, device: str = "auto"):
     """The segment `record` of a manifest: an approximate FAISS index, or an exact flat one searched by GPU faiss
     when installed, else by torch GEMMs in bfloat16 on a CUDA GPU (streamed from host memory if it does not

@@ -22,6 +22,7 @@ from attribindex import __version__
 from attribindex.config import BuildConfig, config_to_dict
 from attribindex.data import Corpus, open_corpus, shard_window
 from attribindex.errors import AttribIndexError
+from attribindex.index import describe_segments
 from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
 from attribindex.model import DTYPES, load_model, model_description
 from attribindex.pipeline._extract import extract, read_checkpoint, release_freed_memory, remove_temporaries
@@ -56,6 +57,8 @@ class BuildSummary:
     resumed_rows: int = 0  # rows already written by an interrupted run that this one continued
     kind: str = "index"  # "index", "shard I of N", or "index of N shards …"
     merge: MergeSummary | None = None  # for a multi-shard build: how its shards were merged
+    search: str = ""  # the searchable segments, e.g. "IVF1024,PQ64 (1,000,000 rows)"; empty for a shard
+    approximate: bool = False
 
     def format(self) -> str:
         new_rows = self.rows - self.resumed_rows
@@ -72,6 +75,10 @@ class BuildSummary:
             f"total      {self.total_seconds:.1f} s",
             f"on disk    {self.bytes_on_disk / 2**20:.1f} MiB",
         ]
+        if self.search:
+            lines.append(f"search     {self.search}")
+        if self.approximate:
+            lines.append(f"           approximate: `attribindex eval recall {self.out} --queries …` measures it")
         return (self.merge.format() + "\n\n" if self.merge else "") + "\n".join(lines)
 
 
@@ -336,6 +343,8 @@ def _build(
         bytes_on_disk=bytes_on_disk(out),
         resumed_rows=extraction.resumed_rows,
         kind=kind,
+        search=describe_segments(manifest["index"]["segments"]) if "index" in manifest else "",
+        approximate=not config.index.exact and "index" in manifest,
     )
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from attribindex import AttribIndexError, AttributionIndex, build_index, measure_recall, set_operating_point
 from attribindex.cli import main
 from attribindex.config import IndexConfig
-from attribindex.eval import exact_top_k
+from attribindex.eval import default_settings, exact_top_k
 from attribindex.store import layout, read_manifest
 from attribindex.testing import tiny_corpus, write_jsonl
 from tests.conftest import exact_config
@@ -96,6 +96,19 @@ def test_cli_records_the_operating_point_and_draws_the_plot(tiny_models, corpus,
     assert manifest["log"][-1]["event"] == "operating_point"
     assert AttributionIndex.open(out, load_model_now=False).index.segments[0].nprobe == 8  # searches use it
     assert "operating    nprobe=8: recall@5 1.000" in CliRunner().invoke(main, ["info", str(out)]).output
+    query = ["query", str(out), "--text", "a held-out query", "-k", "3", "--device", "cpu"]
+    assert "approximate: IVF8,Flat nprobe=8, 2 × k re-scored exactly" in CliRunner().invoke(main, query).output
+    overridden = CliRunner().invoke(main, query + ["--nprobe", "2"]).output
+    assert "approximate: IVF8,Flat nprobe=2, 2 × k re-scored exactly" in overridden
     with pytest.raises(AttribIndexError, match="after recall was measured on version 1"):
         set_operating_point(out, point, measured_version=1)
     assert (out / layout.MANIFEST).is_file() and read_manifest(out)["version"] == 2
+
+
+def test_hnsw_sweeps_efsearch_from_the_candidate_count(tiny_models, corpus, tmp_path):
+    _, train, _ = corpus
+    index = AttributionIndex.open(build(tiny_models, train, tmp_path / "hnsw", kind="hnsw", rerank=2), device="cpu")
+    settings = default_settings(index, k=5)  # 2 × 5 candidates: HNSW never searches with fewer
+    assert settings == [{"ef_search": 10}] + [{"ef_search": 2**i} for i in range(4, 10)]
+    report = measure_recall(index, held_out_vectors(index, corpus), k=5, settings=settings[:2])
+    assert len(report.points) == 2 and all(0 < p.recall <= 1 for p in report.points)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from attribindex import (
     delete_ids,
 )
 from attribindex.cli import main
+from attribindex.config import IndexConfig
 from attribindex.testing import server_log, start_server, write_jsonl
 from tests.conftest import exact_config
 
@@ -191,3 +193,22 @@ def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tin
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def test_an_approximate_index_is_served_as_approximate(tiny_models, corpus_file, tmp_path):
+    config = exact_config("cosine")
+    config = dataclasses.replace(config, index=IndexConfig(mode="cosine", kind="hnsw", device="cpu"))
+    out = tmp_path / "hnsw"
+    build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    process, url = start_server(out)
+    try:
+        with Client(url) as client:
+            remote = client.attribute(QUERIES, k=5)
+            info = client.info()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    local = AttributionIndex.open(out).attribute(QUERIES, k=5)
+    _assert_same(remote, local)
+    assert not remote.exact and remote.search == local.search == "HNSW32 efSearch=64, 4 × k re-scored exactly"
+    assert info["search"] == remote.search and info["operating_point"] is None
