@@ -4,15 +4,18 @@ what the exact index returns; appends, deletes and compaction keep working on th
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import numpy as np
 import pytest
+import yaml
 
 from attribindex import AttributionIndex, append_documents, build_index, compact_index, delete_ids
-from attribindex.config import IndexConfig
+from attribindex.config import IndexConfig, config_to_dict
 from attribindex.store import layout, read_manifest, verify_files
 from attribindex.testing import write_jsonl
 from tests.conftest import exact_config
+from tests.killing import run_killed
 
 QUERIES = ["the quick brown fox", "a tale of two cities", "to be or not to be"]
 
@@ -90,3 +93,30 @@ def test_a_living_approximate_index(tiny_models, corpus_records, tmp_path):
     assert manifest["index"]["operating_point"] is None and verify_files(out, manifest).ok
     compacted = AttributionIndex.open(out, device="cpu").attribute(QUERIES, k=22)
     assert [a.id for a in compacted.results[0].top] == [a.id for a in after.results[0].top]
+
+
+def test_a_build_killed_while_training_resumes_to_the_same_bytes(tiny_models, corpus_file, tmp_path):
+    """The training sample and k-means are seeded: the resumed build writes the uninterrupted build's segment."""
+    config = config_with(kind="ivf_pq", nlist=2, pq_m=4)
+    config_file = tmp_path / "ivf.yaml"
+    config_file.write_text(yaml.safe_dump(config_to_dict(config)))
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    build_index(config, str(tiny_models["gpt2"]), corpus_file, whole, id_field="id", progress=False)
+    kill_at = ("attribindex.index._approx", "training_rows", 1, "after")
+    killed = run_killed(
+        kill_at,
+        "build_index",
+        tiny_models["gpt2"],
+        corpus_file,
+        out,
+        config=str(config_file),
+        id_field="id",
+        progress=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not layout.is_index_dir(out)
+    summary = build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    assert summary.resumed_rows == 24 and "IVF2,PQ4" in summary.search  # extraction was kept, only the index redone
+    segment = read_manifest(out)["index"]["segments"][0]
+    assert (out / segment["file"]).read_bytes() == (whole / segment["file"]).read_bytes()
+    assert not any(layout.is_temporary(p.name) for p in out.rglob("*"))
