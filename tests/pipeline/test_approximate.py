@@ -120,3 +120,14 @@ def test_a_build_killed_while_training_resumes_to_the_same_bytes(tiny_models, co
     segment = read_manifest(out)["index"]["segments"][0]
     assert (out / segment["file"]).read_bytes() == (whole / segment["file"]).read_bytes()
     assert not any(layout.is_temporary(p.name) for p in out.rglob("*"))
+
+
+def test_a_sharded_build_merges_into_the_same_approximate_index(tiny_models, corpus_file, tmp_path):
+    config = config_with(kind="ivf_sq8", nlist=2)
+    for out, shards in ((tmp_path / "single", None), (tmp_path / "sharded", 3)):
+        build_index(
+            config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False, num_shards=shards
+        )
+    single, sharded = (read_manifest(tmp_path / name)["index"]["segments"][0] for name in ("single", "sharded"))
+    assert single["plan"] == sharded["plan"]
+    assert (tmp_path / "single" / single["file"]).read_bytes() == (tmp_path / "sharded" / sharded["file"]).read_bytes()
