@@ -438,6 +438,42 @@ def recall(
         )
 
 
+@eval_group.command()
+@click.argument("index_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--ground-truth",
+    "ground_truth",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder written by make_ground_truth: subsets, their query losses, training ids, queries.",
+)
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples of the queries.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a predicted-vs-actual scatter PNG.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def lds(index_dir, ground_truth, bootstrap, plot, device, as_json):
+    """Linear datamodeling score of an index against retrained-subset ground truth: the mean over queries of
+    the Spearman correlation between predicted influence sums and actual subset losses, with a bootstrap CI.
+
+    \b
+    Example:
+      attribindex eval lds my-index --ground-truth gt/ --plot lds.png
+    """
+    from attribindex.eval import GroundTruth, linear_datamodeling_score, plot_lds, training_scores
+    from attribindex.query import AttributionIndex
+
+    truth = GroundTruth.load(ground_truth).complete()
+    index = AttributionIndex.open(index_dir, device=device)
+    scores = training_scores(index, truth.queries, truth.train_ids)
+    result = linear_datamodeling_score(scores, truth.subsets, truth.losses, bootstrap=bootstrap)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(result.format())
+    if plot is not None:
+        click.echo(f"plot         {plot_lds(result, truth.losses, plot, title=str(index_dir))}", err=as_json)
+
+
 @main.command()
 @click.argument("index_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")

@@ -1,0 +1,199 @@
+"""Counterfactual ground truth for attribution: retrain a causal LM on random subsets of its training data and
+record each subset model's loss on the queries (the input of the linear datamodeling score).
+
+On-disk (a folder, written atomically after every subset, so an interrupted run resumes):
+  ground_truth.json   what was trained: init model, training ids, queries, fraction, seeds, recipe, progress
+  subsets.npy         (M, N) bool: subset m holds training example i (drawn up front from `seed`)
+  losses.npy          (M, Q) float64: summed token loss of query q under the model trained on subset m (NaN = not yet)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribindex._progress import progress as progress_bar
+from attribindex.data import Document, PromptCompletion, batched, collate, tokenize
+from attribindex.errors import AttribIndexError
+from attribindex.logra import per_example_loss
+from attribindex.model import load_model, model_fingerprint
+from attribindex.store import atomic_open, write_json
+
+GROUND_TRUTH_FORMAT = "attribindex-ground-truth"
+META, SUBSETS, LOSSES = "ground_truth.json", "subsets.npy", "losses.npy"
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How every subset model is trained from the same initial weights (AdamW, shuffled mini-batches).
+
+    Example:
+        >>> TrainingRecipe(epochs=4, learning_rate=3e-3).batch_size
+        8
+    """
+
+    epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2 or self.learning_rate <= 0:
+            raise AttribIndexError(f"invalid training recipe {self}: epochs, batch_size >= 1, max_length >= 2, lr > 0.")
+
+
+def train_causal_lm(model, tokenizer, documents: list[Document], recipe: TrainingRecipe, seed: int):
+    """Train `model` in place on `documents` (mean token loss per batch, AdamW), data order from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = [tokenize(tokenizer, d.text, recipe.max_length, d.id) for d in documents]
+    examples = [e for e in examples if sum(e.loss_mask)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    model.train().requires_grad_(True)
+    for _ in range(recipe.epochs):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for group in batched([examples[i] for i in order], recipe.batch_size):
+            batch = collate(group, pad)
+            losses = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
+            loss = losses.sum() / batch.loss_mask[:, 1:].sum()  # mean over target tokens
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+def query_losses(model, tokenizer, queries: list[str | PromptCompletion], max_length: int) -> np.ndarray:
+    """(Q,) summed token loss of each query (completion tokens only for PromptCompletion): the loss whose
+    gradient attribution explains."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = [tokenize(tokenizer, q, max_length, f"query {i}") for i, q in enumerate(queries)]
+    out = []
+    with torch.no_grad():
+        for group in batched(examples, 16):
+            batch = collate(group, pad)
+            out.append(per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, False).double())
+    return torch.cat(out).numpy()
+
+
+@dataclass
+class GroundTruth:
+    """Subsets and per-subset query losses, as `make_ground_truth` writes them.
+
+    Example:
+        >>> truth = GroundTruth.load("gt")  # doctest: +SKIP
+        >>> truth.subsets.shape, truth.losses.shape  # doctest: +SKIP
+        ((50, 400), (50, 40))
+    """
+
+    meta: dict
+    subsets: np.ndarray  # (M, N) bool
+    losses: np.ndarray  # (M, Q) float64, NaN where not trained yet
+
+    @property
+    def completed(self) -> int:
+        return int((~np.isnan(self.losses)).all(axis=1).sum())
+
+    @property
+    def train_ids(self) -> list[str]:
+        return self.meta["train_ids"]
+
+    @property
+    def queries(self) -> list[str | PromptCompletion]:
+        return [PromptCompletion(**q) if isinstance(q, dict) else q for q in self.meta["queries"]]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GroundTruth:
+        folder = Path(folder)
+        if not (folder / META).is_file():
+            raise AttribIndexError(
+                f"{folder} holds no ground truth ({META} is missing). Create it with make_ground_truth "
+                f"(tools/lds_shakespeare.py shows how)."
+            )
+        meta = json.loads((folder / META).read_text())
+        if meta.get("format") != GROUND_TRUTH_FORMAT:
+            raise AttribIndexError(
+                f"{folder / META} is not an attribindex ground truth (format {meta.get('format')!r})."
+            )
+        return cls(meta, np.load(folder / SUBSETS), np.load(folder / LOSSES))
+
+    def complete(self) -> GroundTruth:
+        """Only the subsets whose models are trained (an interrupted run still gives a usable, smaller truth)."""
+        done = ~np.isnan(self.losses).any(axis=1)
+        return GroundTruth(self.meta, self.subsets[done], self.losses[done])
+
+
+def make_ground_truth(
+    init_model: str | Path,
+    documents: list[Document],
+    queries: list[str | PromptCompletion],
+    out: str | Path,
+    *,
+    subsets: int = 50,
+    fraction: float = 0.5,
+    recipe: TrainingRecipe = TrainingRecipe(),
+    seed: int = 0,
+    progress: bool = True,
+) -> GroundTruth:
+    """Train `subsets` models from `init_model`'s weights, each on a random `fraction` of `documents`, and
+    store their losses on `queries`. Rerunning the same call resumes after the last finished subset; a call
+    with other settings is refused.
+
+    Example:
+        >>> docs = list(open_corpus("train.jsonl", id_field="id"))  # doctest: +SKIP
+        >>> truth = make_ground_truth("tiny-llama-init", docs, ["To be, or not to be"], "gt", subsets=30)  # doctest: +SKIP
+    """
+    if subsets < 3 or not 0 < fraction < 1:
+        raise AttribIndexError(f"need >= 3 subsets and 0 < fraction < 1, got {subsets} and {fraction}.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(str(init_model), "float32", "cpu")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    meta = {
+        "format": GROUND_TRUTH_FORMAT,
+        "version": 1,
+        "init_model": {"path": str(Path(init_model).resolve()), "fingerprint": model_fingerprint(model)},
+        "train_ids": [d.id for d in documents],
+        "queries": [dataclasses.asdict(q) if isinstance(q, PromptCompletion) else q for q in queries],
+        "subsets": subsets,
+        "fraction": fraction,
+        "seed": seed,
+        "subset_seeds": [int(s) for s in rng.integers(0, 2**31 - 1, size=subsets)],
+        "recipe": dataclasses.asdict(recipe),
+    }
+    if (out / META).is_file():
+        truth = GroundTruth.load(out)
+        if {k: v for k, v in truth.meta.items() if k != "completed"} != meta:
+            raise AttribIndexError(
+                f"{out} holds ground truth made with other settings. Use another folder, or delete it to start over."
+            )
+    else:
+        membership = np.zeros((subsets, len(documents)), dtype=bool)  # (M, N)
+        for m, subset_seed in enumerate(meta["subset_seeds"]):
+            chosen = np.random.default_rng(subset_seed).choice(len(documents), round(fraction * len(documents)), False)
+            membership[m, chosen] = True
+        truth = GroundTruth(meta, membership, np.full((subsets, len(queries)), np.nan))
+        _save(out, truth)
+    with progress_bar(total=subsets, desc="subsets", unit="model", enabled=progress) as bar:
+        bar.update(truth.completed)
+        for m in range(truth.completed, subsets):
+            model.load_state_dict(initial)
+            chosen = [documents[i] for i in np.flatnonzero(truth.subsets[m])]
+            train_causal_lm(model, tokenizer, chosen, recipe, seed=meta["subset_seeds"][m])
+            truth.losses[m] = query_losses(model, tokenizer, queries, recipe.max_length)
+            _save(out, truth)  # one finished subset at a time: a kill loses at most the model in training
+            bar.update(1)
+    return truth
+
+
+def _save(out: Path, truth: GroundTruth) -> None:
+    for name, array in ((SUBSETS, truth.subsets), (LOSSES, truth.losses)):
+        with atomic_open(out / name) as handle:
+            np.save(handle, array)
+    write_json(out / META, truth.meta | {"completed": truth.completed})  # last: it names what the arrays hold

