@@ -43,3 +43,10 @@ def run_killed(kill_at: tuple[str, str, int, str], function: str, *args, **kwarg
     arguments = json.dumps({"args": [str(a) for a in args], "kwargs": kwargs})
     command = [sys.executable, "-c", _DRIVER, module, attr, str(nth), when, function, arguments]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def build_killed(kill_at, model, corpus, out, config_file, **kwargs) -> subprocess.CompletedProcess:
+    """`build_index(load_config(config_file), model, corpus, out, id_field="id")` in a subprocess killed at `kill_at`."""
+    return run_killed(
+        kill_at, "build_index", model, corpus, out, config=str(config_file), id_field="id", progress=False, **kwargs
+    )

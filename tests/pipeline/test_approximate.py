@@ -15,7 +15,7 @@ from attribindex.config import IndexConfig, config_to_dict
 from attribindex.store import layout, read_manifest, verify_files
 from attribindex.testing import write_jsonl
 from tests.conftest import exact_config
-from tests.killing import run_killed
+from tests.killing import build_killed
 
 QUERIES = ["the quick brown fox", "a tale of two cities", "to be or not to be"]
 
@@ -103,16 +103,7 @@ def test_a_build_killed_while_training_resumes_to_the_same_bytes(tiny_models, co
     whole, out = tmp_path / "whole", tmp_path / "killed"
     build_index(config, str(tiny_models["gpt2"]), corpus_file, whole, id_field="id", progress=False)
     kill_at = ("attribindex.index._approx", "training_rows", 1, "after")
-    killed = run_killed(
-        kill_at,
-        "build_index",
-        tiny_models["gpt2"],
-        corpus_file,
-        out,
-        config=str(config_file),
-        id_field="id",
-        progress=False,
-    )
+    killed = build_killed(kill_at, tiny_models["gpt2"], corpus_file, out, config_file)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not layout.is_index_dir(out)
     summary = build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)

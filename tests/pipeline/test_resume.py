@@ -15,7 +15,7 @@ from attribindex import AttribIndexError, AttributionIndex, build_index
 from attribindex.config import config_to_dict
 from attribindex.store import layout
 from tests.conftest import exact_config, with_store
-from tests.killing import run_killed
+from tests.killing import build_killed
 from tests.reference import assert_same_index
 
 CONFIG = with_store(
@@ -30,20 +30,6 @@ KILL_POINTS = {
     "while writing the FAISS index": ("attribindex.index._flat", "FlatIndexWriter.add", 2, "before"),
     "before the manifest": ("attribindex.pipeline._finish", "write_json", 1, "before"),
 }
-
-
-def _build_killed(kill_at, tiny_models, corpus_file, out, config_file, **kwargs):
-    return run_killed(
-        kill_at,
-        "build_index",
-        tiny_models["gpt2"],
-        corpus_file,
-        out,
-        config=str(config_file),
-        id_field="id",
-        progress=False,
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ def test_killed_build_resumes_to_the_uninterrupted_result(
     point, tiny_models, corpus_file, config_file, uninterrupted, tmp_path
 ):
     out = tmp_path / "idx"
-    killed = _build_killed(KILL_POINTS[point], tiny_models, corpus_file, out, config_file)
+    killed = build_killed(KILL_POINTS[point], tiny_models["gpt2"], corpus_file, out, config_file)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not layout.is_index_dir(out)
     with pytest.raises(AttribIndexError, match="incomplete build"):
@@ -99,7 +85,9 @@ def test_resume_refuses_a_different_command_and_allows_another_batch_size(
     tiny_models, corpus_file, config_file, tmp_path
 ):
     out = tmp_path / "idx"
-    _build_killed(KILL_POINTS["after a chunk, before its checkpoint"], tiny_models, corpus_file, out, config_file)
+    build_killed(
+        KILL_POINTS["after a chunk, before its checkpoint"], tiny_models["gpt2"], corpus_file, out, config_file
+    )
     other_rank = dataclasses.replace(CONFIG, projection=dataclasses.replace(CONFIG.projection, rank_in=5))
     with pytest.raises(
         AttribIndexError, match=r"interrupted build of a different command \(config.projection.rank_in: 3"
@@ -116,7 +104,7 @@ def test_killed_multi_shard_build_keeps_finished_shards_and_resumes_the_interrup
     out = tmp_path / "idx"
     # 3 shards of 8 documents in chunks of 5: shard 0 writes chunks 1-2, shard 1 chunk 3 … killed before chunk 4.
     kill_at = ("attribindex.store._rows", "ChunkWriter.flush", 4, "before")
-    killed = _build_killed(kill_at, tiny_models, corpus_file, out, config_file, num_shards=3)
+    killed = build_killed(kill_at, tiny_models["gpt2"], corpus_file, out, config_file, num_shards=3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert layout.is_index_dir(out / layout.SHARDS_DIR / layout.shard_dir_name(0, 3))
     summary = build_index(
