@@ -100,9 +100,7 @@ class Corpus:
             if position >= max(first, self.start):
                 yield position, document
         if count == 0:
-            raise AttribIndexError(
-                f"the corpus {self.description} holds no documents. Point --data at a non-empty corpus."
-            )
+            raise AttribIndexError(f"the corpus {self.description} holds no documents. Give a non-empty corpus.")
 
     def _to_document(self, source: str, record: Any, seen: dict[str, int]) -> Document:
         if not isinstance(record, dict):
@@ -247,11 +245,11 @@ def open_corpus(
             if not files:
                 raise AttribIndexError(
                     f"folder {path} holds no .txt files and is not a saved HF dataset. "
-                    f"Point --data at a .jsonl file, a folder of .txt files, or a dataset saved with save_to_disk."
+                    f"Point at a .jsonl file, a folder of .txt files, or a dataset saved with save_to_disk."
                 )
             corpus = Corpus(str(path), _txt_folder_records(path, files), "text", "id", limit, len(files))
     elif str(data).startswith((".", "/", "~")) or str(data).endswith((".jsonl", ".json", ".txt")):
-        raise AttribIndexError(f"--data {data!r} does not exist. Check the path.")
+        raise AttribIndexError(f"corpus {str(data)!r} does not exist. Check the path.")
     else:
         dataset = _load_hf_dataset(str(data), split, on_disk=False)
         name = f"{data} (split {split})"

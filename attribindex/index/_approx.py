@@ -143,7 +143,9 @@ class _Augmentation:
         self.max_norm = max_norm
 
     def vectors(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)  # (n, D)
+        x = np.ascontiguousarray(x, dtype=np.float32)  # (n, D)
+        if self.plan.index_dim == x.shape[1]:  # neither augmented nor padded: FAISS takes the block as is
+            return x
         out = np.zeros((len(x), self.plan.index_dim), dtype=np.float32)  # (n, D')
         out[:, : x.shape[1]] = x
         if self.plan.metric == "l2_augmented":
@@ -152,7 +154,9 @@ class _Augmentation:
         return out
 
     def queries(self, q: np.ndarray) -> np.ndarray:
-        q = np.asarray(q, dtype=np.float32)  # (Q, D)
+        q = np.ascontiguousarray(q, dtype=np.float32)  # (Q, D)
+        if self.plan.index_dim == q.shape[1]:
+            return q
         out = np.zeros((len(q), self.plan.index_dim), dtype=np.float32)  # (Q, D'): the extra coordinate is 0
         out[:, : q.shape[1]] = q
         return out
@@ -235,8 +239,7 @@ class ApproximateIndex:
         >>> scores, rows = segment.candidates(queries, k=40)  # doctest: +SKIP
     """
 
-    exact = False
-    on_gpu = False  # approximate segments search on CPU (HNSW has no GPU implementation)
+    exact = False  # approximate segments search on CPU (HNSW has no GPU implementation)
 
     def __init__(self, index, record: dict):
         self._index = index
