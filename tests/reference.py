@@ -9,8 +9,11 @@ from attribindex.data import collate, tokenize
 from attribindex.logra import ProjectionSet, per_example_loss
 
 
-def explicit_projected_gradients(model, tokenizer, items, projections: ProjectionSet, max_length: int) -> torch.Tensor:
-    """(N, D) per-example P_out · G · P_inᵀ from full weight gradients, one example at a time."""
+def explicit_projected_gradients(
+    model, tokenizer, items, projections: ProjectionSet, max_length: int, multipliers: dict | None = None
+) -> torch.Tensor:
+    """(N, D) per-example P_out · G · P_inᵀ from full weight gradients, one example at a time; with
+    `multipliers[name]` (the weight's own shape), G is first multiplied by it elementwise."""
     model = model.double()
     modules = dict(model.named_modules())
     rows = []
@@ -26,10 +29,49 @@ def explicit_projected_gradients(model, tokenizer, items, projections: Projectio
         blocks = []
         for spec in projections.modules:
             grad = modules[spec.name].weight.grad  # Linear: (out, in); Conv1D: (in, out)
+            if multipliers is not None:
+                grad = grad * multipliers[spec.name].double()
             grad = grad.T if spec.kind == "conv1d" else grad
             p_in, p_out = projections.p_in[spec.name].double(), projections.p_out[spec.name].double()
             blocks.append((p_out @ grad @ p_in.T).reshape(-1))
         rows.append(torch.cat(blocks))
+    model.requires_grad_(False)
+    return torch.stack(rows)
+
+
+def explicit_factor_rows(model, tokenizer, items, projections: ProjectionSet, max_length: int) -> torch.Tensor:
+    """(N, F) per-example KFAC token sums [Σ_t (P_in x_t)(P_in x_t)ᵀ, Σ_t (P_out δ_t)(P_out δ_t)ᵀ] per module, from
+    layer inputs and autograd output gradients, one unpadded example at a time."""
+    model = model.double()
+    modules = dict(model.named_modules())
+    rows = []
+    for i, item in enumerate(items):
+        example = tokenize(tokenizer, item, max_length, f"item {i}")
+        batch = collate([example], tokenizer.pad_token_id)
+        inputs, outputs = {}, {}
+
+        def keep(name, module, args, output, inputs=inputs, outputs=outputs):
+            inputs[name] = args[0]
+            output.retain_grad()
+            outputs[name] = output
+
+        handles = [
+            modules[s.name].register_forward_hook(lambda m, a, o, n=s.name: keep(n, m, a, o))
+            for s in projections.modules
+        ]
+        with torch.enable_grad():
+            for spec in projections.modules:
+                modules[spec.name].weight.requires_grad_(True)
+            loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
+            loss.sum().backward()
+        for handle in handles:
+            handle.remove()
+        parts = []
+        for spec in projections.modules:
+            x = inputs[spec.name][0] @ projections.p_in[spec.name].double().T  # (T, k_in)
+            delta = outputs[spec.name].grad[0] @ projections.p_out[spec.name].double().T  # (T, k_out)
+            parts += [(x.T @ x).reshape(-1), (delta.T @ delta).reshape(-1)]
+        rows.append(torch.cat(parts))
     model.requires_grad_(False)
     return torch.stack(rows)
 
@@ -84,11 +126,10 @@ def assert_same_index(
     np.testing.assert_allclose(raw_a, raw_b, rtol=rtol, atol=1e-12)
     (sums_a, _), (sums_b, _) = (CurvatureSums.load(i.root / i.manifest["hessian"]["curvature_file"]) for i in (a, b))
     assert sums_a.count == sums_b.count == len(rows)
-    for name in sums_a.sums:
-        scale = float(sums_b.sums[name].abs().max())  # near-cancelled entries are judged against the block's scale
-        torch.testing.assert_close(
-            sums_a.sums[name], sums_b.sums[name], rtol=curvature_rtol, atol=curvature_rtol * scale
-        )
+    assert sums_a.tensors.keys() == sums_b.tensors.keys()
+    for name, total in sums_a.tensors.items():
+        scale = float(sums_b.tensors[name].abs().max())  # near-cancelled entries are judged against the block's scale
+        torch.testing.assert_close(total, sums_b.tensors[name], rtol=curvature_rtol, atol=curvature_rtol * scale)
     for key in ("model", "projection", "modules", "normalization"):
         assert a.manifest[key] == b.manifest[key], key
     probe = np.random.default_rng(0).standard_normal((queries, a.manifest["dim"])).astype(np.float32)
@@ -97,3 +138,20 @@ def assert_same_index(
     scores_b, rows_b = b.index.search(probe, k)
     np.testing.assert_array_equal(rows_a, rows_b)
     np.testing.assert_allclose(scores_a, scores_b, rtol=1e-5, atol=1e-6)
+
+
+def stamped_queries(index, vectors):
+    """QueryVectors carrying `index`'s own hashes, so precomputed (n, D) `vectors` can be searched directly."""
+    import numpy as np
+
+    from attribindex import QueryVectors
+
+    manifest = index.manifest
+    return QueryVectors(
+        vectors=vectors,
+        losses=np.zeros(len(vectors)),
+        model_fingerprint=manifest["model"]["fingerprint"],
+        projection_hash=manifest["projection"]["hash"],
+        preconditioner_hash=manifest["hessian"]["preconditioner_hash"],
+        normalization=manifest["normalization"],
+    )

@@ -5,10 +5,10 @@ Steps (every artefact goes under --out; the ground truth resumes if interrupted)
   1. tokenizer + tiny Llama initialisation from the training texts;
   2. the "full" model: the initialisation trained on all training speeches (the model attribution explains);
   3. ground truth: --subsets models trained from the same initialisation on random halves, their query losses;
-  4. for each Hessian kind × rank × damping: an index over the training speeches with the full model, and its
+  4. for each Hessian kind (identity, raw, kfac, ekfac) × rank × damping: an index over the training speeches with the full model, and its
      LDS (mean Spearman over queries, 95 % bootstrap CI); a random-score baseline in the same table.
 
-    python tools/lds_shakespeare.py [--train 1000] [--queries 50] [--subsets 50] [--ranks 4,8,16,32] [--out DIR]
+    python tools/lds_shakespeare.py [--train 1000] [--queries 50] [--subsets 50] [--ranks 4,8,16,32,64] [--kinds identity,raw,kfac,ekfac] [--out DIR]
 
 The numbers in docs/quality.md come from the defaults.
 """
@@ -45,9 +45,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--subsets", type=int, default=50)
     parser.add_argument("--fraction", type=float, default=0.5)
-    parser.add_argument("--ranks", default="4,8,16,32")
+    parser.add_argument("--ranks", default="4,8,16,32,64")
+    parser.add_argument("--kinds", default="identity,raw,kfac,ekfac", help="Hessian kinds (identity ignores damping)")
     parser.add_argument("--dampings", default="0.001,0.01,0.1,1.0")
-    parser.add_argument("--modes", default="dot,cosine")
+    parser.add_argument("--modes", default="dot")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("lds-shakespeare"))
     args = parser.parse_args()
@@ -87,7 +88,12 @@ def main() -> None:
     rows.append({"hessian": "random scores", "rank": "-", "damping": "-", "mode": "-", "lds": random})
     for mode in args.modes.split(","):
         for rank in [int(r) for r in args.ranks.split(",")]:
-            for kind, damping in [("identity", 0.1)] + [("raw", float(d)) for d in args.dampings.split(",")]:
+            settings = [
+                (kind, damping)
+                for kind in args.kinds.split(",")
+                for damping in ([0.1] if kind == "identity" else [float(d) for d in args.dampings.split(",")])
+            ]
+            for kind, damping in settings:
                 config = BuildConfig(
                     projection=ProjectionConfig(rank_in=rank, rank_out=rank),
                     hessian=HessianConfig(kind=kind, damping=damping),
@@ -96,7 +102,9 @@ def main() -> None:
                     index=IndexConfig(mode=mode, device="cpu"),
                 )
                 folder = out / "indexes" / f"{mode}-{kind}-r{rank}-d{damping}"
+                started = time.perf_counter()
                 build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
+                seconds = time.perf_counter() - started
                 index = AttributionIndex.open(folder, device="cpu")
                 result = linear_datamodeling_score(
                     training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses
@@ -105,19 +113,18 @@ def main() -> None:
                     {
                         "hessian": kind,
                         "rank": rank,
-                        "damping": damping if kind == "raw" else "-",
+                        "damping": damping if kind != "identity" else "-",
                         "mode": mode,
+                        "build_s": round(seconds, 1),
                         "lds": result,
                     }
                 )
-                print(f"{mode:<7}{kind:<9} rank {rank:<3} damping {damping:<5} {result.format()}", flush=True)
+                print(
+                    f"{mode:<7}{kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}",
+                    flush=True,
+                )
 
-    print("\n| Hessian | rank per side | damping α | mode | LDS | 95 % CI |\n| --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        lds = row["lds"]
-        print(
-            f"| {row['hessian']} | {row['rank']} | {row['damping']} | {row['mode']} | {lds.score:.3f} | {lds.low:.3f} – {lds.high:.3f} |"
-        )
+    print_table(rows)
     best = max(rows[1:], key=lambda r: r["lds"].score)
     plot_lds(
         best["lds"],
@@ -131,6 +138,18 @@ def main() -> None:
     ]
     (out / "lds.json").write_text(json.dumps(summary, indent=2))
     print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
+
+
+def print_table(rows: list[dict]) -> None:
+    """A markdown table of LDS rows ({hessian, rank, damping, mode, lds[, build_s]})."""
+    print("\n| Hessian | rank per side | damping α | mode | LDS | 95 % CI | build s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        lds = row["lds"]
+        print(
+            f"| {row['hessian']} | {row['rank']} | {row['damping']} | {row['mode']} | {lds.score:.3f} "
+            f"| {lds.low:.3f} – {lds.high:.3f} | {row.get('build_s', '-')} |"
+        )
 
 
 if __name__ == "__main__":

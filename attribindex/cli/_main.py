@@ -60,6 +60,18 @@ def main() -> None:
     help="Build only this shard (0-based) into --out; merge the shards later with `attribindex merge`.",
 )
 @click.option("--keep-shards", is_flag=True, help="Keep OUT/shards/ after a multi-shard build has merged them.")
+@click.option(
+    "--hessian",
+    type=click.Choice(["raw", "kfac", "ekfac", "identity"]),
+    default=None,
+    help="Hessian kind (overrides the config's hessian.kind; docs/quality.md compares them).",
+)
+@click.option(
+    "--optimizer-state",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The training optimizer's state (e.g. checkpoint/optimizer.pt): divide gradients by its √v (Adam, Adafactor).",
+)
 def build(
     config_path,
     model,
@@ -76,6 +88,8 @@ def build(
     num_shards,
     shard_index,
     keep_shards,
+    hessian,
+    optimizer_state,
 ):
     """Build an attribution index over a corpus (or one shard of it). Rerun the same command to resume.
 
@@ -99,6 +113,11 @@ def build(
     overrides = {k: v for k, v in {"max_length": max_length, "batch_size": batch_size}.items() if v is not None}
     if overrides:
         config = dataclasses.replace(config, extract=_replace_checked(config.extract, overrides))
+    if hessian is not None:
+        config = dataclasses.replace(config, hessian=_replace_checked(config.hessian, {"kind": hessian}))
+    if optimizer_state is not None:
+        state = {"optimizer_state": str(optimizer_state.resolve())}
+        config = dataclasses.replace(config, projection=_replace_checked(config.projection, state))
     summary = build_index(
         config,
         model,
@@ -519,7 +538,13 @@ def info(index_dir, as_json):
             f"version      {manifest['version']}  ({len(manifest['log'])} events; --json shows the log)"
             + (f", {deleted:,} rows deleted (`attribindex compact` frees them)" if deleted else ""),
             f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
-            + _spectrum(hessian.get("modules", {})),
+            + _spectrum(hessian.get("modules", {}))
+            + (
+                f"; its Kronecker factors still count {hessian['retained_deleted']:,} deleted examples "
+                f"(token statistics are not stored per row: rebuild to drop them)"
+                if hessian.get("retained_deleted")
+                else ""
+            ),
             f"scores       {manifest['normalization']}  ({len(segments)} segment{'s' if len(segments) > 1 else ''}: "
             f"{describe_segments(segments)})",
         ]

@@ -7,7 +7,7 @@ from typing import Literal
 
 from attribindex.errors import AttribIndexError
 
-HessianKind = Literal["raw", "identity"]
+HessianKind = Literal["raw", "identity", "kfac", "ekfac"]
 ScoreMode = Literal["dot", "cosine"]
 StoreDtype = Literal["float16", "bfloat16", "float32"]
 ComputeDtype = Literal["float32", "float64", "bfloat16", "float16"]
@@ -35,10 +35,17 @@ class ProjectionConfig:
         rank_in: rows of ``P_in`` (projected activation dimension) per module.
         rank_out: rows of ``P_out`` (projected output-gradient dimension) per module.
         seed: seed of the Gaussian projections; same seed + config = identical matrices anywhere.
+        optimizer_state: path of the training optimizer's state (HF Trainer's ``optimizer.pt``, a torch
+            optimizer ``state_dict``, or a name-keyed safetensors from
+            ``attribindex.logra.save_named_second_moments``). Gradients are then divided by the optimizer's
+            √v before projection (as TrackStar / LESS do), folded into the projections: exact for
+            Adafactor's factored moments, a rank-1 row/column approximation of Adam's v (its error is
+            recorded in the manifest).
+        optimizer_eps: Adam's ε, the floor of √v (ignored for Adafactor).
 
     Example:
         >>> ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=4, rank_in=16, rank_out=16)
-        ProjectionConfig(modules=('*.mlp.*',), exclude=('*lm_head*',), last_n_blocks=4, rank_in=16, rank_out=16, seed=0)
+        ProjectionConfig(modules=('*.mlp.*',), exclude=('*lm_head*',), last_n_blocks=4, rank_in=16, rank_out=16, seed=0, optimizer_state=None, optimizer_eps=1e-08)
     """
 
     modules: tuple[str, ...] = ("*",)
@@ -47,8 +54,11 @@ class ProjectionConfig:
     rank_in: int = 16
     rank_out: int = 16
     seed: int = 0
+    optimizer_state: str | None = None
+    optimizer_eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        _require(self.optimizer_eps > 0, f"projection.optimizer_eps must be > 0, got {self.optimizer_eps}.")
         _require(len(self.modules) > 0, "projection.modules is empty; use ['*'] to capture all linear layers.")
         _require(self.rank_in >= 1 and self.rank_out >= 1, "projection.rank_in/rank_out must be >= 1.")
         _require(
@@ -63,8 +73,11 @@ class HessianConfig:
     """Curvature used to whiten gradients so influence becomes an inner product.
 
     Args:
-        kind: ``raw`` = projected empirical Fisher per module (E[g gᵀ]); ``identity`` = no
-            whitening (plain gradient similarity).
+        kind: ``raw`` = projected empirical Fisher per module (E[g gᵀ], d×d with d = rank_out·rank_in);
+            ``kfac`` = Kronecker factors E[δ̃δ̃ᵀ] ⊗ E[x̃x̃ᵀ] of projected output gradients and inputs
+            (rank_out² + rank_in² numbers per module, so large ranks stay affordable); ``ekfac`` = KFAC's
+            eigenbasis with eigenvalues corrected by one more pass over the stored rows; ``identity`` = no
+            whitening (plain gradient similarity). See docs/quality.md for measured LDS of each.
         damping: α in ``λ = α · mean(eigenvalues)`` added before ``H^{-1/2}``.
 
     Example:

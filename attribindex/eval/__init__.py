@@ -1,6 +1,12 @@
 """Evaluation of an index: recall@k of approximate search against exact search; counterfactual ground truth."""
 
-from attribindex.eval._ground_truth import GroundTruth, TrainingRecipe, make_ground_truth, train_causal_lm
+from attribindex.eval._ground_truth import (
+    GroundTruth,
+    TrainingRecipe,
+    make_ground_truth,
+    retrain_on_subsets,
+    train_causal_lm,
+)
 from attribindex.eval._lds import LdsResult, linear_datamodeling_score, plot_lds
 from attribindex.eval._recall import (
     RecallPoint,
@@ -22,6 +28,7 @@ __all__ = [
     "exact_top_k",
     "linear_datamodeling_score",
     "make_ground_truth",
+    "retrain_on_subsets",
     "measure_recall",
     "plot_lds",
     "plot_recall",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,24 +149,59 @@ def make_ground_truth(
         >>> docs = list(open_corpus("train.jsonl", id_field="id"))  # doctest: +SKIP
         >>> truth = make_ground_truth("tiny-llama-init", docs, ["To be, or not to be"], "gt", subsets=30)  # doctest: +SKIP
     """
+    model, tokenizer = load_model(str(init_model), "float32", "cpu")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def retrain(members: np.ndarray, subset_seed: int) -> np.ndarray:
+        model.load_state_dict(initial)
+        train_causal_lm(model, tokenizer, [documents[i] for i in members], recipe, seed=subset_seed)
+        return query_losses(model, tokenizer, queries, recipe.max_length)
+
+    described = {
+        "init_model": {"path": str(Path(init_model).resolve()), "fingerprint": model_fingerprint(model)},
+        "recipe": dataclasses.asdict(recipe),
+    }
+    serialised = [dataclasses.asdict(q) if isinstance(q, PromptCompletion) else q for q in queries]
+    return retrain_on_subsets(
+        out, described, [d.id for d in documents], serialised, retrain, subsets, fraction, seed, progress
+    )
+
+
+def retrain_on_subsets(
+    out: str | Path,
+    described: dict,
+    train_ids: list[str],
+    queries: list,
+    retrain: Callable[[np.ndarray, int], np.ndarray],
+    subsets: int = 50,
+    fraction: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> GroundTruth:
+    """The resumable loop behind any ground truth: draw `subsets` random `fraction`s of the training examples
+    (seeded), call `retrain(member_indices, subset_seed)` → (Q,) query losses for each, save after each one.
+
+    `described` (JSON) says what is trained, e.g. the initial model and recipe; with `train_ids` and `queries`
+    (JSON-able) it must equal a resumed folder's, or the call is refused.
+
+    Example:
+        >>> truth = retrain_on_subsets("gt", {"model": "mlp"}, ids, queries, train_and_evaluate)  # doctest: +SKIP
+    """
     if subsets < 3 or not 0 < fraction < 1:
         raise AttribIndexError(f"need >= 3 subsets and 0 < fraction < 1, got {subsets} and {fraction}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(str(init_model), "float32", "cpu")
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(seed)
     meta = {
         "format": GROUND_TRUTH_FORMAT,
         "version": 1,
-        "init_model": {"path": str(Path(init_model).resolve()), "fingerprint": model_fingerprint(model)},
-        "train_ids": [d.id for d in documents],
-        "queries": [dataclasses.asdict(q) if isinstance(q, PromptCompletion) else q for q in queries],
+        **described,
+        "train_ids": list(train_ids),
+        "queries": list(queries),
         "subsets": subsets,
         "fraction": fraction,
         "seed": seed,
         "subset_seeds": [int(s) for s in rng.integers(0, 2**31 - 1, size=subsets)],
-        "recipe": dataclasses.asdict(recipe),
     }
     if (out / META).is_file():
         truth = GroundTruth.load(out)
@@ -174,19 +210,16 @@ def make_ground_truth(
                 f"{out} holds ground truth made with other settings. Use another folder, or delete it to start over."
             )
     else:
-        membership = np.zeros((subsets, len(documents)), dtype=bool)  # (M, N)
+        membership = np.zeros((subsets, len(train_ids)), dtype=bool)  # (M, N)
         for m, subset_seed in enumerate(meta["subset_seeds"]):
-            chosen = np.random.default_rng(subset_seed).choice(len(documents), round(fraction * len(documents)), False)
+            chosen = np.random.default_rng(subset_seed).choice(len(train_ids), round(fraction * len(train_ids)), False)
             membership[m, chosen] = True
         truth = GroundTruth(meta, membership, np.full((subsets, len(queries)), np.nan))
         _save(out, truth)
     with progress_bar(total=subsets, desc="subsets", unit="model", enabled=progress) as bar:
         bar.update(truth.completed)
         for m in range(truth.completed, subsets):
-            model.load_state_dict(initial)
-            chosen = [documents[i] for i in np.flatnonzero(truth.subsets[m])]
-            train_causal_lm(model, tokenizer, chosen, recipe, seed=meta["subset_seeds"][m])
-            truth.losses[m] = query_losses(model, tokenizer, queries, recipe.max_length)
+            truth.losses[m] = retrain(np.flatnonzero(truth.subsets[m]), meta["subset_seeds"][m])
             _save(out, truth)  # one finished subset at a time: a kill loses at most the model in training
             bar.update(1)
     return truth

@@ -1,6 +1,22 @@
 """Curvature accumulation, damping and whitening in the projected space."""
 
-from attribindex.hessian._curvature import CurvatureSums
-from attribindex.hessian._precondition import ModuleStats, Preconditioner, normalize_rows
+from attribindex.hessian._curvature import FACTOR_KINDS, GRADIENT_KINDS, CurvatureSums, factor_width
+from attribindex.hessian._precondition import (
+    KroneckerWhitening,
+    ModuleStats,
+    Preconditioner,
+    fit_preconditioner,
+    normalize_rows,
+)
 
-__all__ = ["CurvatureSums", "ModuleStats", "Preconditioner", "normalize_rows"]
+__all__ = [
+    "FACTOR_KINDS",
+    "GRADIENT_KINDS",
+    "CurvatureSums",
+    "KroneckerWhitening",
+    "ModuleStats",
+    "Preconditioner",
+    "factor_width",
+    "fit_preconditioner",
+    "normalize_rows",
+]

@@ -1,4 +1,12 @@
-"""Per-module projected empirical Fisher, accumulated as fp64 sums so shards add up exactly."""
+"""Curvature statistics in the projected space, accumulated as fp64 sums so shards add up exactly.
+
+Two families, chosen by the Hessian kind:
+
+- `raw` / `identity`: per module the d×d sum Σ_n g_n g_nᵀ of projected per-example gradients (d = k_out·k_in).
+- `kfac` / `ekfac`: per module the Kronecker factors Σ_n Σ_t x̃ x̃ᵀ (k_in×k_in, projected layer inputs) and
+  Σ_n Σ_t δ̃ δ̃ᵀ (k_out×k_out, projected output gradients), summed over each example's tokens. They cost
+  k_in² + k_out² numbers per module instead of (k_in·k_out)², which is what makes rank 64+ per side affordable.
+"""
 
 from __future__ import annotations
 
@@ -11,54 +19,122 @@ from safetensors.torch import load_file, save_file
 
 from attribindex.store import atomic_path
 
+GRADIENT_KINDS = ("raw", "identity")  # Hessian kinds that need the d×d gradient sums
+FACTOR_KINDS = ("kfac", "ekfac")  # Hessian kinds that need the Kronecker factor sums
+_ACTIVATIONS = "::activations"
+_GRADIENTS = "::gradients"
+_TRACE = "::trace"
+
+
+def factor_width(shape: tuple[int, int]) -> int:
+    """Numbers one example contributes to a module's factor sums: k_in² + k_out² for shape (k_out, k_in)."""
+    k_out, k_in = shape
+    return k_in * k_in + k_out * k_out
+
 
 class CurvatureSums:
-    """Σ g gᵀ per module (fp64) and the number of examples summed.
+    """Per-module curvature sums (fp64) and the number of examples summed.
 
-    Sums from disjoint slices of a corpus merge by addition (`merge`), exactly.
+    `sums[name]` is Σ g gᵀ (d×d) when gradient sums are kept; `activations[name]` (k_in×k_in) and
+    `gradients[name]` (k_out×k_out) are the Kronecker factor sums when factors are kept, with `traces[name]`
+    = Σ ‖g‖² (which fixes the factors' overall scale, see `Preconditioner.kronecker`). Sums from disjoint
+    slices of a corpus merge by addition (`merge`), exactly.
 
     Example:
         >>> sums = CurvatureSums({"fc": 4})
         >>> sums.update({"fc": torch.ones(3, 4)})
         >>> sums.count, float(sums.sums["fc"][0, 0])
         (3, 3.0)
+        >>> factors = CurvatureSums.for_kind("kfac", ["fc"], [(2, 2)])
+        >>> factors.tracks_factors, factors.factor_shapes
+        (True, {'fc': (2, 2)})
     """
 
-    def __init__(self, block_dims: dict[str, int], count: int = 0, sums: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        block_dims: dict[str, int] | None = None,
+        count: int = 0,
+        sums: dict[str, torch.Tensor] | None = None,
+        factor_shapes: dict[str, tuple[int, int]] | None = None,
+        retained_deleted: int = 0,
+    ):
         self.count = count
-        self.sums = (
-            sums if sums is not None else {n: torch.zeros(d, d, dtype=torch.float64) for n, d in block_dims.items()}
-        )
+        # Deleted examples whose token statistics could not be subtracted (factor sums keep no per-example part).
+        self.retained_deleted = retained_deleted
+        if sums is None:
+            sums = {n: torch.zeros(d, d, dtype=torch.float64) for n, d in (block_dims or {}).items()}
+            for name, (k_out, k_in) in (factor_shapes or {}).items():
+                sums[name + _ACTIVATIONS] = torch.zeros(k_in, k_in, dtype=torch.float64)
+                sums[name + _GRADIENTS] = torch.zeros(k_out, k_out, dtype=torch.float64)
+                sums[name + _TRACE] = torch.zeros(1, dtype=torch.float64)
+        self.tensors = sums
+        self.sums = {n: t for n, t in sums.items() if "::" not in n}
+        self.activations = {n.removesuffix(_ACTIVATIONS): t for n, t in sums.items() if n.endswith(_ACTIVATIONS)}
+        self.gradients = {n.removesuffix(_GRADIENTS): t for n, t in sums.items() if n.endswith(_GRADIENTS)}
+        self.traces = {n.removesuffix(_TRACE): t for n, t in sums.items() if n.endswith(_TRACE)}
 
-    def update(self, blocks: dict[str, torch.Tensor]) -> None:
-        """Add the outer products of a batch of per-example gradients, blocks[name] of shape (B, d)."""
-        batch = 0
+    @classmethod
+    def for_kind(cls, kind: str, names: list[str], shapes: list[tuple[int, int]]) -> CurvatureSums:
+        """Empty sums holding what Hessian `kind` needs; `shapes` are the modules' (k_out, k_in)."""
+        if kind in FACTOR_KINDS:
+            return cls(factor_shapes=dict(zip(names, shapes)))
+        return cls({name: k_out * k_in for name, (k_out, k_in) in zip(names, shapes)})
+
+    @property
+    def tracks_factors(self) -> bool:
+        return bool(self.activations)
+
+    @property
+    def factor_shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: (self.gradients[n].shape[0], a.shape[0]) for n, a in self.activations.items()}
+
+    def update(self, blocks: dict[str, torch.Tensor], factors: dict[str, torch.Tensor] | None = None) -> None:
+        """Add a batch of examples: `blocks[name]` (B, d) projected gradients, and when factors are kept,
+        `factors[name]` (B, k_in² + k_out²): per example the flattened token sums [Σ x̃x̃ᵀ, Σ δ̃δ̃ᵀ]."""
+        batch = next(iter(blocks.values())).shape[0]
         for name, total in self.sums.items():
             g = blocks[name].detach().to(device="cpu", dtype=torch.float64)  # (B, d)
             total.addmm_(g.T, g)  # (d, d)
-            batch = g.shape[0]
+        if self.tracks_factors:
+            if factors is None:
+                raise ValueError("these curvature sums keep Kronecker factors; pass the per-example factor rows.")
+            for name, activations in self.activations.items():
+                summed = factors[name].detach().to(device="cpu", dtype=torch.float64).sum(dim=0)  # (k_in² + k_out²,)
+                activations.add_(summed[: activations.numel()].view_as(activations))
+                self.gradients[name].add_(summed[activations.numel() :].view_as(self.gradients[name]))
+                self.traces[name] += blocks[name].detach().to(device="cpu", dtype=torch.float64).square().sum()
         self.count += batch
 
     def remove(self, blocks: dict[str, torch.Tensor]) -> None:
-        """Subtract the outer products of rows that leave the index (deleted documents), blocks[name] (B, d)."""
-        batch = 0
+        """Subtract rows that leave the index (deleted documents), blocks[name] (B, d).
+
+        Gradient sums are exact after this. Kronecker factor sums cannot be: their per-example token
+        statistics are not stored. They keep those examples, counted in `retained_deleted`.
+        """
+        batch = next(iter(blocks.values())).shape[0]
+        if self.tracks_factors:
+            self.retained_deleted += batch
+            return
         for name, total in self.sums.items():
             g = blocks[name].detach().to(device="cpu", dtype=torch.float64)  # (B, d)
             total.addmm_(g.T, g, alpha=-1.0)  # (d, d)
-            batch = g.shape[0]
         self.count -= batch
 
     def merge(self, other: CurvatureSums) -> None:
-        for name, total in self.sums.items():
-            total.add_(other.sums[name])
+        if set(self.tensors) != set(other.tensors):
+            raise ValueError("curvature sums of different Hessian kinds or modules cannot be merged.")
+        for name, total in self.tensors.items():
+            total.add_(other.tensors[name])
         self.count += other.count
+        self.retained_deleted += other.retained_deleted
 
     def save(self, path: Path, note: dict | None = None) -> None:
         """Write atomically; `note` is a JSON record kept with the sums (a build stores its resume state there,
         so sums and state are committed together by one rename)."""
-        metadata = {"count": str(self.count)} | ({"note": json.dumps(note)} if note is not None else {})
+        metadata = {"count": str(self.count), "retained_deleted": str(self.retained_deleted)}
+        metadata |= {"note": json.dumps(note)} if note is not None else {}
         with atomic_path(path) as tmp:
-            save_file({n: t.contiguous() for n, t in self.sums.items()}, str(tmp), metadata=metadata)
+            save_file({n: t.contiguous() for n, t in self.tensors.items()}, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: Path) -> tuple[CurvatureSums, dict | None]:
@@ -66,4 +142,9 @@ class CurvatureSums:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
         note = json.loads(metadata["note"]) if "note" in metadata else None
-        return cls({}, count=int(metadata["count"]), sums=load_file(str(path))), note
+        sums = cls(
+            count=int(metadata["count"]),
+            sums=load_file(str(path)),
+            retained_deleted=int(metadata.get("retained_deleted", 0)),
+        )
+        return sums, note

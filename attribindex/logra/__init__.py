@@ -1,8 +1,9 @@
 """LoGra: Kronecker-projected per-example gradients of Linear / Conv1D layers."""
 
 from attribindex.logra._capture import LoGraCapture
-from attribindex.logra._extractor import ExtractedBatch, GradientExtractor, per_example_loss
+from attribindex.logra._extractor import ExtractedBatch, GradientExtractor, capture_gradients, per_example_loss
 from attribindex.logra._modules import ModuleSpec, select_modules
+from attribindex.logra._optimizer import SecondMomentScales, load_second_moment_scales, save_named_second_moments
 from attribindex.logra._projection import ProjectionSet, gaussian_projection
 
 __all__ = [
@@ -11,7 +12,11 @@ __all__ = [
     "LoGraCapture",
     "ModuleSpec",
     "ProjectionSet",
+    "SecondMomentScales",
+    "capture_gradients",
     "gaussian_projection",
+    "load_second_moment_scales",
     "per_example_loss",
+    "save_named_second_moments",
     "select_modules",
 ]

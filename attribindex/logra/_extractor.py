@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from attribindex.logra._projection import ProjectionSet
 class ExtractedBatch:
     blocks: dict[str, torch.Tensor]  # module name -> (B, k_out * k_in)
     losses: torch.Tensor  # (B,) summed token cross-entropy over the tokens that count
+    factors: dict[str, torch.Tensor] | None = None  # module name -> (B, k_in² + k_out²) token sums, if asked
 
     def concatenated(self, order: Sequence[str]) -> torch.Tensor:
         return torch.cat([self.blocks[name] for name in order], dim=1)  # (B, D)
@@ -128,15 +129,47 @@ class GradientExtractor:
         names = names or [f"query {i}" for i in range(len(items))]
         return [tokenize(self.tokenizer, item, self.max_length, name) for item, name in zip(items, names)]
 
-    def extract(self, examples: list[TokenizedExample]) -> ExtractedBatch:
+    def extract(self, examples: list[TokenizedExample], factors: bool = False) -> ExtractedBatch:
+        """Projected gradients of `examples`; with `factors`, also their KFAC token sums (ExtractedBatch.factors)."""
         batch = collate(examples, self.pad_token_id)
-        with torch.enable_grad(), self._capture as capture:
-            losses = per_example_loss(
+        mask = batch.attention_mask.to(self.device)
+
+        def losses() -> torch.Tensor:
+            return per_example_loss(
                 self.model,
                 batch.input_ids.to(self.device),
-                batch.attention_mask.to(self.device),
+                mask,
                 batch.loss_mask.to(self.device),
                 chunked_head=self._chunked_head,
             )
-            blocks = capture.backward(losses.sum())
-        return ExtractedBatch(blocks={k: v.detach() for k, v in blocks.items()}, losses=losses.detach())
+
+        return capture_gradients(self._capture, losses, factors=factors, token_mask=mask)
+
+
+def capture_gradients(
+    capture: LoGraCapture,
+    per_example_losses: Callable[[], torch.Tensor],
+    factors: bool = False,
+    token_mask: torch.Tensor | None = None,
+) -> ExtractedBatch:
+    """Run `per_example_losses()` (a forward pass returning (B,) losses of independent examples) under `capture`
+    and backpropagate once: the per-example projected gradients of any model, LM or not.
+
+    `token_mask` (B, T) marks the positions that count in the KFAC factors (padding excluded).
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).requires_grad_(False)
+        >>> specs = [ModuleSpec("0", "linear", 64, 32), ModuleSpec("2", "linear", 32, 10)]
+        >>> capture = LoGraCapture(mlp, ProjectionSet.generate(specs, 0, 8, 8), torch.float32)
+        >>> x, y = torch.randn(5, 64), torch.randint(0, 10, (5,))
+        >>> batch = capture_gradients(capture, lambda: F.cross_entropy(mlp(x), y, reduction="none"), factors=True)
+        >>> batch.blocks["0"].shape, batch.factors["2"].shape
+        (torch.Size([5, 64]), torch.Size([5, 128]))
+    """
+    capture.track_factors = factors
+    capture.token_mask = token_mask
+    with torch.enable_grad(), capture:
+        losses = per_example_losses()  # (B,)
+        blocks = capture.backward(losses.sum())
+    found = {k: v.detach() for k, v in capture.factors.items()} if factors else None
+    return ExtractedBatch(blocks={k: v.detach() for k, v in blocks.items()}, losses=losses.detach(), factors=found)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attribindex.logra._modules import ModuleSpec
+from attribindex.logra._optimizer import SecondMomentScales
 from attribindex.store import atomic_path
 
 _SIDES = {"in": 0, "out": 1}
@@ -52,7 +53,19 @@ class ProjectionSet:
     p_out: dict[str, torch.Tensor]
 
     @classmethod
-    def generate(cls, modules: list[ModuleSpec], seed: int, rank_in: int, rank_out: int) -> ProjectionSet:
+    def generate(
+        cls,
+        modules: list[ModuleSpec],
+        seed: int,
+        rank_in: int,
+        rank_out: int,
+        optimizer: SecondMomentScales | None = None,
+    ) -> ProjectionSet:
+        """Seeded projections; with `optimizer`, gradients are divided by the optimizer's √v̂ before projection.
+
+        With v̂ factorised as 1/√v̂ = out_scale ⊗ in_scale, P_out (g ⊘ √v̂) P_inᵀ = (P_out diag(out_scale)) g
+        (P_in diag(in_scale))ᵀ: the correction folds into the projections and costs nothing per example.
+        """
         p_in = {
             m.name: gaussian_projection(seed, m.name, "in", min(rank_in, m.in_features), m.in_features) for m in modules
         }
@@ -60,11 +73,19 @@ class ProjectionSet:
             m.name: gaussian_projection(seed, m.name, "out", min(rank_out, m.out_features), m.out_features)
             for m in modules
         }
+        if optimizer is not None:
+            p_in = {name: p * optimizer.in_scale[name][None, :] for name, p in p_in.items()}  # (k_in, n_in)
+            p_out = {name: p * optimizer.out_scale[name][None, :] for name, p in p_out.items()}  # (k_out, n_out)
         return cls(modules, p_in, p_out)
 
     @property
     def block_dims(self) -> list[int]:
         return [self.p_out[m.name].shape[0] * self.p_in[m.name].shape[0] for m in self.modules]
+
+    @property
+    def block_shapes(self) -> list[tuple[int, int]]:
+        """(k_out, k_in) per module: a block is the row-major flattening of this matrix."""
+        return [(self.p_out[m.name].shape[0], self.p_in[m.name].shape[0]) for m in self.modules]
 
     @property
     def dim(self) -> int:

@@ -153,6 +153,7 @@ def append_documents(
             skip_empty,
             resume,
             progress,
+            manifest["hessian"]["kind"],
             label="append",
             checkpoint=layout.APPEND_CHECKPOINT,
             first_chunk=change.next_chunk(),
@@ -167,10 +168,9 @@ def append_documents(
         sums.merge(extraction.curvature)
         curvature = change.name(layout.CURVATURE)
         sums.save(root / curvature)
-        drift = whitening_drift(index.preconditioner, sums, manifest["hessian"]["damping"])
-
         manifest["store"]["chunks"] += chunks
         manifest["rows"] += added
+        drift = whitening_drift(index.preconditioner, sums, manifest["hessian"]["damping"], change.live_rows())
         change.set_segments(manifest["index"]["segments"] + [segment])
         change.replace_file("curvature", curvature)
         manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}

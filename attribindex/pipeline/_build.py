@@ -23,7 +23,7 @@ from attribindex.config import BuildConfig, config_to_dict
 from attribindex.data import Corpus, open_corpus, shard_window
 from attribindex.errors import AttribIndexError
 from attribindex.index import describe_segments
-from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
+from attribindex.logra import GradientExtractor, ProjectionSet, load_second_moment_scales, select_modules
 from attribindex.model import DTYPES, load_model, model_description
 from attribindex.pipeline._extract import extract, read_checkpoint, release_freed_memory, remove_temporaries
 from attribindex.pipeline._finish import finish_index, finish_shard
@@ -303,17 +303,34 @@ def _build(
 
     lm, tokenizer = models.get(model, config.extract.dtype, config.extract.device)
     modules = select_modules(lm, config.projection)
+    optimizer = None
+    if config.projection.optimizer_state is not None:
+        optimizer = load_second_moment_scales(
+            config.projection.optimizer_state, lm, modules, config.projection.optimizer_eps
+        )
     projections = ProjectionSet.generate(
-        modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out
+        modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out, optimizer
     )
     projections.save(out / layout.PROJECTIONS)
     extractor = GradientExtractor(lm, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
     extraction = extract(
-        corpus, extractor, out, config.store, config.extract.batch_size, skip_empty, resume, progress, label, position
+        corpus,
+        extractor,
+        out,
+        config.store,
+        config.extract.batch_size,
+        skip_empty,
+        resume,
+        progress,
+        config.hessian.kind,
+        label,
+        position,
     )
     state = extraction.state
 
     header = _header(config, model, lm, tokenizer, corpus, projections, created)
+    if optimizer is not None:
+        header["projection"]["optimizer"] = optimizer.record
     header["corpus"] |= {"skipped_empty": state.skipped, "truncated": state.truncated, "tokens": state.tokens}
     event = {"event": "build", "rows": state.rows, "time": created}
     if extraction.resumed_rows:

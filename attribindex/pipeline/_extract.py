@@ -19,7 +19,7 @@ from attribindex._progress import progress as progress_bar
 from attribindex.config import StoreConfig
 from attribindex.data import Corpus, TokenizedExample, batched
 from attribindex.errors import AttribIndexError
-from attribindex.hessian import CurvatureSums
+from attribindex.hessian import CurvatureSums, factor_width
 from attribindex.logra import GradientExtractor
 from attribindex.store import ChunkWriter, file_sha256, layout
 
@@ -127,6 +127,7 @@ def extract(
     skip_empty: bool,
     resume: Checkpoint | None,
     progress: bool,
+    hessian_kind: str,
     label: str = "extract",
     position: int | None = None,
     checkpoint: str = layout.CURVATURE,
@@ -135,7 +136,8 @@ def extract(
     """One pass over the corpus (from the checkpoint on, if any): rows to chunk files, curvature sums to the checkpoint.
 
     Chunks are numbered from `first_chunk` (an append continues after the index's last chunk) and the
-    checkpoint is the file `out/checkpoint`.
+    checkpoint is the file `out/checkpoint`. The curvature sums hold what `hessian_kind` needs (for kfac/ekfac,
+    the Kronecker factors the hooks return with each row).
 
     Documents are read in windows of SORT_WINDOW_BATCHES batches and batched by length (longest first) inside a
     window (padding fell from 29 % to 3 % of the tokens on the demo corpus); rows are still written in corpus
@@ -143,16 +145,22 @@ def extract(
     """
     names = [m.name for m in extractor.projections.modules]
     dims = extractor.projections.block_dims
-    block_dims = dict(zip(names, dims))
+    shapes = extractor.projections.block_shapes
+
+    def empty_sums() -> CurvatureSums:
+        return CurvatureSums.for_kind(hessian_kind, names, shapes)
+
     if resume is None:
-        resume = Checkpoint(CurvatureSums(block_dims), ExtractState(next_position=corpus.start))
+        resume = Checkpoint(empty_sums(), ExtractState(next_position=corpus.start))
     durable, state = resume.curvature, resume.state
+    factors = durable.tracks_factors
+    widths = [factor_width(shape) for shape in shapes]
     resumed_rows = state.rows
     if state.complete:
         return Extraction(state, durable, 0.0, resumed_rows)
 
     writer = ChunkWriter(out, dims, store.dtype, store.chunk_rows, first_chunk=first_chunk + len(state.chunks))
-    pending = _Pending(CurvatureSums(block_dims))
+    pending = _Pending(empty_sums())
     skipped_positions: list[int] = []  # since the last commit
 
     def commit(record: dict, next_position: int) -> None:
@@ -165,7 +173,7 @@ def extract(
         state.tokens += pending.tokens
         state.truncated += pending.truncated
         durable.save(out / checkpoint, note=asdict(state))
-        pending = _Pending(CurvatureSums(block_dims))
+        pending = _Pending(empty_sums())
 
     started = time.perf_counter()
     done_before = state.next_position - corpus.start
@@ -176,12 +184,16 @@ def extract(
     last_added = state.next_position - 1
     documents = _tokenized(corpus, state.next_position, extractor, skip_empty, skipped_positions)
     for window in batched(documents, batch_size * SORT_WINDOW_BATCHES):
-        rows = _window_rows(extractor, [example for _, _, example in window], batch_size, names, bar)  # (W, D)
+        examples = [example for _, _, example in window]
+        rows, factor_rows = _window_rows(extractor, examples, batch_size, names, factors, bar)  # (W, D), (W, F)
         start = 0
         while start < len(window):
             segment = window[start : start + writer.room]
             vectors = rows[start : start + len(segment)]  # (S, D), corpus order
-            pending.curvature.update(dict(zip(names, vectors.split(dims, dim=1))))
+            factor_blocks = None
+            if factor_rows is not None:
+                factor_blocks = dict(zip(names, factor_rows[start : start + len(segment)].split(widths, dim=1)))
+            pending.curvature.update(dict(zip(names, vectors.split(dims, dim=1))), factor_blocks)
             pending.tokens += sum(len(example.input_ids) for _, _, example in segment)
             pending.truncated += sum(example.truncated for _, _, example in segment)
             record = writer.add(vectors, [doc for _, doc, _ in segment])
@@ -219,16 +231,26 @@ def _tokenized(corpus: Corpus, first: int, extractor: GradientExtractor, skip_em
 
 
 def _window_rows(
-    extractor: GradientExtractor, examples: list[TokenizedExample], batch_size: int, names: list[str], bar
-) -> torch.Tensor:
-    """(W, D) projected gradients of a window of examples, computed longest-first, returned in window order."""
+    extractor: GradientExtractor,
+    examples: list[TokenizedExample],
+    batch_size: int,
+    names: list[str],
+    factors: bool,
+    bar,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, D) projected gradients of a window of examples, computed longest-first, returned in window order,
+    and with `factors` their (W, F) Kronecker factor rows (modules in `names` order)."""
     by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    factor_rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     for group in batched(by_length, batch_size):
-        extracted = extractor.extract([examples[i] for i in group])
+        extracted = extractor.extract([examples[i] for i in group], factors=factors)
         for row, i in zip(extracted.concatenated(names), group):
             rows[i] = row
+        if extracted.factors is not None:
+            for row, i in zip(torch.cat([extracted.factors[name] for name in names], dim=1), group):
+                factor_rows[i] = row
         del extracted
         release_freed_memory()
         bar.update(len(group))
-    return torch.stack(rows)
+    return torch.stack(rows), torch.stack(factor_rows) if factors else None

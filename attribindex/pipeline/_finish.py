@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from attribindex._progress import progress as progress_bar
 from attribindex.config import BuildConfig, IndexConfig
-from attribindex.hessian import CurvatureSums, Preconditioner
+from attribindex.hessian import CurvatureSums, Preconditioner, fit_preconditioner
 from attribindex.index import FlatIndexWriter, SegmentPlan, build_segment
 from attribindex.store import RowStore, file_sha256, layout, write_json
 
@@ -27,6 +28,18 @@ def file_records(out: Path, names) -> dict:
 
 
 WHITEN_BLOCK_BYTES = 32 * 2**20  # rows whitened at a time; a handful of copies of this is the merge's working memory
+
+
+def raw_blocks(store: RowStore, deleted: np.ndarray | None = None, progress: bool = False) -> Iterator[torch.Tensor]:
+    """Every stored row not in `deleted` (sorted global rows), raw, as (n, D) blocks in row order: the pass that
+    corrects EK-FAC's eigenvalues."""
+    with progress_bar(total=store.rows, desc="ekfac", unit="row", unit_scale=True, enabled=progress) as bar:
+        for start, raw in store.iter_raw(max_bytes=WHITEN_BLOCK_BYTES):
+            bar.update(len(raw))
+            if deleted is not None and len(deleted):
+                rows = np.arange(start, start + len(raw))
+                raw = raw[torch.from_numpy(~np.isin(rows, deleted))]
+            yield raw
 
 
 def whitened_blocks(store: RowStore, preconditioner: Preconditioner, mode: str) -> Iterator[np.ndarray]:
@@ -102,12 +115,16 @@ def finish_index(
     """Compute the preconditioner once, write the FAISS index over every chunk, then the manifest (last)."""
     names = [m["name"] for m in header["modules"]]
     dims = [m["dim"] for m in header["modules"]]
-    if config.hessian.kind == "raw":
-        preconditioner = Preconditioner.from_curvature(curvature, names, dims, config.hessian.damping)
-    else:
-        preconditioner = Preconditioner.identity(names, dims)
-    preconditioner.save(out / layout.PRECONDITIONER)
     store = RowStore(out, dims, config.store.dtype, chunks)
+    preconditioner = fit_preconditioner(
+        config.hessian.kind,
+        curvature,
+        names,
+        dims,
+        config.hessian.damping,
+        lambda: raw_blocks(store, progress=progress),
+    )
+    preconditioner.save(out / layout.PRECONDITIONER)
     segment = write_segment(out, store, preconditioner, config.index, config.index.mode, progress)
     manifest = header | {
         "format": layout.FORMAT_NAME,

@@ -15,17 +15,16 @@ import datetime as dt
 import fcntl
 import shutil
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from attribindex.config import IndexConfig, config_from_dict
 from attribindex.errors import AttribIndexError
-from attribindex.hessian import CurvatureSums, Preconditioner
-from attribindex.pipeline._finish import file_records, write_segment
+from attribindex.hessian import CurvatureSums, Preconditioner, fit_preconditioner
+from attribindex.pipeline._finish import file_records, raw_blocks, write_segment
 from attribindex.store import RowStore, layout, read_manifest, write_json
 
 _OUR_TOP_LEVEL = ("projections", "curvature", "preconditioner", "deleted", "append")  # name stems a mutation writes
@@ -57,6 +56,10 @@ class Mutation:
     def curvature(self) -> CurvatureSums:
         sums, _ = CurvatureSums.load(self.root / self.manifest["hessian"]["curvature_file"])
         return sums
+
+    def live_rows(self) -> Callable[[], Iterator]:
+        """The pass over every live (not deleted) stored row that EK-FAC's eigenvalues need."""
+        return lambda: raw_blocks(self.store(), deleted_rows(self.root, self.manifest))
 
     def preconditioner(self) -> Preconditioner:
         return Preconditioner.load(self.root / self.manifest["hessian"]["file"], self.names, self.dims)
@@ -163,17 +166,15 @@ def deleted_rows(root: Path, manifest: dict) -> np.ndarray:
     return np.load(root / file) if file else np.zeros(0, dtype=np.int64)
 
 
-def whitening_drift(preconditioner: Preconditioner, sums: CurvatureSums, damping: float) -> dict | None:
+def whitening_drift(
+    preconditioner: Preconditioner, sums: CurvatureSums, damping: float, rows: Callable[[], Iterator] | None = None
+) -> dict | None:
     """How far the whitening in use is from the one the current curvature sums imply:
-    ‖W_now − W_used‖_F / ‖W_used‖_F per module, summarised as median and max. None for `identity`."""
+    ‖W_now − W_used‖_F / ‖W_used‖_F per module, summarised as median and max. None for `identity`.
+    EK-FAC's implied whitening needs its eigenvalue pass over the live rows, `rows()`."""
     if preconditioner.kind == "identity":
         return None
-    implied = Preconditioner.from_curvature(sums, preconditioner.names, preconditioner.dims, damping)
-    changes = [
-        float(
-            torch.linalg.norm(implied.matrices[n] - preconditioner.matrices[n])
-            / torch.linalg.norm(preconditioner.matrices[n])
-        )
-        for n in preconditioner.names
-    ]
+    names, dims = preconditioner.names, preconditioner.dims
+    implied = fit_preconditioner(preconditioner.kind, sums, names, dims, damping, rows)
+    changes = preconditioner.relative_change(implied)
     return {"median": statistics.median(changes), "max": max(changes), "examples": sums.count}

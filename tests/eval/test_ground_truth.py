@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from attribindex import AttribIndexError, AttributionIndex, build_index
 from attribindex.cli import main
 from attribindex.data import Document
-from attribindex.eval import GroundTruth, TrainingRecipe, make_ground_truth, training_scores
+from attribindex.eval import GroundTruth, TrainingRecipe, make_ground_truth, retrain_on_subsets, training_scores
 from attribindex.eval import _ground_truth as ground_truth_module
 from attribindex.testing import tiny_corpus, write_jsonl
 from tests.conftest import exact_config
@@ -107,3 +107,25 @@ def test_eval_lds_scores_every_training_example_and_reports_a_ci(tiny_models, do
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     other = CliRunner().invoke(main, ["eval", "lds", str(index_dir), "--ground-truth", str(tmp_path)])
     assert other.exit_code == 1 and "holds no ground truth" in other.output
+
+
+def test_any_model_retrained_on_subsets_resumes_and_is_refused_with_other_settings(tmp_path):
+    """The generic loop (used for the digits MLP): a closure that trains anything and returns (Q,) losses."""
+    calls = []
+
+    def retrain(members, seed):
+        calls.append(seed)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # an interruption while the fourth model trains
+        return np.array([members.sum(), float(seed % 97)], dtype=float)
+
+    ids = [str(i) for i in range(10)]
+    with pytest.raises(KeyboardInterrupt):
+        retrain_on_subsets(tmp_path, {"model": "toy"}, ids, [0, 1], retrain, subsets=6, progress=False)
+    assert GroundTruth.load(tmp_path).completed == 3
+    truth = retrain_on_subsets(tmp_path, {"model": "toy"}, ids, [0, 1], retrain, subsets=6, progress=False)
+    assert truth.completed == 6 and len(calls) == 4 + 3  # only the unfinished subsets were trained again
+    assert (truth.subsets.sum(axis=1) == 5).all()  # fraction 0.5 of 10
+    np.testing.assert_array_equal(truth.losses[:, 0], [np.flatnonzero(row).sum() for row in truth.subsets])
+    with pytest.raises(AttribIndexError, match="other settings"):
+        retrain_on_subsets(tmp_path, {"model": "other"}, ids, [0, 1], retrain, subsets=6, progress=False)

@@ -7,9 +7,16 @@ import torch
 
 from attribindex.config import ProjectionConfig
 from attribindex.data import PromptCompletion
-from attribindex.logra import GradientExtractor, ProjectionSet, select_modules
+from attribindex.logra import (
+    GradientExtractor,
+    LoGraCapture,
+    ModuleSpec,
+    ProjectionSet,
+    capture_gradients,
+    select_modules,
+)
 from attribindex.model import load_model
-from tests.reference import explicit_projected_gradients
+from tests.reference import explicit_factor_rows, explicit_projected_gradients
 
 ITEMS = [
     "King queen crown sword love death night.",
@@ -39,6 +46,21 @@ def test_logra_equals_projected_autograd_gradients(tiny_models, arch):
     assert got.shape == expected.shape == (len(ITEMS), projections.dim)
     assert expected.abs().max() > 0
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_kfac_factors_equal_explicit_token_sums_and_ignore_padding(tiny_models, arch):
+    model, tokenizer, projections = _setup(tiny_models[arch])
+    extractor = GradientExtractor(model, tokenizer, projections, max_length=32, dtype=torch.float64)
+    names = [m.name for m in projections.modules]
+    batch = extractor.extract(extractor.tokenize(ITEMS), factors=True)  # one padded batch
+    got = torch.cat([batch.factors[name] for name in names], dim=1)
+    expected = explicit_factor_rows(model, tokenizer, ITEMS, projections, max_length=32)
+    assert got.shape == expected.shape and expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    plain = extractor.extract(extractor.tokenize(ITEMS))
+    assert plain.factors is None
+    torch.testing.assert_close(plain.concatenated(names), batch.concatenated(names), rtol=0, atol=0)
 
 
 def test_capture_leaves_weights_without_grad(tiny_models):
@@ -130,3 +152,39 @@ def test_a_captured_lm_head_is_captured_once(tiny_models, monkeypatch):
     got = extractor.extract(extractor.tokenize(ITEMS)).concatenated(["lm_head"])
     expected = explicit_projected_gradients(model, tokenizer, ITEMS, projections, max_length=32)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_classifier_mlp_gets_per_example_gradients_and_factors():
+    """Layers applied to whole examples (B, n) are one-position sequences: the same hooks serve an MLP."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    mlp.requires_grad_(False)
+    specs = [ModuleSpec("0", "linear", 6, 5), ModuleSpec("2", "linear", 5, 3)]
+    projections = ProjectionSet.generate(specs, seed=1, rank_in=4, rank_out=2)
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    capture = LoGraCapture(mlp, projections, torch.float64)
+    batch = capture_gradients(
+        capture, lambda: torch.nn.functional.cross_entropy(mlp(x), y, reduction="none"), factors=True
+    )
+    layers = {spec.name: mlp[int(spec.name)] for spec in specs}
+    seen: dict = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        seen[module] = (args[0], output)
+
+    mlp.requires_grad_(True)
+    handles = [layer.register_forward_hook(keep) for layer in layers.values()]
+    for i in range(7):  # reference: plain autograd, one example at a time
+        mlp.zero_grad()
+        torch.nn.functional.cross_entropy(mlp(x[i : i + 1]), y[i : i + 1]).backward()
+        for spec in specs:
+            p_in, p_out = projections.p_in[spec.name].double(), projections.p_out[spec.name].double()
+            expected = (p_out @ layers[spec.name].weight.grad @ p_in.T).reshape(-1)  # weight.grad: (out, in)
+            torch.testing.assert_close(batch.blocks[spec.name][i], expected, rtol=1e-10, atol=1e-12)
+            acts, output = seen[layers[spec.name]]
+            x_tilde, delta = acts[0] @ p_in.T, output.grad[0] @ p_out.T  # (k_in,), (k_out,)
+            factors = torch.cat([torch.outer(x_tilde, x_tilde).reshape(-1), torch.outer(delta, delta).reshape(-1)])
+            torch.testing.assert_close(batch.factors[spec.name][i], factors, rtol=1e-10, atol=1e-12)
+    for handle in handles:
+        handle.remove()

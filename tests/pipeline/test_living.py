@@ -15,7 +15,6 @@ from attribindex import (
     AttribIndexError,
     AttributionIndex,
     IndexMismatchError,
-    QueryVectors,
     append_documents,
     build_index,
     compact_index,
@@ -27,7 +26,7 @@ from attribindex.store import layout, read_manifest, verify_files
 from attribindex.testing import tiny_corpus, write_jsonl
 from tests.conftest import exact_config
 from tests.killing import run_killed
-from tests.reference import assert_same_index
+from tests.reference import assert_same_index, stamped_queries
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_append_equals_a_build_over_old_and_new(tiny_models, corpus_file, corpus
     # With the preconditioner frozen, scores are the brute-force scores under the old whitening.
     probes = np.random.default_rng(1).standard_normal((4, raw.shape[1])).astype(np.float32)
     expected = probes @ frozen.whiten(raw).numpy().T  # (4, 24)
-    for q, (top, _) in enumerate(appended.search(_stamped(appended, probes), k=24)):
+    for q, (top, _) in enumerate(appended.search(stamped_queries(appended, probes), k=24)):
         assert [a.row for a in top] == list(np.argsort(-expected[q], kind="stable"))
         np.testing.assert_allclose([a.score for a in top], np.sort(expected[q])[::-1], rtol=1e-5, atol=1e-6)
 
@@ -77,18 +76,6 @@ def test_append_equals_a_build_over_old_and_new(tiny_models, corpus_file, corpus
     assert refresh_index(living, progress=False).version == 3
     assert_same_index(whole, living, same_sources=False)
     assert "drift" not in _info(living)
-
-
-def _stamped(index: AttributionIndex, vectors: np.ndarray) -> QueryVectors:
-    manifest = index.manifest
-    return QueryVectors(
-        vectors=vectors,
-        losses=np.zeros(len(vectors)),
-        model_fingerprint=manifest["model"]["fingerprint"],
-        projection_hash=manifest["projection"]["hash"],
-        preconditioner_hash=manifest["hessian"]["preconditioner_hash"],
-        normalization=manifest["normalization"],
-    )
 
 
 def _info(path) -> str:
@@ -171,7 +158,7 @@ def test_random_appends_deletes_compactions_and_queries_match_brute_force(tiny_m
 
         index = AttributionIndex.open(out, load_model_now=False)  # a fresh open each time: changes are durable
         assert index.rows == len(model.live), (step, operation)
-        found = index.search(_stamped(index, probes), k=index.rows, bottom=min(3, index.rows))
+        found = index.search(stamped_queries(index, probes), k=index.rows, bottom=min(3, index.rows))
         for probe, (top, bottom) in zip(probes, found):
             ids, scores = model.ranking(probe)
             assert [a.id for a in top] == ids, (step, operation)
@@ -293,7 +280,7 @@ def test_a_crash_during_append_or_compaction_leaves_a_consistent_index(
     index = AttributionIndex.open(out, load_model_now=False)
     ids = {d.id for d in index.store.documents(range(after["rows"]))}
     assert index.rows == 22 and not {"doc-0003", "doc-0004"} & {
-        a.id for (a,) in zip(*index.search(_stamped(index, np.ones((1, after["dim"]), np.float32)), k=22)[0])
+        a.id for (a,) in zip(*index.search(stamped_queries(index, np.ones((1, after["dim"]), np.float32)), k=22)[0])
     }
     assert ids >= {r["id"] for r in corpus_records} - {"doc-0003", "doc-0004"}
     assert verify_files(out, after).ok
