@@ -9,33 +9,48 @@ from attribindex.data import collate, tokenize
 from attribindex.logra import ProjectionSet, per_example_loss
 
 
+def _plain_backward(model, tokenizer, item, name: str, projections: ProjectionSet, max_length: int) -> dict:
+    """One unpadded example through plain autograd (full logits, no hooks of ours): the captured layers'
+    weight gradients, and per layer its input and output (the output's `.grad` set). Model in float64."""
+    modules = dict(model.named_modules())
+    batch = collate([tokenize(tokenizer, item, max_length, name)], tokenizer.pad_token_id)
+    seen = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        seen[module] = (args[0], output)
+
+    handles = [modules[spec.name].register_forward_hook(keep) for spec in projections.modules]
+    model.zero_grad()
+    with torch.enable_grad():
+        for spec in projections.modules:
+            modules[spec.name].weight.requires_grad_(True)
+        loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
+        loss.sum().backward()
+    for handle in handles:
+        handle.remove()
+    model.requires_grad_(False)
+    return {spec.name: (modules[spec.name].weight.grad, *seen[modules[spec.name]]) for spec in projections.modules}
+
+
 def explicit_projected_gradients(
     model, tokenizer, items, projections: ProjectionSet, max_length: int, multipliers: dict | None = None
 ) -> torch.Tensor:
     """(N, D) per-example P_out · G · P_inᵀ from full weight gradients, one example at a time; with
     `multipliers[name]` (the weight's own shape), G is first multiplied by it elementwise."""
     model = model.double()
-    modules = dict(model.named_modules())
     rows = []
     for i, item in enumerate(items):
-        example = tokenize(tokenizer, item, max_length, f"item {i}")
-        batch = collate([example], tokenizer.pad_token_id)
-        model.zero_grad()
-        with torch.enable_grad():
-            for spec in projections.modules:
-                modules[spec.name].weight.requires_grad_(True)
-            loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
-            loss.sum().backward()  # the plain path: full logits, no checkpointing
+        layers = _plain_backward(model, tokenizer, item, f"item {i}", projections, max_length)
         blocks = []
         for spec in projections.modules:
-            grad = modules[spec.name].weight.grad  # Linear: (out, in); Conv1D: (in, out)
+            grad = layers[spec.name][0]  # Linear: (out, in); Conv1D: (in, out)
             if multipliers is not None:
                 grad = grad * multipliers[spec.name].double()
             grad = grad.T if spec.kind == "conv1d" else grad
             p_in, p_out = projections.p_in[spec.name].double(), projections.p_out[spec.name].double()
             blocks.append((p_out @ grad @ p_in.T).reshape(-1))
         rows.append(torch.cat(blocks))
-    model.requires_grad_(False)
     return torch.stack(rows)
 
 
@@ -43,36 +58,16 @@ def explicit_factor_rows(model, tokenizer, items, projections: ProjectionSet, ma
     """(N, F) per-example KFAC token sums [Σ_t (P_in x_t)(P_in x_t)ᵀ, Σ_t (P_out δ_t)(P_out δ_t)ᵀ] per module, from
     layer inputs and autograd output gradients, one unpadded example at a time."""
     model = model.double()
-    modules = dict(model.named_modules())
     rows = []
     for i, item in enumerate(items):
-        example = tokenize(tokenizer, item, max_length, f"item {i}")
-        batch = collate([example], tokenizer.pad_token_id)
-        inputs, outputs = {}, {}
-
-        def keep(name, module, args, output, inputs=inputs, outputs=outputs):
-            inputs[name] = args[0]
-            output.retain_grad()
-            outputs[name] = output
-
-        handles = [
-            modules[s.name].register_forward_hook(lambda m, a, o, n=s.name: keep(n, m, a, o))
-            for s in projections.modules
-        ]
-        with torch.enable_grad():
-            for spec in projections.modules:
-                modules[spec.name].weight.requires_grad_(True)
-            loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
-            loss.sum().backward()
-        for handle in handles:
-            handle.remove()
+        layers = _plain_backward(model, tokenizer, item, f"item {i}", projections, max_length)
         parts = []
         for spec in projections.modules:
-            x = inputs[spec.name][0] @ projections.p_in[spec.name].double().T  # (T, k_in)
-            delta = outputs[spec.name].grad[0] @ projections.p_out[spec.name].double().T  # (T, k_out)
+            _, inputs, outputs = layers[spec.name]
+            x = inputs[0] @ projections.p_in[spec.name].double().T  # (T, k_in)
+            delta = outputs.grad[0] @ projections.p_out[spec.name].double().T  # (T, k_out)
             parts += [(x.T @ x).reshape(-1), (delta.T @ delta).reshape(-1)]
         rows.append(torch.cat(parts))
-    model.requires_grad_(False)
     return torch.stack(rows)
 
 

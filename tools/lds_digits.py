@@ -6,7 +6,9 @@ Runs offline in about two minutes here. Every artefact goes under --out; the gro
   3. ground truth: --subsets models retrained from the same initialisation on random halves, their query losses;
   4. per rank: LoGra gradients of both linear layers (the same hooks as an LM build, `capture_gradients`), then
      for each Hessian kind × damping the library's preconditioner, scores ⟨W g_q, W g_t⟩ and their LDS with a
-     95 % bootstrap CI; identity and random-score baselines in the same table.
+     95 % bootstrap CI; identity and random-score baselines in the same table;
+  5. the same again with optimizer-aware gradients: divided by the full model's AdamW √v (rank-1 factorised,
+     folded into the projections) before projection.
 
     python tools/lds_digits.py [--train 1000] [--queries 100] [--subsets 100] [--ranks 4,8,16,32,64] [--out DIR]
 
@@ -29,9 +31,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from attribindex.eval import linear_datamodeling_score, plot_lds, retrain_on_subsets
+from attribindex.eval import lds_records, lds_table, linear_datamodeling_score, plot_lds, retrain_on_subsets
 from attribindex.hessian import CurvatureSums, fit_preconditioner
-from attribindex.logra import LoGraCapture, ModuleSpec, ProjectionSet, capture_gradients
+from attribindex.logra import LoGraCapture, ModuleSpec, ProjectionSet, capture_gradients, load_second_moment_scales
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
 
@@ -41,8 +43,9 @@ def make_mlp(hidden: int, seed: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
-    """Adam on shuffled mini-batches of 64 (data order from `seed`), mean cross-entropy, small weight decay."""
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> torch.optim.Optimizer:
+    """AdamW on shuffled mini-batches of 64 (data order from `seed`), mean cross-entropy, small weight decay;
+    returns the optimizer (its second moments are what the optimizer-aware variant divides by)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-3)
     model.train().requires_grad_(True)
@@ -52,7 +55,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    return optimizer
 
 
 def query_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -101,7 +105,8 @@ def main() -> None:
         model = make_mlp(args.hidden, seed=0)
         model.load_state_dict(initial)
         members = torch.from_numpy(members)
-        return query_losses(train(model, x[members], y[members], args.epochs, subset_seed), xq, yq)
+        train(model, x[members], y[members], args.epochs, subset_seed)
+        return query_losses(model, xq, yq)
 
     started = time.perf_counter()
     described = {"workload": "sklearn digits MLP", "hidden": args.hidden, "epochs": args.epochs, "init_seed": 0}
@@ -120,7 +125,8 @@ def main() -> None:
 
     full = make_mlp(args.hidden, seed=0)
     full.load_state_dict(initial)
-    train(full, x, y, args.epochs, seed=0)
+    optimizer = train(full, x, y, args.epochs, seed=0)
+    torch.save(optimizer.state_dict(), out / "optimizer.pt")
     with torch.no_grad():
         accuracy = float((full(xq).argmax(1) == yq).float().mean())
     print(f"full model: query accuracy {accuracy:.3f}, mean query loss {query_losses(full, xq, yq).mean():.3f}")
@@ -129,42 +135,39 @@ def main() -> None:
     random = linear_datamodeling_score(
         np.random.default_rng(0).standard_normal((len(query_rows), len(train_rows))), truth.subsets, truth.losses
     )
-    rows.append({"hessian": "random scores", "rank": "-", "damping": "-", "lds": random})
+    rows.append({"gradients": "-", "hessian": "random scores", "rank": "-", "damping": "-", "lds": random})
     specs = [ModuleSpec("0", "linear", 64, args.hidden), ModuleSpec("2", "linear", args.hidden, 10)]
-    for rank in [int(r) for r in args.ranks.split(",")]:
-        projections = ProjectionSet.generate(specs, seed=0, rank_in=rank, rank_out=rank)
-        dims, shapes = projections.block_dims, projections.block_shapes
-        train_grads, factor_rows, names = gradients(full, projections, x, y, factors=True)  # (N, D)
-        query_grads, _, _ = gradients(full, projections, xq, yq, factors=False)  # (Q, D)
-        sums = {kind: CurvatureSums.for_kind(kind, names, shapes) for kind in ("raw", "kfac")}
-        blocks = dict(zip(names, train_grads.split(dims, dim=1)))
-        for curvature in sums.values():
-            curvature.update(blocks, factor_rows)
-        for kind in KINDS:
-            for damping in [0.1] if kind == "identity" else [float(d) for d in args.dampings.split(",")]:
-                curvature = sums["kfac" if kind in ("kfac", "ekfac") else "raw"]
-                pre = fit_preconditioner(kind, curvature, names, dims, damping, rows=lambda g=train_grads: [g])
-                scores = (pre.whiten(query_grads) @ pre.whiten(train_grads).T).numpy()  # (Q, N)
-                result = linear_datamodeling_score(scores, truth.subsets, truth.losses)
-                rows.append({"hessian": kind, "rank": rank, "damping": damping if kind != "identity" else "-"})
-                rows[-1]["lds"] = result
-                print(f"{kind:<9} rank {rank:<3} damping {damping:<6} {result.format()}", flush=True)
+    variants = {"plain": None, "adam √v": load_second_moment_scales(out / "optimizer.pt", full, specs)}
+    print(f"Adam v rank-1 factorisation: relative error {variants['adam √v'].record['relative_error']:.3f}")
+    for variant, scales in variants.items():
+        for rank in [int(r) for r in args.ranks.split(",")]:
+            projections = ProjectionSet.generate(specs, seed=0, rank_in=rank, rank_out=rank, optimizer=scales)
+            dims, shapes = projections.block_dims, projections.block_shapes
+            train_grads, factor_rows, names = gradients(full, projections, x, y, factors=True)  # (N, D)
+            query_grads, _, _ = gradients(full, projections, xq, yq, factors=False)  # (Q, D)
+            sums = {kind: CurvatureSums.for_kind(kind, names, shapes) for kind in ("raw", "kfac")}
+            blocks = dict(zip(names, train_grads.split(dims, dim=1)))
+            for curvature in sums.values():
+                curvature.update(blocks, factor_rows)
+            for kind in KINDS:
+                for damping in [0.1] if kind == "identity" else [float(d) for d in args.dampings.split(",")]:
+                    curvature = sums["kfac" if kind in ("kfac", "ekfac") else "raw"]
+                    pre = fit_preconditioner(kind, curvature, names, dims, damping, rows=lambda g=train_grads: [g])
+                    scores = (pre.whiten(query_grads) @ pre.whiten(train_grads).T).numpy()  # (Q, N)
+                    result = linear_datamodeling_score(scores, truth.subsets, truth.losses)
+                    shown = damping if kind != "identity" else "-"
+                    rows.append({"gradients": variant, "hessian": kind, "rank": rank, "damping": shown, "lds": result})
+                    print(f"{variant:<8} {kind:<9} rank {rank:<3} damping {damping:<6} {result.format()}", flush=True)
 
-    print("\n| Hessian | rank per side | damping α | LDS | 95 % CI |\n| --- | --- | --- | --- | --- |")
-    for row in rows:
-        lds = row["lds"]
-        print(
-            f"| {row['hessian']} | {row['rank']} | {row['damping']} | {lds.score:.3f} | {lds.low:.3f} – {lds.high:.3f} |"
-        )
+    print("\n" + lds_table(rows, ["gradients", "hessian", "rank", "damping"]))
     best = max(rows[1:], key=lambda r: r["lds"].score)
     plot_lds(
-        best["lds"], truth.losses, out / "lds-scatter.png", title=f"digits MLP: {best['hessian']} rank {best['rank']}"
+        best["lds"],
+        truth.losses,
+        out / "lds-scatter.png",
+        title=f"digits MLP: {best['gradients']} {best['hessian']} rank {best['rank']}",
     )
-    summary = [
-        {k: v for k, v in r.items() if k != "lds"} | {"lds": r["lds"].score, "low": r["lds"].low, "high": r["lds"].high}
-        for r in rows
-    ]
-    (out / "lds.json").write_text(json.dumps(summary, indent=2))
+    (out / "lds.json").write_text(json.dumps(lds_records(rows), indent=2))
     print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
 
 

@@ -28,6 +28,8 @@ from attribindex.data import Document
 from attribindex.demo._assets import load_shakespeare_speeches
 from attribindex.eval import (
     TrainingRecipe,
+    lds_records,
+    lds_table,
     linear_datamodeling_score,
     make_ground_truth,
     plot_lds,
@@ -49,6 +51,11 @@ def main() -> None:
     parser.add_argument("--kinds", default="identity,raw,kfac,ekfac", help="Hessian kinds (identity ignores damping)")
     parser.add_argument("--dampings", default="0.001,0.01,0.1,1.0")
     parser.add_argument("--modes", default="dot")
+    parser.add_argument(
+        "--optimizer-ranks",
+        default="8,16,32",
+        help="ranks also run with gradients divided by the full model's AdamW √v",
+    )
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("lds-shakespeare"))
     args = parser.parse_args()
@@ -68,10 +75,11 @@ def main() -> None:
             init, arch="llama", texts=[s["text"] for s in train], hidden=args.hidden, layers=2, vocab_size=512
         )
     full = out / "full"
-    if not (full / "config.json").is_file():
+    if not (full / "optimizer.pt").is_file():  # the full model and its AdamW state (for the optimizer-aware rows)
         started = time.perf_counter()
         model, tokenizer = load_model(str(init), "float32", "cpu")
-        train_causal_lm(model, tokenizer, documents, recipe, seed=0)
+        full.mkdir(exist_ok=True)
+        train_causal_lm(model, tokenizer, documents, recipe, seed=0, optimizer_out=full / "optimizer.pt")
         model.save_pretrained(full)
         tokenizer.save_pretrained(full)
         print(f"full model trained in {time.perf_counter() - started:.1f} s")
@@ -85,71 +93,52 @@ def main() -> None:
     rows = []
     rng = np.random.default_rng(0)
     random = linear_datamodeling_score(rng.standard_normal((len(queries), len(documents))), truth.subsets, truth.losses)
-    rows.append({"hessian": "random scores", "rank": "-", "damping": "-", "mode": "-", "lds": random})
-    for mode in args.modes.split(","):
-        for rank in [int(r) for r in args.ranks.split(",")]:
-            settings = [
-                (kind, damping)
-                for kind in args.kinds.split(",")
-                for damping in ([0.1] if kind == "identity" else [float(d) for d in args.dampings.split(",")])
-            ]
-            for kind, damping in settings:
-                config = BuildConfig(
-                    projection=ProjectionConfig(rank_in=rank, rank_out=rank),
-                    hessian=HessianConfig(kind=kind, damping=damping),
-                    extract=ExtractConfig(batch_size=16, max_length=recipe.max_length, dtype="float32", device="cpu"),
-                    store=StoreConfig(dtype="float32", chunk_rows=4096),
-                    index=IndexConfig(mode=mode, device="cpu"),
-                )
-                folder = out / "indexes" / f"{mode}-{kind}-r{rank}-d{damping}"
-                started = time.perf_counter()
-                build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
-                seconds = time.perf_counter() - started
-                index = AttributionIndex.open(folder, device="cpu")
-                result = linear_datamodeling_score(
-                    training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses
-                )
-                rows.append(
-                    {
-                        "hessian": kind,
-                        "rank": rank,
-                        "damping": damping if kind != "identity" else "-",
-                        "mode": mode,
-                        "build_s": round(seconds, 1),
-                        "lds": result,
-                    }
-                )
-                print(
-                    f"{mode:<7}{kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}",
-                    flush=True,
-                )
+    rows.append({"gradients": "-", "hessian": "random scores", "rank": "-", "damping": "-", "mode": "-", "lds": random})
+    runs = [("plain", mode, int(rank)) for mode in args.modes.split(",") for rank in args.ranks.split(",") if rank]
+    runs += [("adam √v", "dot", int(rank)) for rank in args.optimizer_ranks.split(",") if rank]
+    kinds = [
+        (kind, damping)
+        for kind in args.kinds.split(",")
+        for damping in ([0.1] if kind == "identity" else [float(d) for d in args.dampings.split(",")])
+    ]
+    for variant, mode, rank in runs:
+        optimizer_state = str(full / "optimizer.pt") if variant != "plain" else None
+        for kind, damping in kinds:
+            config = BuildConfig(
+                projection=ProjectionConfig(rank_in=rank, rank_out=rank, optimizer_state=optimizer_state),
+                hessian=HessianConfig(kind=kind, damping=damping),
+                extract=ExtractConfig(batch_size=16, max_length=recipe.max_length, dtype="float32", device="cpu"),
+                store=StoreConfig(dtype="float32", chunk_rows=4096),
+                index=IndexConfig(mode=mode, device="cpu"),
+            )
+            folder = out / "indexes" / (f"{mode}-{kind}-r{rank}-d{damping}" + ("-adam" if optimizer_state else ""))
+            started = time.perf_counter()
+            build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
+            seconds = time.perf_counter() - started
+            index = AttributionIndex.open(folder, device="cpu")
+            result = linear_datamodeling_score(
+                training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses
+            )
+            shown = damping if kind != "identity" else "-"
+            rows.append(
+                {"gradients": variant, "hessian": kind, "rank": rank, "damping": shown, "mode": mode}
+                | {"build_s": round(seconds, 1), "lds": result}
+            )
+            print(
+                f"{variant:<8} {mode:<7}{kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}",
+                flush=True,
+            )
 
-    print_table(rows)
+    print("\n" + lds_table(rows, ["gradients", "hessian", "rank", "damping", "mode", "build_s"]))
     best = max(rows[1:], key=lambda r: r["lds"].score)
     plot_lds(
         best["lds"],
         truth.losses,
         out / "lds-scatter.png",
-        title=f"{best['mode']} {best['hessian']} rank {best['rank']}",
+        title=f"{best['gradients']} {best['mode']} {best['hessian']} rank {best['rank']}",
     )
-    summary = [
-        {k: v for k, v in r.items() if k != "lds"} | {"lds": r["lds"].score, "low": r["lds"].low, "high": r["lds"].high}
-        for r in rows
-    ]
-    (out / "lds.json").write_text(json.dumps(summary, indent=2))
+    (out / "lds.json").write_text(json.dumps(lds_records(rows), indent=2))
     print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
-
-
-def print_table(rows: list[dict]) -> None:
-    """A markdown table of LDS rows ({hessian, rank, damping, mode, lds[, build_s]})."""
-    print("\n| Hessian | rank per side | damping α | mode | LDS | 95 % CI | build s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        lds = row["lds"]
-        print(
-            f"| {row['hessian']} | {row['rank']} | {row['damping']} | {row['mode']} | {lds.score:.3f} "
-            f"| {lds.low:.3f} – {lds.high:.3f} | {row.get('build_s', '-')} |"
-        )
 
 
 if __name__ == "__main__":

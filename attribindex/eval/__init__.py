@@ -7,7 +7,7 @@ from attribindex.eval._ground_truth import (
     retrain_on_subsets,
     train_causal_lm,
 )
-from attribindex.eval._lds import LdsResult, linear_datamodeling_score, plot_lds
+from attribindex.eval._lds import LdsResult, lds_records, lds_table, linear_datamodeling_score, plot_lds
 from attribindex.eval._recall import (
     RecallPoint,
     RecallReport,
@@ -26,10 +26,12 @@ __all__ = [
     "TrainingRecipe",
     "default_settings",
     "exact_top_k",
+    "lds_records",
+    "lds_table",
     "linear_datamodeling_score",
     "make_ground_truth",
-    "retrain_on_subsets",
     "measure_recall",
+    "retrain_on_subsets",
     "plot_lds",
     "plot_recall",
     "train_causal_lm",

@@ -49,8 +49,18 @@ class TrainingRecipe:
             raise AttribIndexError(f"invalid training recipe {self}: epochs, batch_size >= 1, max_length >= 2, lr > 0.")
 
 
-def train_causal_lm(model, tokenizer, documents: list[Document], recipe: TrainingRecipe, seed: int):
-    """Train `model` in place on `documents` (mean token loss per batch, AdamW), data order from `seed`."""
+def train_causal_lm(
+    model,
+    tokenizer,
+    documents: list[Document],
+    recipe: TrainingRecipe,
+    seed: int,
+    optimizer_out: str | Path | None = None,
+):
+    """Train `model` in place on `documents` (mean token loss per batch, AdamW), data order from `seed`.
+
+    `optimizer_out`: also save the optimizer's final `state_dict()` there (for optimizer-aware attribution,
+    `projection.optimizer_state`)."""
     generator = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = [tokenize(tokenizer, d.text, recipe.max_length, d.id) for d in documents]
@@ -66,6 +76,9 @@ def train_causal_lm(model, tokenizer, documents: list[Document], recipe: Trainin
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    if optimizer_out is not None:
+        with atomic_open(Path(optimizer_out)) as handle:
+            torch.save(optimizer.state_dict(), handle)
     return model.eval().requires_grad_(False)
 
 

@@ -173,6 +173,35 @@ def linear_datamodeling_score(
     )
 
 
+def lds_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of LDS results: one row per dict, the `columns` keys first, then LDS and its interval.
+
+    Example:
+        >>> print(lds_table([{"hessian": "raw", "rank": 32, "lds": result}], ["hessian", "rank"]))  # doctest: +SKIP
+        | hessian | rank | LDS | 95 % CI |
+        | --- | --- | --- | --- |
+        | raw | 32 | 0.244 | 0.206 – 0.281 |
+    """
+    lines = [
+        "| " + " | ".join(columns + ["LDS", "95 % CI"]) + " |",
+        "| " + " | ".join(["---"] * (len(columns) + 2)) + " |",
+    ]
+    for row in rows:
+        lds: LdsResult = row["lds"]
+        cells = [str(row.get(key, "-")) for key in columns] + [f"{lds.score:.3f}", f"{lds.low:.3f} – {lds.high:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lds_records(rows: list[dict]) -> list[dict]:
+    """`rows` for JSON: each `lds` LdsResult replaced by its score and interval bounds."""
+    return [
+        {k: v for k, v in row.items() if k != "lds"}
+        | {"lds": row["lds"].score, "low": row["lds"].low, "high": row["lds"].high}
+        for row in rows
+    ]
+
+
 def representative_queries(result: LdsResult) -> list[int]:
     """The queries `plot_lds` shows by default: best, median and worst defined LDS (fewer if fewer are defined).
 

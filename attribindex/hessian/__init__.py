@@ -1,6 +1,6 @@
 """Curvature accumulation, damping and whitening in the projected space."""
 
-from attribindex.hessian._curvature import FACTOR_KINDS, GRADIENT_KINDS, CurvatureSums, factor_width
+from attribindex.hessian._curvature import FACTOR_KINDS, CurvatureSums, factor_width
 from attribindex.hessian._precondition import (
     KroneckerWhitening,
     ModuleStats,
@@ -11,7 +11,6 @@ from attribindex.hessian._precondition import (
 
 __all__ = [
     "FACTOR_KINDS",
-    "GRADIENT_KINDS",
     "CurvatureSums",
     "KroneckerWhitening",
     "ModuleStats",

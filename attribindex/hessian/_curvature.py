@@ -1,11 +1,12 @@
 """Curvature statistics in the projected space, accumulated as fp64 sums so shards add up exactly.
 
-Two families, chosen by the Hessian kind:
+What is kept depends on the Hessian kind:
 
-- `raw` / `identity`: per module the d×d sum Σ_n g_n g_nᵀ of projected per-example gradients (d = k_out·k_in).
+- `raw`: per module the d×d sum Σ_n g_n g_nᵀ of projected per-example gradients (d = k_out·k_in).
 - `kfac` / `ekfac`: per module the Kronecker factors Σ_n Σ_t x̃ x̃ᵀ (k_in×k_in, projected layer inputs) and
   Σ_n Σ_t δ̃ δ̃ᵀ (k_out×k_out, projected output gradients), summed over each example's tokens. They cost
   k_in² + k_out² numbers per module instead of (k_in·k_out)², which is what makes rank 64+ per side affordable.
+- `identity`: only the count (nothing is whitened, so nothing is summed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from attribindex.store import atomic_path
 
-GRADIENT_KINDS = ("raw", "identity")  # Hessian kinds that need the d×d gradient sums
 FACTOR_KINDS = ("kfac", "ekfac")  # Hessian kinds that need the Kronecker factor sums
 _ACTIVATIONS = "::activations"
 _GRADIENTS = "::gradients"
@@ -78,6 +78,8 @@ class CurvatureSums:
         """Empty sums holding what Hessian `kind` needs; `shapes` are the modules' (k_out, k_in)."""
         if kind in FACTOR_KINDS:
             return cls(factor_shapes=dict(zip(names, shapes)))
+        if kind == "identity":
+            return cls()
         return cls({name: k_out * k_in for name, (k_out, k_in) in zip(names, shapes)})
 
     @property

@@ -6,8 +6,9 @@ from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
 SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
-FORMAT_VERSION = 3  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`)
-READABLE_VERSIONS = (1, 2, 3)  # 1 is read as one segment; 2 has flat segments only
+FORMAT_VERSION = 4  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
+# 4: kfac/ekfac curvature and preconditioner tensors, optimizer-aware projections
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1 is read as one segment; 2 has flat segments only
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
 BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete

@@ -10,9 +10,19 @@ from click.testing import CliRunner
 
 from attribindex import AttribIndexError, AttributionIndex, build_index
 from attribindex.cli import main
+from attribindex.config import ProjectionConfig
 from attribindex.data import Document
-from attribindex.eval import GroundTruth, TrainingRecipe, make_ground_truth, retrain_on_subsets, training_scores
+from attribindex.eval import (
+    GroundTruth,
+    TrainingRecipe,
+    make_ground_truth,
+    retrain_on_subsets,
+    train_causal_lm,
+    training_scores,
+)
 from attribindex.eval import _ground_truth as ground_truth_module
+from attribindex.logra import load_second_moment_scales, select_modules
+from attribindex.model import load_model
 from attribindex.testing import tiny_corpus, write_jsonl
 from tests.conftest import exact_config
 
@@ -129,3 +139,12 @@ def test_any_model_retrained_on_subsets_resumes_and_is_refused_with_other_settin
     np.testing.assert_array_equal(truth.losses[:, 0], [np.flatnonzero(row).sum() for row in truth.subsets])
     with pytest.raises(AttribIndexError, match="other settings"):
         retrain_on_subsets(tmp_path, {"model": "other"}, ids, [0, 1], retrain, subsets=6, progress=False)
+
+
+def test_training_can_save_its_optimizer_state_for_optimizer_aware_attribution(tiny_models, documents, tmp_path):
+    model, tokenizer = load_model(str(tiny_models["llama"]), "float32", "cpu")
+    train_causal_lm(model, tokenizer, documents[:8], RECIPE, seed=0, optimizer_out=tmp_path / "optimizer.pt")
+    specs = select_modules(model, ProjectionConfig())
+    scales = load_second_moment_scales(tmp_path / "optimizer.pt", model, specs)
+    assert scales.optimizer == "adam" and scales.record["step"] == 4  # 8 documents, batch 4, 2 epochs
+    assert set(scales.out_scale) == {s.name for s in specs}
