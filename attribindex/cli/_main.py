@@ -68,9 +68,10 @@ def main() -> None:
 )
 @click.option(
     "--optimizer-state",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, path_type=Path),
     default=None,
-    help="The training optimizer's state (e.g. checkpoint/optimizer.pt): divide gradients by its √v (Adam, Adafactor).",
+    help="The training optimizer's state (a checkpoint folder or its optimizer.pt): divide gradients by its √v "
+    "(Adam, Adafactor).",
 )
 def build(
     config_path,

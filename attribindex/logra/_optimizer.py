@@ -40,6 +40,8 @@ _MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_co
 _SCALAR_KEYS = ("step", "beta2")
 # Wrappers that prefix parameter names: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Optimizer files a training checkpoint folder may hold, in the order they are looked for.
+CHECKPOINT_OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 # Adafactor adds eps1 = 1e-30 to every squared gradient, so a state it wrote never falls below this.
 _ADAFACTOR_FLOOR = 1e-30
 
@@ -98,7 +100,8 @@ def load_second_moment_scales(
     ‖√v̂ - max(√v, eps)‖_F / ‖max(√v, eps)‖_F (``relative_error_max`` names the worst module).
 
     Args:
-        path: the optimizer state; the format is detected from the content (see the module docstring).
+        path: the optimizer state, or a checkpoint folder holding ``optimizer.pt`` / ``optimizer.bin``; the
+            format is detected from the content (see the module docstring).
         model: the trained model (shapes are checked against it; for an id-keyed ``state_dict`` its
             ``named_parameters()`` order and ``requires_grad`` flags are used to recover names).
         modules: the captured modules; each one's ``{name}.weight`` must have a second moment.
@@ -123,6 +126,14 @@ def load_second_moment_scales(
     path = Path(path)
     if not modules:
         raise AttribIndexError("no captured modules were given. Pass the specs from select_modules(model, ...).")
+    if path.is_dir():  # a training checkpoint folder: HF Trainer writes optimizer.pt, Accelerate optimizer.bin
+        found = [path / name for name in CHECKPOINT_OPTIMIZER_FILES if (path / name).is_file()]
+        if not found:
+            raise AttribIndexError(
+                f"checkpoint folder {path} holds none of {', '.join(CHECKPOINT_OPTIMIZER_FILES)}. Pass the "
+                f"optimizer state file itself. {_FORMATS}"
+            )
+        path = found[0]
     if not path.is_file():
         raise AttribIndexError(
             f"optimizer state file {path} does not exist. Pass the path of the saved state. {_FORMATS}"

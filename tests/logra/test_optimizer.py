@@ -352,3 +352,10 @@ def test_orderings_that_disagree_on_captured_modules_are_refused(tmp_path):
 
     with pytest.raises(AttribIndexError, match="several orderings.*save_named_second_moments"):
         load_second_moment_scales(tmp_path / "optimizer.pt", model, _specs(model))
+
+
+def test_a_checkpoint_folder_without_an_optimizer_file_is_refused_naming_what_was_looked_for(tmp_path):
+    model = _mlp()
+    (tmp_path / "checkpoint-7").mkdir()
+    with pytest.raises(AttribIndexError, match=r"holds none of optimizer\.pt, optimizer\.bin"):
+        load_second_moment_scales(tmp_path / "checkpoint-7", model, _specs(model))

@@ -76,6 +76,10 @@ def test_adafactor_state_divides_gradients_by_its_own_preconditioner(
 
 def test_adam_state_is_recorded_with_its_approximation_error_and_the_cli_accepts_it(tiny_models, corpus_file, tmp_path):
     state_path, _, _ = _trained_state(tiny_models["gpt2"], tmp_path, "adamw")
+    checkpoint = tmp_path / "checkpoint-3"  # the folder a trainer writes: the optimizer file is found in it
+    checkpoint.mkdir()
+    state_path.rename(checkpoint / "optimizer.pt")
+    state_path = checkpoint
     out = tmp_path / "idx"
     args = ["build", "--config", "tiny", "--model", str(tiny_models["gpt2"]), "--data", str(corpus_file)]
     result = CliRunner().invoke(
