@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attribindex._progress import progress as progress_bar
@@ -185,14 +186,18 @@ def extract(
     documents = _tokenized(corpus, state.next_position, extractor, skip_empty, skipped_positions)
     for window in batched(documents, batch_size * SORT_WINDOW_BATCHES):
         examples = [example for _, _, example in window]
-        rows, factor_rows = _window_rows(extractor, examples, batch_size, names, factors, bar)  # (W, D), (W, F)
+        # The window is written as slices that each end in one chunk: the first fills the current chunk's room.
+        slice_of = (np.arange(len(window)) + store.chunk_rows - writer.room) // store.chunk_rows  # (W,)
+        rows, factor_sums = _window_rows(
+            extractor, examples, batch_size, names, slice_of if factors else None, bar
+        )  # (W, D), (slices, F)
         start = 0
         while start < len(window):
             segment = window[start : start + writer.room]
             vectors = rows[start : start + len(segment)]  # (S, D), corpus order
             factor_blocks = None
-            if factor_rows is not None:
-                factor_blocks = dict(zip(names, factor_rows[start : start + len(segment)].split(widths, dim=1)))
+            if factor_sums is not None:  # the slice's factor sums, as one summed row
+                factor_blocks = dict(zip(names, factor_sums[slice_of[start]][None].split(widths, dim=1)))
             pending.curvature.update(dict(zip(names, vectors.split(dims, dim=1))), factor_blocks)
             pending.tokens += sum(len(example.input_ids) for _, _, example in segment)
             pending.truncated += sum(example.truncated for _, _, example in segment)
@@ -235,22 +240,28 @@ def _window_rows(
     examples: list[TokenizedExample],
     batch_size: int,
     names: list[str],
-    factors: bool,
+    slice_of: np.ndarray | None,
     bar,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W, D) projected gradients of a window of examples, computed longest-first, returned in window order,
-    and with `factors` their (W, F) Kronecker factor rows (modules in `names` order)."""
+    """(W, D) projected gradients of a window of examples, computed longest-first, returned in window order.
+
+    With `slice_of` ((W,) the written slice each example falls in), also the Kronecker factor rows summed per
+    slice, (slices, F) in float64 (modules in `names` order): per-example factors (2·rank² per module) are never
+    held for the whole window, only as many sums as the window has slices (one or two, usually).
+    """
     by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
-    factor_rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    factor_sums = None
     for group in batched(by_length, batch_size):
-        extracted = extractor.extract([examples[i] for i in group], factors=factors)
+        extracted = extractor.extract([examples[i] for i in group], factors=slice_of is not None)
         for row, i in zip(extracted.concatenated(names), group):
             rows[i] = row
         if extracted.factors is not None:
-            for row, i in zip(torch.cat([extracted.factors[name] for name in names], dim=1), group):
-                factor_rows[i] = row
+            factor_rows = torch.cat([extracted.factors[name] for name in names], dim=1).cpu().double()  # (B, F)
+            if factor_sums is None:
+                factor_sums = factor_rows.new_zeros(int(slice_of.max()) + 1, factor_rows.shape[1])
+            factor_sums.index_add_(0, torch.from_numpy(slice_of[group]), factor_rows)
         del extracted
         release_freed_memory()
         bar.update(len(group))
-    return torch.stack(rows), torch.stack(factor_rows) if factors else None
+    return torch.stack(rows), factor_sums
