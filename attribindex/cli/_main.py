@@ -465,7 +465,8 @@ def recall(
     "ground_truth",
     required=True,
     type=click.Path(path_type=Path),
-    help="Folder written by make_ground_truth: subsets, their query losses, training ids, queries.",
+    help="Folder written by make_ground_truth (or retrain_on_subsets): subsets, their query losses, training "
+    "ids, queries.",
 )
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples of the queries.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write a predicted-vs-actual scatter PNG.")

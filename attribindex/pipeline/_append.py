@@ -18,7 +18,7 @@ from attribindex.data import Corpus, Document, open_corpus
 from attribindex.errors import AttribIndexError
 from attribindex.pipeline._extract import Checkpoint, extract, read_checkpoint
 from attribindex.pipeline._finish import write_flat_index
-from attribindex.pipeline._living import commit, mutation, whitening_drift
+from attribindex.pipeline._living import DRIFT_SAMPLE_ROWS, commit, mutation, whitening_drift
 from attribindex.query import AttributionIndex
 from attribindex.store import RowStore, layout, write_json
 
@@ -170,7 +170,9 @@ def append_documents(
         sums.save(root / curvature)
         manifest["store"]["chunks"] += chunks
         manifest["rows"] += added
-        drift = whitening_drift(index.preconditioner, sums, manifest["hessian"]["damping"], change.live_rows())
+        drift = whitening_drift(
+            index.preconditioner, sums, manifest["hessian"]["damping"], change.live_rows(DRIFT_SAMPLE_ROWS)
+        )
         change.set_segments(manifest["index"]["segments"] + [segment])
         change.replace_file("curvature", curvature)
         manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}

@@ -17,7 +17,15 @@ import numpy as np
 from attribindex.config import StoreConfig, config_from_dict
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import fit_preconditioner
-from attribindex.pipeline._living import Mutation, commit, deleted_rows, mutation, whitening_drift
+from attribindex.pipeline._living import (
+    DRIFT_SAMPLE_ROWS,
+    Mutation,
+    commit,
+    deleted_rows,
+    drift_between,
+    mutation,
+    whitening_drift,
+)
 from attribindex.store import ChunkWriter, RowStore, atomic_open, layout
 
 
@@ -109,7 +117,9 @@ def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
         manifest["deleted"] = {"file": deleted, "rows": len(before) + len(new)}
         change.replace_file("deleted", deleted)
         change.replace_file("curvature", curvature)
-        drift = whitening_drift(change.preconditioner(), sums, manifest["hessian"]["damping"], change.live_rows())
+        drift = whitening_drift(
+            change.preconditioner(), sums, manifest["hessian"]["damping"], change.live_rows(DRIFT_SAMPLE_ROWS)
+        )
         manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
         if sums.retained_deleted:
             manifest["hessian"]["retained_deleted"] = sums.retained_deleted
@@ -197,10 +207,10 @@ def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
         if hessian["kind"] == "identity":
             raise AttribIndexError(f"{root} uses the identity Hessian: there is no whitening to refresh.")
         sums = change.curvature()
-        drift = whitening_drift(change.preconditioner(), sums, hessian["damping"], change.live_rows())
         preconditioner = fit_preconditioner(
             hessian["kind"], sums, change.names, change.dims, hessian["damping"], change.live_rows()
         )
+        drift = drift_between(change.preconditioner(), preconditioner, sums.count)
         name = change.name(layout.PRECONDITIONER)
         preconditioner.save(root / name)
         segment = change.write_segment(change.store(), preconditioner, progress)

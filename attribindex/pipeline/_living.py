@@ -24,7 +24,7 @@ import numpy as np
 from attribindex.config import IndexConfig, config_from_dict
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, Preconditioner, fit_preconditioner
-from attribindex.pipeline._finish import file_records, raw_blocks, write_segment
+from attribindex.pipeline._finish import WHITEN_BLOCK_BYTES, file_records, raw_blocks, write_segment
 from attribindex.store import RowStore, layout, read_manifest, write_json
 
 _OUR_TOP_LEVEL = ("projections", "curvature", "preconditioner", "deleted", "append")  # name stems a mutation writes
@@ -57,9 +57,16 @@ class Mutation:
         sums, _ = CurvatureSums.load(self.root / self.manifest["hessian"]["curvature_file"])
         return sums
 
-    def live_rows(self) -> Callable[[], Iterator]:
-        """The pass over every live (not deleted) stored row that EK-FAC's eigenvalues need."""
-        return lambda: raw_blocks(self.store(), deleted_rows(self.root, self.manifest))
+    def live_rows(self, sample: int | None = None) -> Callable[[], Iterator]:
+        """The pass over the live (not deleted) stored rows that EK-FAC's eigenvalues need: all of them, or a
+        seeded sample of at most `sample` rows (enough for a drift estimate, without reading the whole store)."""
+        store, deleted = self.store(), deleted_rows(self.root, self.manifest)
+        if sample is None or store.rows - len(deleted) <= sample:
+            return lambda: raw_blocks(store, deleted)
+        live = np.setdiff1d(np.arange(store.rows), deleted)  # (L,)
+        chosen = np.sort(np.random.default_rng(0).choice(live, sample, replace=False))
+        block = max(1, WHITEN_BLOCK_BYTES // (4 * sum(store.block_dims)))
+        return lambda: (store.raw_rows(chosen[i : i + block]) for i in range(0, len(chosen), block))
 
     def preconditioner(self) -> Preconditioner:
         return Preconditioner.load(self.root / self.manifest["hessian"]["file"], self.names, self.dims)
@@ -166,15 +173,23 @@ def deleted_rows(root: Path, manifest: dict) -> np.ndarray:
     return np.load(root / file) if file else np.zeros(0, dtype=np.int64)
 
 
+DRIFT_SAMPLE_ROWS = 20_000  # live rows EK-FAC's drift estimate re-corrects eigenvalues on, after an append or delete
+
+
 def whitening_drift(
     preconditioner: Preconditioner, sums: CurvatureSums, damping: float, rows: Callable[[], Iterator] | None = None
 ) -> dict | None:
     """How far the whitening in use is from the one the current curvature sums imply:
     ‖W_now − W_used‖_F / ‖W_used‖_F per module, summarised as median and max. None for `identity`.
-    EK-FAC's implied whitening needs its eigenvalue pass over the live rows, `rows()`."""
+    EK-FAC's implied whitening needs its eigenvalue pass over live rows, `rows()`."""
     if preconditioner.kind == "identity":
         return None
     names, dims = preconditioner.names, preconditioner.dims
     implied = fit_preconditioner(preconditioner.kind, sums, names, dims, damping, rows)
-    changes = preconditioner.relative_change(implied)
-    return {"median": statistics.median(changes), "max": max(changes), "examples": sums.count}
+    return drift_between(preconditioner, implied, sums.count)
+
+
+def drift_between(used: Preconditioner, implied: Preconditioner, examples: int) -> dict:
+    """The drift record (median and max relative change over modules) from `used` to `implied`."""
+    changes = used.relative_change(implied)
+    return {"median": statistics.median(changes), "max": max(changes), "examples": examples}

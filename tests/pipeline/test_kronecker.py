@@ -4,6 +4,7 @@ the factored whitening, a killed build resumes, appends refresh to a full build,
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import signal
 
 import numpy as np
@@ -16,6 +17,7 @@ from attribindex import AttributionIndex, append_documents, build_index, delete_
 from attribindex.cli import main
 from attribindex.config import config_to_dict
 from attribindex.hessian import CurvatureSums
+from attribindex.pipeline._living import mutation
 from attribindex.store import read_manifest
 from attribindex.testing import write_jsonl
 from tests.conftest import exact_config, with_store
@@ -106,3 +108,16 @@ def test_append_then_refresh_equals_a_full_build_and_deletes_are_reported(ekfac,
     index = AttributionIndex.open(living, load_model_now=False)
     top = index.search(stamped_queries(index, index.exact_vectors(np.array([2]))), k=3)[0][0]
     assert top[0].row == 2 and {a.row for a in top}.isdisjoint({0, 5})
+
+
+def test_drift_samples_live_rows_instead_of_reading_the_whole_store(ekfac, corpus_records, tmp_path):
+    living = tmp_path / "idx"
+    shutil.copytree(ekfac, living)
+    delete_ids(living, [corpus_records[3]["id"]])
+    with mutation(living) as change:  # never committed: the index stays as it was
+        every = torch.cat(list(change.live_rows()()))  # (23, D)
+        sampled = torch.cat(list(change.live_rows(sample=10)()))  # (10, D)
+        deleted = change.store().raw_rows(np.array([3]))[0]
+        assert every.shape[0] == 23 and sampled.shape[0] == 10
+        assert all(any(torch.equal(row, live) for live in every) for row in sampled)
+        assert not any(torch.equal(row, deleted) for row in sampled)
