@@ -198,7 +198,7 @@ class Preconditioner:
     def hash(self) -> str:
         digest = hashlib.sha256(f"{self.kind}:{self.damping!r}".encode())
         for key, tensor in self._tensors().items():
-            digest.update(key.removesuffix("::u_out").removesuffix("::u_in").removesuffix("::scale").encode())
+            digest.update(key.split("::")[0].encode())  # the module name (raw hashes are as before version 4)
             digest.update(tensor.contiguous().numpy().tobytes())
         return "sha256:" + digest.hexdigest()
 
