@@ -7,13 +7,12 @@ Example:
     >>> index.attribute(["a query text"], k=5).results[0].top  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
-from attribindex.config import BuildConfig, load_config  # noqa: E402
-from attribindex.data import PromptCompletion  # noqa: E402
-from attribindex.errors import AttribIndexError, IndexMismatchError  # noqa: E402
-from attribindex.eval import RecallReport, measure_recall  # noqa: E402
-from attribindex.pipeline import (  # noqa: E402
+from attribindex._version import __version__
+from attribindex.config import BuildConfig, load_config
+from attribindex.data import PromptCompletion
+from attribindex.errors import AttribIndexError, IndexMismatchError
+from attribindex.eval import RecallReport, measure_recall
+from attribindex.pipeline import (
     AppendSummary,
     BuildSummary,
     EditSummary,
@@ -26,10 +25,11 @@ from attribindex.pipeline import (  # noqa: E402
     refresh_index,
     set_operating_point,
 )
-from attribindex.query import Attribution, AttributionIndex, Attributions, QueryResult, QueryVectors  # noqa: E402
-from attribindex.serve import Client  # noqa: E402
+from attribindex.query import Attribution, AttributionIndex, Attributions, QueryResult, QueryVectors
+from attribindex.serve import Client
 
 __all__ = [
+    "__version__",
     "AppendSummary",
     "AttribIndexError",
     "Attribution",

@@ -3,17 +3,11 @@ all created locally; nothing is downloaded."""
 
 from __future__ import annotations
 
-import os
-
-# Tests never touch the network: hub ids must fail fast and cleanly (set before transformers is imported).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import dataclasses
 from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 from attribindex.config import BuildConfig, ExtractConfig, HessianConfig, IndexConfig, ProjectionConfig, StoreConfig
 from attribindex.testing import make_tiny_model, tiny_corpus, write_jsonl

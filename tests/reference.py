@@ -111,23 +111,23 @@ def assert_same_index(
     from attribindex.hessian import CurvatureSums
 
     a, b = (AttributionIndex.open(p, load_model_now=False) for p in (path_a, path_b))
-    assert a.manifest["rows"] == b.manifest["rows"] and a.manifest["dim"] == b.manifest["dim"]
-    rows = list(range(a.manifest["rows"]))
+    assert a.manifest.rows == b.manifest.rows and a.manifest.dim == b.manifest.dim
+    rows = list(range(a.manifest.rows))
     docs_a, docs_b = a.store.documents(rows), b.store.documents(rows)
     assert [(d.id, d.text) for d in docs_a] == [(d.id, d.text) for d in docs_b]
     assert not same_sources or [d.source for d in docs_a] == [d.source for d in docs_b]
     raw_a = np.concatenate([raw.numpy() for _, raw in a.store.iter_raw()])
     raw_b = np.concatenate([raw.numpy() for _, raw in b.store.iter_raw()])
     np.testing.assert_allclose(raw_a, raw_b, rtol=rtol, atol=1e-12)
-    (sums_a, _), (sums_b, _) = (CurvatureSums.load(i.root / i.manifest["hessian"]["curvature_file"]) for i in (a, b))
+    (sums_a, _), (sums_b, _) = (CurvatureSums.load(i.root / i.manifest.hessian.curvature_file) for i in (a, b))
     assert sums_a.count == sums_b.count == len(rows)
     assert sums_a.tensors.keys() == sums_b.tensors.keys()
     for name, total in sums_a.tensors.items():
         scale = float(sums_b.tensors[name].abs().max())  # near-cancelled entries are judged against the block's scale
         torch.testing.assert_close(total, sums_b.tensors[name], rtol=curvature_rtol, atol=curvature_rtol * scale)
     for key in ("model", "projection", "modules", "normalization"):
-        assert a.manifest[key] == b.manifest[key], key
-    probe = np.random.default_rng(0).standard_normal((queries, a.manifest["dim"])).astype(np.float32)
+        assert getattr(a.manifest, key) == getattr(b.manifest, key), key
+    probe = np.random.default_rng(0).standard_normal((queries, a.manifest.dim)).astype(np.float32)
     k = min(10, len(rows))
     scores_a, rows_a = a.index.search(probe, k)
     scores_b, rows_b = b.index.search(probe, k)
@@ -145,8 +145,8 @@ def stamped_queries(index, vectors):
     return QueryVectors(
         vectors=vectors,
         losses=np.zeros(len(vectors)),
-        model_fingerprint=manifest["model"]["fingerprint"],
-        projection_hash=manifest["projection"]["hash"],
-        preconditioner_hash=manifest["hessian"]["preconditioner_hash"],
-        normalization=manifest["normalization"],
+        model_fingerprint=manifest.model.fingerprint,
+        projection_hash=manifest.projection.hash,
+        preconditioner_hash=manifest.hessian.preconditioner_hash,
+        normalization=manifest.normalization,
     )

@@ -101,8 +101,7 @@ def bench_kind(spec, vectors, queries, truth, mode, workdir, rerank_factor):
     size_mb = (workdir / f"{kind}.faiss").stat().st_size / 2**20
     results = []
     for setting in sweep(kind, len(vectors)):
-        segment.nprobe = setting.get("nprobe", segment.nprobe)
-        segment.ef_search = setting.get("ef_search", segment.ef_search)
+        segment.configure(**setting)
 
         def search():
             _, candidates = segment.candidates(queries, K * rerank_factor)

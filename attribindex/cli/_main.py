@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,15 +13,48 @@ import click
 
 from attribindex.errors import AttribIndexError
 
+_CODE_SPAN = re.compile(r"`([^`]+)`")
 
-class _Group(click.Group):
-    """Turns AttribIndexError into one clean error line (exit code 1) instead of a traceback."""
+
+def in_flags(message: str, command: click.Command) -> str:
+    """A library message as this command's user should read it: each code span that names parameters of the
+    command (`overwrite=True`, `num_shards=3, shard_index=1`, `text_field`) names its flags instead
+    (--overwrite, --num-shards 3 --shard-index 1, --text-field). Other spans stay as they are.
+
+    Example:
+        >>> in_flags("Pass `overwrite=True` to replace it.", build)
+        'Pass --overwrite to replace it.'
+    """
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+
+    def as_flags(span: re.Match) -> str:
+        flags = []
+        for part in re.split(r",\s*", span.group(1)):
+            name, _, value = part.partition("=")
+            option = options.get(name.strip())
+            if option is None:
+                return span.group(0)
+            flag = max(option.opts, key=len)
+            flags.append(flag if option.is_flag or not value else f"{flag} {value.strip(chr(39) + chr(34))}")
+        return " ".join(flags)
+
+    return _CODE_SPAN.sub(as_flags, message)
+
+
+class _Command(click.Command):
+    """Turns AttribIndexError into one clean error line (exit code 1) instead of a traceback, naming this
+    command's flags where the library names parameters."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except AttribIndexError as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(in_flags(str(err), self)) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups are _Groups too, so their commands are _Commands
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -290,10 +324,10 @@ def verify(index_dir):
       attribindex verify my-index
     """
     from attribindex._progress import progress
-    from attribindex.store import read_manifest, recorded_files, verify_files
+    from attribindex.store import read_manifest, verify_files
 
     manifest = read_manifest(index_dir, kind="any")
-    total = sum(record["bytes"] for _, record in recorded_files(manifest))
+    total = sum(record.bytes for _, record in manifest.recorded_files())
     with progress(total=total, desc="verify", unit="B", unit_scale=True) as bar:
         report = verify_files(index_dir, manifest, progress=bar.update)
     for name, problem in report.damaged:
@@ -505,81 +539,81 @@ def info(index_dir, as_json):
     Example:
       attribindex info my-index
     """
-    from attribindex.index import describe_segments
-    from attribindex.store import read_manifest
+    from attribindex._records import to_json
+    from attribindex.store import IndexManifest, read_manifest
 
     manifest = read_manifest(index_dir, kind="any")
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(to_json(manifest), indent=2))
         return
     sizes: dict[str, int] = {}
     for path in index_dir.rglob("*"):
         if path.is_file() and not path.name.startswith("."):
             top = path.relative_to(index_dir).parts[0]
             sizes[top] = sizes.get(top, 0) + path.stat().st_size
-    modules = manifest["modules"]
-    shard = manifest.get("shard")
+    modules = manifest.modules
+    indexed = isinstance(manifest, IndexManifest)
     lines = [
-        f"{'shard' if shard else 'index':<13}{manifest['index_id']}  (format v{manifest['format_version']}, "
-        f"created {manifest['created']})",
-        f"rows         {manifest['rows'] - manifest.get('deleted', {}).get('rows', 0):,}  in {len(manifest['store']['chunks'])} chunks ({manifest['store']['dtype']})",
-        f"vector       {manifest['dim']:,} dims from {len(modules)} modules, rank {modules[0]['rank_out']}×{modules[0]['rank_in']}",
-        f"model        {manifest['model']['name_or_path']} ({manifest['model']['class']})",
+        f"{'index' if indexed else 'shard':<13}{manifest.index_id}  (format v{manifest.format_version}, "
+        f"created {manifest.created})",
+        f"rows         {manifest.live_rows if indexed else manifest.rows:,}  in {len(manifest.store.chunks)} chunks "
+        f"({manifest.store.dtype})",
+        f"vector       {manifest.dim:,} dims from {len(modules)} modules, rank {modules[0].rank_out}×{modules[0].rank_in}",
+        f"model        {manifest.model.name_or_path} ({manifest.model.class_name})",
     ]
-    if shard:
-        start, stop = shard["documents"]
-        lines.append(
-            f"slice        shard {shard['index']} of {shard['count']}: documents [{start:,}, {stop:,}) — "
-            f"merge all {shard['count']} with `attribindex merge`"
-        )
-    else:
-        hessian = manifest["hessian"]
-        segments = manifest["index"]["segments"]
-        deleted = manifest["deleted"]["rows"]
-        lines += [
-            f"version      {manifest['version']}  ({len(manifest['log'])} events; --json shows the log)"
-            + (f", {deleted:,} rows deleted (`attribindex compact` frees them)" if deleted else ""),
-            f"hessian      {hessian['kind']}, damping α={hessian['damping']} over {hessian['examples']:,} examples"
-            + _spectrum(hessian.get("modules", {}))
-            + (
-                f"; its Kronecker factors still count {hessian['retained_deleted']:,} deleted examples "
-                f"(token statistics are not stored per row: rebuild to drop them)"
-                if hessian.get("retained_deleted")
-                else ""
-            ),
-            f"scores       {manifest['normalization']}  ({len(segments)} segment{'s' if len(segments) > 1 else ''}: "
-            f"{describe_segments(segments)})",
-        ]
-        point = manifest["index"].get("operating_point")
-        if point:
-            lines.append(f"operating    {_operating_point(point)}")
-        drift = hessian.get("drift")
-        if drift and drift["max"] > 0:
-            lines.append(
-                f"drift        whitening is {drift['median']:.2%} (median), {drift['max']:.2%} (max) from what the "
-                f"current {drift['examples']:,} examples imply; `attribindex refresh` re-whitens"
-            )
+    lines += _index_lines(manifest) if indexed else _shard_lines(manifest)
     lines += [
-        f"projection   seed {manifest['projection']['seed']}, {manifest['projection']['hash'][:23]}…",
+        f"projection   seed {manifest.projection.seed}, {manifest.projection.hash[:23]}…",
         "on disk      " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())),
     ]
     click.echo("\n".join(lines))
 
 
-def _operating_point(point: dict) -> str:
-    """One line for the operating point `eval recall` recorded."""
-    settings = " ".join(f"{k}={point[k]}" for k in ("nprobe", "ef_search") if point.get(k) is not None)
-    return (
-        f"{settings or 'defaults'}: recall@{point['k']} {point['recall']:.3f} at {point['ms_per_query']:.2f} ms/query "
-        f"(measured on {point['queries']} queries, target {point['target']})"
-    )
+def _shard_lines(manifest) -> list[str]:
+    shard = manifest.shard
+    start, stop = shard.documents
+    return [
+        f"slice        shard {shard.index} of {shard.count}: documents [{start:,}, {stop:,}) — "
+        f"merge all {shard.count} with `attribindex merge`"
+    ]
+
+
+def _index_lines(manifest) -> list[str]:
+    hessian, segments, deleted = manifest.hessian, manifest.index.segments, manifest.deleted.rows
+    lines = [
+        f"version      {manifest.version}  ({len(manifest.log)} events; --json shows the log)"
+        + (f", {deleted:,} rows deleted (`attribindex compact` frees them)" if deleted else ""),
+        f"hessian      {hessian.kind}, damping α={hessian.damping} over {hessian.examples:,} examples"
+        + _spectrum(hessian.modules)
+        + (
+            f"; its Kronecker factors still count {hessian.retained_deleted:,} deleted examples "
+            f"(token statistics are not stored per row: rebuild to drop them)"
+            if hessian.retained_deleted
+            else ""
+        ),
+        f"scores       {manifest.normalization}  ({len(segments)} segment{'s' if len(segments) > 1 else ''}: "
+        f"{manifest.index.description})",
+    ]
+    point = manifest.index.operating_point
+    if point:
+        lines.append(
+            f"operating    {point.settings}: recall@{point.k} {point.recall:.3f} at {point.ms_per_query:.2f} ms/query "
+            f"(measured on {point.queries} queries, target {point.target})"
+        )
+    drift = hessian.drift
+    if drift and drift.max > 0:
+        lines.append(
+            f"drift        whitening is {drift.median:.2%} (median), {drift.max:.2%} (max) from what the "
+            f"current {drift.examples:,} examples imply; `attribindex refresh` re-whitens"
+        )
+    return lines
 
 
 def _spectrum(stats: dict) -> str:
     """The median effective rank (Σe / max e) of the per-module Hessians: how many directions matter."""
     if not stats:
         return ""
-    ranks = sorted(s["effective_rank"] for s in stats.values())
+    ranks = sorted(s.effective_rank for s in stats.values())
     return f"; median effective rank {ranks[len(ranks) // 2]:.1f} of {len(ranks)} module blocks"
 
 

@@ -1,6 +1,6 @@
 """Typed build configuration and YAML presets."""
 
-from attribindex.config._load import config_from_dict, config_to_dict, load_config
+from attribindex.config._load import config_from_dict, config_to_dict, load_config, rows_settings
 from attribindex.config._schema import (
     BuildConfig,
     ExtractConfig,
@@ -20,4 +20,5 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "rows_settings",
 ]

@@ -2,94 +2,48 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
+from attribindex._records import from_json, to_json
 from attribindex.config._schema import BuildConfig
 from attribindex.errors import AttribIndexError
 
 T = TypeVar("T")
 
-
-def _check_value(value: Any, annotation: Any, where: str) -> Any:
-    """Validate `value` against a (simple) type annotation; return it converted (list → tuple)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise AttribIndexError(f"{where}: {value!r} is not allowed; choose one of {choices}.")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_value(value, inner, where)
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise AttribIndexError(f"{where}: expected a list of strings, got {value!r}.")
-        return tuple(_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AttribIndexError(f"{where}: expected a number, got {value!r}.")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise AttribIndexError(f"{where}: expected an integer, got {value!r}.")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise AttribIndexError(f"{where}: expected a string, got {value!r}.")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return config_from_dict(annotation, value, where)
-    raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
+SPEED_SETTINGS = ("batch_size", "device")  # `extract` settings that change how fast rows come, never what they are
 
 
 def config_from_dict(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass `cls` from a mapping, refusing unknown keys with a did-you-mean hint.
+    """Build config dataclass `cls` from a mapping (None = all defaults), refusing unknown keys with a
+    did-you-mean hint and bad values with the place they are at.
 
     Example:
         >>> from attribindex.config import HessianConfig
         >>> config_from_dict(HessianConfig, {"kind": "identity"})
         HessianConfig(kind='identity', damping=0.1)
     """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise AttribIndexError(f"{where}: expected a mapping of keys to values, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise AttribIndexError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(names)}.")
-        kwargs[key] = _check_value(value, hints[key], f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except AttribIndexError as err:
-        raise AttribIndexError(f"{where}: {err}") from None
+    return from_json(cls, {} if data is None else data, where)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The JSON/YAML-ready form of a config (nested dataclasses become dicts, tuples lists)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            value = config_to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
+    return to_json(config)
+
+
+def rows_settings(config: BuildConfig) -> dict[str, Any]:
+    """The config as a dict without its speed settings (batch size, device): what decides the rows, so an
+    interrupted build may resume, and shards from different machines merge, with other speed settings.
+
+    Example:
+        >>> "batch_size" in rows_settings(BuildConfig())["extract"]
+        False
+    """
+    settings = config_to_dict(config)
+    settings["extract"] = {k: v for k, v in settings["extract"].items() if k not in SPEED_SETTINGS}
+    return settings
 
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "index_configs"

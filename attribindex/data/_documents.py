@@ -109,7 +109,7 @@ class Corpus:
             fields = ", ".join(sorted(map(str, record))) or "(none)"
             raise AttribIndexError(
                 f"{source}: no field {self.text_field!r} in the record. Fields present: {fields}. "
-                f"Choose the text field with --text-field."
+                f"Choose the text field with `text_field`."
             )
         text = record[self.text_field]
         if not isinstance(text, str):
@@ -118,7 +118,7 @@ class Corpus:
             if record.get(self.id_field) is None:
                 raise AttribIndexError(
                     f"{source}: no id field {self.id_field!r} in the record. "
-                    f"Fix the record, or drop --id-field to use content-hash ids."
+                    f"Fix the record, or leave `id_field` out to use content-hash ids."
                 )
             doc_id = str(record[self.id_field])
             if doc_id in seen:
@@ -194,7 +194,7 @@ def _load_hf_dataset(data: str, split: str, on_disk: bool):
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
                     raise AttribIndexError(
-                        f"dataset {data} has no split {split!r}; splits: {', '.join(loaded)}. Choose one with --split."
+                        f"dataset {data} has no split {split!r}; splits: {', '.join(loaded)}. Choose one with `split`."
                     )
                 loaded = loaded[split]
             return loaded
@@ -224,7 +224,7 @@ def open_corpus(
         'doc-1'
     """
     if limit is not None and limit < 1:
-        raise AttribIndexError(f"--limit must be >= 1, got {limit}.")
+        raise AttribIndexError(f"`limit` must be >= 1, got {limit}.")
     path = Path(data)
     if path.is_file():
         if path.suffix != ".jsonl":
@@ -265,12 +265,12 @@ def shard_window(corpus: Corpus, count: int, index: int) -> Corpus:
         250
     """
     if count < 1 or not 0 <= index < count:
-        raise AttribIndexError(f"--shard-index must be in [0, {count}) for --num-shards {count}, got {index}.")
+        raise AttribIndexError(f"`shard_index` must be in [0, {count}) for `num_shards={count}`, got {index}.")
     length = corpus.known_length() if corpus.known_length() is not None else corpus.limit
     if length is None:
         raise AttribIndexError(
             f"sharding needs to know how many documents {corpus.description} holds, and a streamed dataset does not "
-            f"say. Pass --limit N (shards then split the first N documents), or save the dataset to disk first."
+            f"say. Pass `limit=N` (shards then split the first N documents), or save the dataset to disk first."
         )
     start, stop = index * length // count, (index + 1) * length // count
     if start == stop:

@@ -51,9 +51,9 @@ def run_demo(out: Path, speeches: int | None = None, overwrite: bool = False, k:
 
     model_dir = demo_model_dir(_cache_dir())
     existing = read_manifest(out) if layout.is_index_dir(out) and not overwrite else None
-    if existing is not None and existing["model"]["name_or_path"] != str(model_dir.resolve()):
-        raise AttribIndexError(f"{out} holds another index, not the demo's. Pass --out elsewhere, or --overwrite.")
-    if existing is not None and existing["rows"] == len(indexed):
+    if existing is not None and existing.model.name_or_path != str(model_dir.resolve()):
+        raise AttribIndexError(f"{out} holds another index, not the demo's. Choose another `out`, or `overwrite=True`.")
+    if existing is not None and existing.rows == len(indexed):
         click.echo(f"reusing the index in {out} (pass --overwrite to rebuild)")
     else:
         with tempfile.TemporaryDirectory() as tmp:

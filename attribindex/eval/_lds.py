@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from attribindex.errors import AttribIndexError
+from attribindex.query import one_line
 
 MIN_SUBSETS = 3  # two points always correlate perfectly (±1): a rank correlation needs at least three
 PLOT_LABEL_CHARS = 48  # a query label longer than this is cut in a panel title
@@ -260,7 +261,7 @@ def plot_lds(
     figure, axes = plt.subplots(1, len(queries), figsize=(4 * len(queries), 4), dpi=120, squeeze=False)
     for panel, (axis, q) in enumerate(zip(axes[0], queries)):
         rho = result.per_query[q]
-        label = f"query {q}" if labels is None else _cut(labels[panel])
+        label = f"query {q}" if labels is None else one_line(labels[panel], PLOT_LABEL_CHARS)
         axis.scatter(result.predictions[:, q], losses[:, q], s=14, alpha=0.7, color="tab:blue")
         axis.set_title(f"{label}\nSpearman {'undefined' if np.isnan(rho) else f'{rho:.3f}'}", fontsize=9)
         axis.set_xlabel("predicted: Σ scores over the subset", fontsize=8)
@@ -343,8 +344,3 @@ def _raise_undefined(predictions: np.ndarray, losses: np.ndarray) -> None:
         f"subsets, distinct and drawn at a fraction such as 0.5, and check that each row of losses comes from its "
         f"own subset model."
     )
-
-
-def _cut(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= PLOT_LABEL_CHARS else text[: PLOT_LABEL_CHARS - 1] + "…"

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from attribindex._records import to_json
 from attribindex.errors import AttribIndexError
-from attribindex.index import ApproximateIndex
-from attribindex.query import AttributionIndex
+from attribindex.index import SegmentPlan
+from attribindex.query import AttributionIndex, check_count
+from attribindex.store import OperatingPoint
 
 EXACT_SCAN_BLOCK_BYTES = 32 * 2**20  # raw rows re-whitened at a time by the exact scan
 
@@ -59,18 +61,20 @@ class RecallReport:
             return min(reaching, key=lambda p: p.ms_per_query)
         return max(self.points, key=lambda p: (p.recall, -p.ms_per_query))
 
-    def operating_point(self) -> dict:
+    def operating_point(self) -> OperatingPoint:
         """The manifest record of the chosen setting."""
         chosen = self.chosen
-        return chosen.settings | {
-            "k": self.k,
-            "recall": round(chosen.recall, 4),
-            "ms_per_query": round(chosen.ms_per_query, 4),
-            "target": self.target,
-            "queries": self.queries,
-            "rerank": self.rerank,
-            "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        return OperatingPoint(
+            nprobe=chosen.settings.get("nprobe"),
+            ef_search=chosen.settings.get("ef_search"),
+            k=self.k,
+            recall=round(chosen.recall, 4),
+            ms_per_query=round(chosen.ms_per_query, 4),
+            target=self.target,
+            queries=self.queries,
+            rerank=self.rerank,
+            measured=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
 
     def format(self) -> str:
         lines = [
@@ -92,13 +96,13 @@ class RecallReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"operating_point": self.operating_point()}
+        return asdict(self) | {"operating_point": to_json(self.operating_point())}
 
 
 def default_settings(index: AttributionIndex, k: int) -> list[dict]:
     """The sweep for the index's approximate segments: nprobe 1, 2, 4, … nlist; or efSearch from the number of
     candidates fetched (HNSW never searches with fewer) doubling up to 512."""
-    plans = [s.plan for s in index.index.segments if isinstance(s, ApproximateIndex)]
+    plans = [SegmentPlan.from_record(s.plan) for s in index.manifest.index.segments if not s.exact]
     if not plans:
         raise AttribIndexError(
             f"{index.root} holds exact flat segments only: its recall is 1 by construction. "
@@ -155,8 +159,7 @@ def measure_recall(
         >>> report.chosen.settings  # doctest: +SKIP
         {'nprobe': 16}
     """
-    if not 1 <= k <= index.rows:
-        raise AttribIndexError(f"k must be between 1 and the number of live rows ({index.rows}), got {k}.")
+    check_count("k", k, index.rows, minimum=1)
     if not 0 < target <= 1:
         raise AttribIndexError(f"the recall target must be in (0, 1], got {target}.")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -165,7 +168,7 @@ def measure_recall(
     _, truth = exact_top_k(index, vectors, k)
     exact_ms = (time.perf_counter() - started) * 1000 / len(vectors)
     kept_rerank = index.rerank
-    kept_settings = [(s, s.nprobe, s.ef_search) for s in index.index.segments if isinstance(s, ApproximateIndex)]
+    kept_effort = [(s, getattr(s, "nprobe", None), getattr(s, "ef_search", None)) for s in index.index.segments]
     if rerank is not None:
         index.configure_search(rerank=rerank)
     report = RecallReport(
@@ -188,8 +191,8 @@ def measure_recall(
             report.points.append(RecallPoint(dict(setting), float(np.mean(hits)), elapsed_ms / len(vectors)))
     finally:  # the index searches as before the sweep
         index.configure_search(rerank=kept_rerank)
-        for segment, nprobe, ef_search in kept_settings:
-            segment.nprobe, segment.ef_search = nprobe, ef_search
+        for segment, nprobe, ef_search in kept_effort:
+            segment.configure(nprobe=nprobe, ef_search=ef_search)
     return report
 
 

@@ -3,7 +3,6 @@
 from attribindex.hessian._curvature import FACTOR_KINDS, CurvatureSums, factor_width
 from attribindex.hessian._precondition import (
     KroneckerWhitening,
-    ModuleStats,
     Preconditioner,
     fit_preconditioner,
     normalize_rows,
@@ -13,7 +12,6 @@ __all__ = [
     "FACTOR_KINDS",
     "CurvatureSums",
     "KroneckerWhitening",
-    "ModuleStats",
     "Preconditioner",
     "factor_width",
     "fit_preconditioner",

@@ -14,14 +14,7 @@ from safetensors.torch import save_file
 
 from attribindex.errors import AttribIndexError
 from attribindex.hessian._curvature import FACTOR_KINDS, CurvatureSums
-from attribindex.store import atomic_path
-
-
-@dataclass
-class ModuleStats:
-    mean_eigenvalue: float
-    damping: float  # λ = α · mean eigenvalue
-    effective_rank: float  # Σ e / max e, a rough count of directions that matter
+from attribindex.store import ModuleStats, atomic_path
 
 
 @dataclass
@@ -61,7 +54,9 @@ def _damped(eigenvalues: torch.Tensor, damping: float) -> tuple[torch.Tensor, Mo
     mean = float(eigenvalues.mean())
     lam = damping * mean if mean > 0 else 1.0  # an all-zero block: whitening is then the identity
     top = float(eigenvalues.max())
-    return (eigenvalues + lam).rsqrt(), ModuleStats(mean, lam, float(eigenvalues.sum()) / top if top > 0 else 0.0)
+    return (eigenvalues + lam).rsqrt(), ModuleStats(
+        mean_eigenvalue=mean, damping=lam, effective_rank=float(eigenvalues.sum()) / top if top > 0 else 0.0
+    )
 
 
 class Preconditioner:

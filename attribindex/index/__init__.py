@@ -1,24 +1,27 @@
-"""FAISS inner-product indexes over whitened vectors: exact flat, approximate segments, exact re-ranking."""
+"""FAISS inner-product indexes over whitened vectors: exact flat, approximate segments, exact re-ranking.
+
+Every segment kind implements the `Segment` protocol, which is all `SegmentedIndex` relies on.
+"""
 
 from attribindex.index._approx import ApproximateIndex, SegmentPlan, build_segment, default_nlist
 from attribindex.index._blockwise import TorchFlatIndex, read_flat_vectors
 from attribindex.index._flat import FlatIndex, FlatIndexWriter, gpu_available, import_faiss
 from attribindex.index._rerank import rerank
-from attribindex.index._segments import SegmentedIndex, describe_segments, segment_is_exact
+from attribindex.index._segment import Segment
+from attribindex.index._segments import SegmentedIndex
 
 __all__ = [
     "ApproximateIndex",
     "FlatIndex",
     "FlatIndexWriter",
+    "Segment",
     "SegmentPlan",
     "SegmentedIndex",
     "TorchFlatIndex",
     "build_segment",
     "default_nlist",
-    "describe_segments",
     "gpu_available",
     "import_faiss",
     "read_flat_vectors",
     "rerank",
-    "segment_is_exact",
 ]

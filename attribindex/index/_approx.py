@@ -26,7 +26,8 @@ import numpy as np
 from attribindex._progress import progress as progress_bar
 from attribindex.config import IndexConfig
 from attribindex.errors import AttribIndexError
-from attribindex.index._flat import bitmap_selector, import_faiss
+from attribindex.index._flat import bitmap_selector, import_faiss, read_faiss_index
+from attribindex.index._segment import check_k, checked_local_rows, skipped_rows
 from attribindex.store import atomic_open
 
 MIN_TRAIN_PER_CENTROID = 39  # faiss k-means warns below this many training points per centroid
@@ -231,11 +232,13 @@ def _seed_clustering(faiss, index, seed: int) -> None:
 class ApproximateIndex:
     """One approximate or compressed FAISS segment, searched by inner product in the original space.
 
-    Deleted rows are excluded inside FAISS (an ID selector), so they never come back. `nprobe` and
-    `ef_search` may be changed between searches (the recall evaluation sweeps them).
+    A `Segment`: hidden rows are excluded inside FAISS (an ID selector), so they never come back. The search
+    effort (`nprobe`, `ef_search`) may be changed between searches with `configure` (the recall evaluation
+    sweeps it).
 
     Example:
         >>> segment = ApproximateIndex.load(Path("index/segment.faiss"), record)  # doctest: +SKIP
+        >>> segment.configure(nprobe=32)  # doctest: +SKIP
         >>> scores, rows = segment.candidates(queries, k=40)  # doctest: +SKIP
     """
 
@@ -247,19 +250,12 @@ class ApproximateIndex:
         self._augment = _Augmentation(self.plan, record.get("max_norm"))
         self.nprobe = self.plan.nprobe
         self.ef_search = self.plan.ef_search
-        self._selector = None
+        self._hidden = np.zeros(0, dtype=np.int64)  # rows `exclude` hides, sorted local positions
+        self._selector = None  # (bitmap, FAISS selector) hiding them
 
     @classmethod
     def load(cls, path: Path, record: dict) -> ApproximateIndex:
-        faiss = import_faiss()
-        if not path.is_file():
-            raise AttribIndexError(f"index file {path} is missing. Rebuild the index or restore the file.")
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as err:
-            raise AttribIndexError(
-                f"index file {path} is damaged ({str(err).splitlines()[0]}). Rebuild the index."
-            ) from None
+        index = read_faiss_index(path)
         if index.d != record["index_dim"]:
             raise AttribIndexError(
                 f"{path} has dimension {index.d} but the manifest records {record['index_dim']}. Rebuild the index."
@@ -279,24 +275,47 @@ class ApproximateIndex:
         settings = {"nprobe": self.nprobe if self.plan.nlist else None, "efSearch": self.ef_search}
         return " ".join([self.plan.factory] + [f"{k}={v}" for k, v in settings.items() if v is not None])
 
+    def configure(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Set the IVF cells scanned (capped at nlist) and the HNSW candidate list; None keeps the current
+        value, and a setting this kind does not have is ignored."""
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and value < 1:
+                raise AttribIndexError(f"{name} must be at least 1, got {value}.")
+        if nprobe is not None and self.plan.nlist:
+            self.nprobe = min(int(nprobe), self.plan.nlist)
+        if ef_search is not None and self.plan.kind == "hnsw":
+            self.ef_search = int(ef_search)
+
     def exclude(self, local_rows: np.ndarray) -> None:
-        """Never return these segment-local rows (sorted int64)."""
-        if len(local_rows):
-            self._selector = bitmap_selector(self.rows, local_rows)
+        """Hide these local rows from every later `candidates` and `search` (replaces earlier ones)."""
+        self._hidden = checked_local_rows(local_rows, self.rows)
+        self._selector = bitmap_selector(self.rows, self._hidden) if len(self._hidden) else None
 
     def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate top-k: ((Q, k) approximate inner products descending, (Q, k) rows, -1 past the end)."""
+        """Approximate top-min(k, rows) over the rows not hidden: ((Q, k') approximate inner products
+        descending, (Q, k') rows, -1 and -inf past the end)."""
+        return self._top_k(queries, min(k, self.rows), self._selector)
+
+    def search(self, queries: np.ndarray, k: int, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k over the rows neither hidden by `exclude` nor in `excluded` (local positions):
+        ((Q, k) approximate inner products descending, (Q, k) rows, -1 and -inf past the end)."""
+        check_k(k, self.rows)
+        if excluded is None:
+            return self._top_k(queries, k, self._selector)
+        skipped = skipped_rows(self._hidden, excluded, self.rows)  # (x,) sorted
+        return self._top_k(queries, k, bitmap_selector(self.rows, skipped) if len(skipped) else None)
+
+    def _top_k(self, queries: np.ndarray, k: int, selector) -> tuple[np.ndarray, np.ndarray]:
         faiss = import_faiss()
         queries = np.asarray(queries, dtype=np.float32)  # (Q, D)
-        k = min(k, self.rows)
         if self.plan.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
         elif self.plan.nlist:
             params = faiss.SearchParametersIVF(nprobe=self.nprobe)
         else:
             params = faiss.SearchParameters()
-        if self._selector is not None:
-            params.sel = self._selector[1]
-        distances, rows = self._index.search(self._augment.queries(queries), k, params=params)
+        if selector is not None:
+            params.sel = selector[1]  # `selector` keeps the bitmap FAISS points to alive for the search
+        distances, rows = self._index.search(self._augment.queries(queries), k, params=params)  # (Q, k) each
         scores = self._augment.inner_products(queries, distances)  # nearest first = largest inner product first
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows

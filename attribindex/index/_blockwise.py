@@ -29,7 +29,6 @@ an overflow that reaches the top-k is reported rather than returned. Ties come b
 
 from __future__ import annotations
 
-import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,10 +37,9 @@ import numpy as np
 import torch
 
 from attribindex.errors import AttribIndexError
+from attribindex.index._flat_format import FLAT_FOURCC, FLAT_HEADER, FLAT_METRIC_INNER_PRODUCT
+from attribindex.index._segment import check_k, checked_local_rows, skipped_rows
 
-_HEADER = struct.Struct("<4siqqq?iq")  # the FlatIndexWriter / faiss.write_index(IndexFlatIP) header
-_FOURCC = b"IxFI"
-_METRIC_INNER_PRODUCT = 0
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _TORCH_DTYPES = {
     np.dtype(np.float16): torch.float16,
@@ -56,7 +54,7 @@ def read_flat_vectors(path: Path) -> np.ndarray:
     """Memory-mapped (N, D) float32 view of a flat FAISS file written by FlatIndexWriter or faiss.write_index.
 
     Nothing is read until rows are used, so a store larger than RAM is fine. The file layout is
-    documented on `FlatIndexWriter`.
+    `FLAT_HEADER` (see `_flat_format`) followed by the vectors.
 
     Example:
         >>> vectors = read_flat_vectors(Path("idx/segment-0.faiss"))  # doctest: +SKIP
@@ -67,23 +65,23 @@ def read_flat_vectors(path: Path) -> np.ndarray:
     if not path.is_file():
         raise AttribIndexError(f"index file {path} is missing. Rebuild the index or restore the file.")
     size = path.stat().st_size
-    if size < _HEADER.size:
+    if size < FLAT_HEADER.size:
         raise AttribIndexError(
             f"index file {path} is truncated ({size} bytes, shorter than its header). Rebuild the index."
         )
     with path.open("rb") as handle:
-        fourcc, dim, rows, _, _, _, metric, floats = _HEADER.unpack(handle.read(_HEADER.size))
-    if fourcc != _FOURCC:
+        fourcc, dim, rows, _, _, _, metric, floats = FLAT_HEADER.unpack(handle.read(FLAT_HEADER.size))
+    if fourcc != FLAT_FOURCC:
         raise AttribIndexError(
-            f"index file {path} is not a flat inner-product FAISS index (fourcc {fourcc!r}, expected {_FOURCC!r}). "
+            f"index file {path} is not a flat inner-product FAISS index (fourcc {fourcc!r}, expected {FLAT_FOURCC!r}). "
             f"Rebuild the index."
         )
-    if dim < 1 or rows < 0 or metric != _METRIC_INNER_PRODUCT or floats != rows * dim:
+    if dim < 1 or rows < 0 or metric != FLAT_METRIC_INNER_PRODUCT or floats != rows * dim:
         raise AttribIndexError(
             f"index file {path} has an inconsistent header (d={dim}, ntotal={rows}, metric={metric}, "
             f"{floats} floats). Rebuild the index."
         )
-    expected = _HEADER.size + 4 * rows * dim
+    expected = FLAT_HEADER.size + 4 * rows * dim
     if size != expected:
         raise AttribIndexError(
             f"index file {path} is {size} bytes but its header describes {rows} x {dim} float32 vectors "
@@ -91,7 +89,7 @@ def read_flat_vectors(path: Path) -> np.ndarray:
         )
     if rows == 0:
         return np.zeros((0, dim), dtype=np.float32)  # mmap refuses an empty range
-    return np.memmap(path, dtype="<f4", mode="r", offset=_HEADER.size, shape=(rows, dim))
+    return np.memmap(path, dtype="<f4", mode="r", offset=FLAT_HEADER.size, shape=(rows, dim))
 
 
 def score_tile_shape(
@@ -235,7 +233,7 @@ class TorchFlatIndex:
                 self.streamed = True
         elif isinstance(vectors, torch.Tensor) and vectors.device.type != "cpu":
             raise AttribIndexError(f"vectors are on {vectors.device} but device is 'cpu'. Pass vectors.cpu().")
-        self._hidden = np.zeros(0, dtype=np.int64)  # rows `exclude` hides from `candidates`
+        self._hidden = np.zeros(0, dtype=np.int64)  # rows `exclude` hides, sorted local positions
 
     @property
     def exact(self) -> bool:
@@ -249,12 +247,15 @@ class TorchFlatIndex:
         )
 
     def exclude(self, local_rows: np.ndarray) -> None:
-        """Never return these rows from `candidates` (a segment of a living index hides its deleted rows)."""
-        self._hidden = self._excluded(local_rows)
+        """Hide these local rows from every later `candidates` and `search` (a living index's deleted rows)."""
+        self._hidden = checked_local_rows(local_rows, self.rows)
 
     def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-min(k, rows) over the rows not excluded (the segment interface of SegmentedIndex)."""
-        return self.search(queries, min(k, self.rows), self._hidden)
+        """Top-min(k, rows) over the rows not hidden: ((Q, k') scores, (Q, k') rows, -1 and -inf past the end)."""
+        return self._top_k(queries, min(k, self.rows), self._hidden)
+
+    def configure(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """An exact scan has no search effort to set: accepted and ignored."""
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs) -> TorchFlatIndex:
@@ -351,10 +352,6 @@ class TorchFlatIndex:
         merge_bytes = _MERGE_BYTES_PER_CANDIDATE * (k + min(k, row_tile))  # per query, per merge
         return max(1, min(query_tile, self.max_score_bytes // merge_bytes)), row_tile
 
-    def _check_k(self, k: int) -> None:
-        if not isinstance(k, (int, np.integer)) or k < 1 or k > self.rows:
-            raise AttribIndexError(f"k must be between 1 and the number of rows ({self.rows}), got {k}.")
-
     def _queries(self, queries: np.ndarray | torch.Tensor) -> torch.Tensor:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise AttribIndexError(
@@ -365,35 +362,27 @@ class TorchFlatIndex:
             queries = _from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         return queries.to(self.device, self.dtype).contiguous()  # (Q, D)
 
-    def _excluded(self, excluded: np.ndarray | None) -> np.ndarray:
-        if excluded is None:
-            return np.zeros(0, dtype=np.int64)
-        excluded = np.unique(np.asarray(excluded, dtype=np.int64))  # sorted, so each block finds its own by bisection
-        if len(excluded) and (excluded[0] < 0 or excluded[-1] >= self.rows):
-            raise AttribIndexError(
-                f"excluded rows must be local positions in [0, {self.rows}), got {excluded[0]}..{excluded[-1]}. "
-                f"Subtract the segment's first global row."
-            )
-        return excluded
-
     def search(self, queries: np.ndarray, k: int, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: ((Q, k) float32 scores descending, (Q, k) int64 row positions).
 
-        `excluded` rows (local positions) are never returned, whatever k; when fewer than k rows remain,
-        the tail is row -1 with score -inf. Rows with equal scores come back in an unspecified order.
+        Rows hidden by `exclude` and this call's `excluded` (local positions) are never returned, whatever k;
+        when fewer than k rows remain, the tail is row -1 with score -inf. Rows with equal scores come back in
+        an unspecified order.
 
         Example:
             >>> index = TorchFlatIndex(np.eye(3, dtype=np.float32))
             >>> index.search(np.ones((1, 3), dtype=np.float32), k=3, excluded=np.array([0, 1]))[1].tolist()
             [[2, -1, -1]]
         """
-        self._check_k(k)
-        k = int(k)
+        check_k(k, self.rows)
+        return self._top_k(queries, int(k), skipped_rows(self._hidden, excluded, self.rows))
+
+    def _top_k(self, queries: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k without the sorted local rows `excluded` (k already checked)."""
         query_block = self._queries(queries)  # (Q, D)
         count = query_block.shape[0]
         if count == 0:
             return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
-        excluded = self._excluded(excluded)
         excluded_device = torch.from_numpy(excluded).to(self.device)  # once: per-block slices then never sync
         query_tile, row_tile = self._tile_shape(count, k)
         best_scores = torch.full((count, k), -torch.inf, dtype=torch.float32, device=self.device)  # (Q, k)
@@ -424,15 +413,3 @@ class TorchFlatIndex:
                 f"Use dtype=torch.bfloat16 or torch.float32, or check the vectors for NaN/inf."
             )
         return best_scores.cpu().numpy(), best_rows.cpu().numpy()
-
-    def search_bottom(
-        self, queries: np.ndarray, k: int, excluded: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Bottom-k by inner product: ((Q, k) scores ascending, (Q, k) row positions).
-
-        Example:
-            >>> TorchFlatIndex(np.eye(3, dtype=np.float32)).search_bottom(np.array([[3, 2, 1]], np.float32), k=1)[1]
-            array([[2]])
-        """
-        scores, rows = self.search(-np.asarray(queries, dtype=np.float32), k, excluded)
-        return -scores, rows

@@ -1,17 +1,19 @@
 """Exact inner-product search with FAISS over whitened vectors; labels are row positions.
 
-Bottom-k (opponents) is a top-k search with the negated query, so it never scans with k = N.
+Bottom-k (opponents) is a top-k search with the negated query (scores negated back), so it never scans
+with k = N.
 """
 
 from __future__ import annotations
 
 import functools
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from attribindex.errors import AttribIndexError
+from attribindex.index._flat_format import FLAT_FOURCC, FLAT_HEADER, FLAT_METRIC_INNER_PRODUCT, FLAT_RESERVED
+from attribindex.index._segment import best_k, check_k, checked_local_rows, skipped_rows
 from attribindex.store import atomic_open
 
 GPU_MAX_K = 2048  # faiss GPU kernels select at most this many results per query
@@ -48,8 +50,24 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def read_faiss_index(path: Path, io_flags: int = 0):
+    """`faiss.read_index` with the project's errors: a missing or damaged file is named, with the fix."""
+    faiss = import_faiss()
+    if not path.is_file():
+        raise AttribIndexError(f"index file {path} is missing. Rebuild the index or restore the file.")
+    try:
+        return faiss.read_index(str(path), io_flags)
+    except RuntimeError as err:
+        raise AttribIndexError(
+            f"index file {path} is damaged ({str(err).splitlines()[0]}). Rebuild the index."
+        ) from None
+
+
 class FlatIndex:
     """An exact inner-product index (IndexFlatIP) on CPU, or on GPU when GPU faiss and a GPU are present.
+
+    A `Segment`: hidden rows are dropped inside FAISS by a bitmap selector on CPU (about 3 % slower than an
+    unfiltered scan); GPU faiss takes no selector, so there it over-fetches and drops them.
 
     Example:
         >>> index = FlatIndex.empty(dim=4)
@@ -57,6 +75,8 @@ class FlatIndex:
         >>> scores, rows = index.search(np.array([[0, 0, 1, 0]], dtype=np.float32), k=2)
         >>> int(rows[0, 0]), float(scores[0, 0])
         (2, 1.0)
+        >>> index.search(np.array([[1, 2, 3, 4]], dtype=np.float32), k=4, excluded=np.array([2, 3]))[1].tolist()
+        [[1, 0, -1, -1]]
     """
 
     exact = True  # every candidate set and score is exact
@@ -65,8 +85,8 @@ class FlatIndex:
     def __init__(self, index, on_gpu: bool = False):
         self._index = index
         self.on_gpu = on_gpu
-        self._excluded = np.zeros(0, dtype=np.int64)
-        self._params = None  # search parameters carrying the selector that hides excluded rows
+        self._hidden = np.zeros(0, dtype=np.int64)  # rows `exclude` hides, sorted local positions
+        self._params = None  # search parameters carrying the selector that hides them (CPU only)
 
     @classmethod
     def empty(cls, dim: int) -> FlatIndex:
@@ -87,14 +107,7 @@ class FlatIndex:
     def load(cls, path: Path, device: str = "auto") -> FlatIndex:
         """Load (memory-mapped on CPU); move to GPU when `device` allows and GPU faiss finds one."""
         faiss = import_faiss()
-        if not path.is_file():
-            raise AttribIndexError(f"index file {path} is missing. Rebuild the index or restore the file.")
-        try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
-        except RuntimeError as err:
-            raise AttribIndexError(
-                f"index file {path} is damaged ({str(err).splitlines()[0]}). Rebuild the index."
-            ) from None
+        index = read_faiss_index(path, faiss.IO_FLAG_MMAP_IFC)
         if device != "cpu" and gpu_available():
             resources = faiss.StandardGpuResources()
             gpu = faiss.index_cpu_to_gpu(resources, 0, index)
@@ -106,56 +119,61 @@ class FlatIndex:
             )
         return cls(index)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product: ((Q, k) scores descending, (Q, k) row positions)."""
-        self._check_k(k)
-        return self.raw_search(queries, k)
+    def search(self, queries: np.ndarray, k: int, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: ((Q, k) scores descending, (Q, k) row positions).
 
-    def raw_search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search as is: `params` may carry an ID selector; rows past the end come back as -1."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        return self._index.search(queries, k, params=params) if params is not None else self._index.search(queries, k)
-
-    def search_bottom(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Bottom-k by inner product: ((Q, k) scores ascending, (Q, k) row positions)."""
-        scores, rows = self.search(-np.asarray(queries, dtype=np.float32), k)
-        return -scores, rows
+        Rows hidden by `exclude` and this call's `excluded` (local positions) never come back; when fewer
+        than k rows remain, the tail is row -1 with score -inf.
+        """
+        check_k(k, self.rows)
+        if excluded is None:
+            return self._top_k(queries, k, self._hidden, self._params)
+        skipped = skipped_rows(self._hidden, excluded, self.rows)  # (x,) sorted
+        return self._top_k(queries, k, skipped, self._selector_params(skipped))
 
     def exclude(self, local_rows: np.ndarray) -> None:
-        """Never return these rows (sorted int64) from `candidates`: a bitmap selector inside FAISS on CPU
-        (about 3 % slower than an unfiltered scan); on GPU, which takes no selector, over-fetch and drop."""
-        self._excluded = np.asarray(local_rows, dtype=np.int64)
-        self._params = None
-        if len(self._excluded) and not self.on_gpu:
-            bitmap, selector = bitmap_selector(self.rows, self._excluded)
-            self._params = import_faiss().SearchParameters(sel=selector)
-            self._params.keep_alive = (bitmap, selector)  # FAISS holds raw pointers to both
+        """Hide these local rows from every later `candidates` and `search` (replaces earlier ones)."""
+        self._hidden = checked_local_rows(local_rows, self.rows)
+        self._params = self._selector_params(self._hidden)
 
     def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-min(k, rows) over the rows not excluded: ((Q, k') scores, (Q, k') rows, -1 and -inf past the end)."""
-        excluded = self._excluded
-        if not len(excluded) or not self.on_gpu:
-            scores, rows = self.raw_search(queries, min(k, self.rows), self._params)
-            return np.where(rows >= 0, scores, -np.inf), rows
-        want = min(k + len(excluded), self.rows)
-        if want > GPU_MAX_K:
+        """Top-min(k, rows) over the rows not hidden: ((Q, k') scores, (Q, k') rows, -1 and -inf past the end)."""
+        return self._top_k(queries, min(k, self.rows), self._hidden, self._params)
+
+    def configure(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """An exact scan has no search effort to set: accepted and ignored."""
+
+    def _selector_params(self, excluded: np.ndarray):
+        """FAISS search parameters whose bitmap selector hides `excluded`; None when there is nothing to hide or
+        on GPU (which takes no selector)."""
+        if not len(excluded) or self.on_gpu:
+            return None
+        bitmap, selector = bitmap_selector(self.rows, excluded)
+        params = import_faiss().SearchParameters(sel=selector)
+        params.keep_alive = (bitmap, selector)  # FAISS holds raw pointers to both
+        return params
+
+    def _top_k(self, queries: np.ndarray, k: int, excluded: np.ndarray, params) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k without the sorted local rows `excluded` (inside FAISS through `params` on CPU)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
+        overfetch = self.on_gpu and len(excluded) > 0
+        want = min(k + len(excluded), self.rows) if overfetch else k
+        if self.on_gpu and want > GPU_MAX_K:
             raise AttribIndexError(
                 f"GPU faiss returns at most {GPU_MAX_K} results per query; k plus the {len(excluded)} deleted rows of a "
                 f"segment exceeds that. Compact the index (`attribindex compact`) or use a smaller k."
+                if overfetch
+                else f"GPU faiss returns at most {GPU_MAX_K} results per query, got k={k}. Use a smaller k."
             )
-        scores, rows = self.raw_search(queries, want)
-        gone = np.isin(rows, excluded) | (rows < 0)
+        if params is not None:
+            scores, rows = self._index.search(queries, want, params=params)  # (Q, want) each
+        else:
+            scores, rows = self._index.search(queries, want)  # (Q, want) each
+        gone = rows < 0  # (Q, want)
+        if overfetch:
+            gone |= np.isin(rows, excluded)
         scores, rows = np.where(gone, -np.inf, scores), np.where(gone, -1, rows)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, self.rows)]
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
-
-    def _check_k(self, k: int) -> None:
-        if k < 1 or k > self.rows:
-            raise AttribIndexError(f"k must be between 1 and the number of rows ({self.rows}), got {k}.")
-        if self.on_gpu and k > GPU_MAX_K:
-            raise AttribIndexError(
-                f"GPU faiss returns at most {GPU_MAX_K} results per query, got k={k}. Use a smaller k."
-            )
+        return best_k(scores, rows, k) if overfetch else (scores, rows)
 
 
 def bitmap_selector(rows: int, excluded: np.ndarray):
@@ -171,17 +189,13 @@ class FlatIndexWriter:
     """Streams vectors into a FAISS `IndexFlatIP` file, so building an index of any size needs one chunk of memory.
 
     The bytes equal what `faiss.write_index` writes for the same vectors (a test checks this against the
-    installed faiss): fourcc ``IxFI``, the index header (d, ntotal, two reserved int64s, is_trained,
-    metric), the number of floats, then the vectors row by row. Header fields are patched on close.
+    installed faiss): the header `FLAT_HEADER` (see `_flat_format`), then the vectors row by row. Its row
+    and float counts are patched on close.
 
     Example:
         >>> with FlatIndexWriter(Path("flat.faiss"), dim=4) as writer:  # doctest: +SKIP
         ...     writer.add(np.eye(4, dtype=np.float32))
     """
-
-    _HEADER = struct.Struct("<4siqqq?iq")  # fourcc, d, ntotal, dummy, dummy, is_trained, metric, float count
-    _RESERVED = 1 << 20  # faiss writes this value in both reserved fields
-    _METRIC_INNER_PRODUCT = 0
 
     def __init__(self, path: Path, dim: int):
         self.path = path
@@ -189,14 +203,14 @@ class FlatIndexWriter:
         self.rows = 0
 
     def _header(self) -> bytes:
-        return self._HEADER.pack(
-            b"IxFI",
+        return FLAT_HEADER.pack(
+            FLAT_FOURCC,
             self.dim,
             self.rows,
-            self._RESERVED,
-            self._RESERVED,
+            FLAT_RESERVED,
+            FLAT_RESERVED,
             True,
-            self._METRIC_INNER_PRODUCT,
+            FLAT_METRIC_INNER_PRODUCT,
             self.rows * self.dim,
         )
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from attribindex.index._segment import best_k
+
 RERANK_BLOCK_BYTES = 64 * 2**20
 
 
@@ -49,7 +51,5 @@ def rerank(
         gathered = vectors[np.searchsorted(unique, np.maximum(rows, 0))]  # (t, C, D)
         exact = np.einsum("td,tcd->tc", queries[first : first + tile], gathered)  # (t, C)
         scores[first : first + tile] = np.where(rows >= 0, exact, -np.inf)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    top_scores = np.take_along_axis(scores, order, axis=1)
-    top_rows = np.where(np.isfinite(top_scores), np.take_along_axis(candidates, order, axis=1), -1)
-    return top_scores, top_rows
+    top_scores, top_rows = best_k(scores, candidates, k)  # (Q, k) each
+    return top_scores, np.where(np.isfinite(top_scores), top_rows, -1)

@@ -3,40 +3,31 @@
 A build writes one segment of the configured kind; each append adds an exact flat one (so an append
 costs its own rows, not the index, and needs no retraining); compaction and refresh rewrite them as one
 segment of the configured kind. Each segment hides its deleted rows itself, so a deleted row can never be
-returned, whatever k.
+returned, whatever k. `SegmentedIndex` sees its segments only through the `Segment` protocol.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from attribindex.errors import AttribIndexError
 from attribindex.index._approx import ApproximateIndex
 from attribindex.index._blockwise import TorchFlatIndex
 from attribindex.index._flat import FlatIndex, gpu_available
+from attribindex.index._segment import Segment, best_k, check_k
+from attribindex.store import SegmentRecord
 
 
-def segment_is_exact(record: dict) -> bool:
-    """True for a float32 flat segment (v2 manifests record no plan: their segments are all of this kind)."""
-    plan = record.get("plan")
-    return plan is None or (plan["kind"] == "flat" and plan["storage"] == "float32")
-
-
-def describe_segments(records: list[dict]) -> str:
-    """The segments of a manifest in one line, e.g. ``IVF1024,PQ64 (1,000,000 rows) + Flat (2,000 rows)``."""
-    return " + ".join(f"{r.get('plan', {}).get('factory', 'Flat')} ({r['rows']:,} rows)" for r in records)
-
-
-def open_segment(root: Path, record: dict, device: str = "auto"):
+def open_segment(root: Path, record: SegmentRecord, device: str = "auto") -> Segment:
     """The segment `record` of a manifest: an approximate FAISS index, or an exact flat one searched by GPU faiss
     when installed, else by torch GEMMs in bfloat16 on a CUDA GPU (streamed from host memory if it does not
     fit), else by faiss on CPU (memory-mapped)."""
-    path = root / record["file"]
-    if not segment_is_exact(record):
-        return ApproximateIndex.load(path, record["plan"])
+    path = root / record.file
+    if not record.exact:
+        return ApproximateIndex.load(path, record.plan)
     if device != "cpu" and not gpu_available() and torch.cuda.is_available():
         return TorchFlatIndex.load(path, device="cuda")
     return FlatIndex.load(path, device=device)
@@ -45,12 +36,14 @@ def open_segment(root: Path, record: dict, device: str = "auto"):
 class SegmentedIndex:
     """Top-k over several segments with deleted rows hidden; labels are global row positions.
 
+    Bottom-k is the top-k of the negated queries: ``scores, rows = index.search(-queries, k)``, then ``-scores``.
+
     Example:
         >>> index = SegmentedIndex([FlatIndex.empty(2), FlatIndex.empty(2)], deleted=np.array([1]))  # doctest: +SKIP
         >>> scores, rows = index.search(queries, k=5)  # doctest: +SKIP
     """
 
-    def __init__(self, segments: list, deleted: np.ndarray):
+    def __init__(self, segments: list[Segment], deleted: np.ndarray):
         self.segments = segments
         self.starts = np.cumsum([0] + [s.rows for s in segments])  # (S + 1,)
         self.deleted = np.asarray(deleted, dtype=np.int64)  # sorted global rows
@@ -58,7 +51,9 @@ class SegmentedIndex:
             segment.exclude(self.deleted[(self.deleted >= start) & (self.deleted < stop)] - start)
 
     @classmethod
-    def load(cls, root: Path, records: list[dict], deleted: np.ndarray, device: str = "auto") -> SegmentedIndex:
+    def load(
+        cls, root: Path, records: Sequence[SegmentRecord], deleted: np.ndarray, device: str = "auto"
+    ) -> SegmentedIndex:
         return cls([open_segment(root, record, device) for record in records], deleted)
 
     @property
@@ -87,8 +82,7 @@ class SegmentedIndex:
 
         Scores and membership are exact only when `exact`; otherwise they are candidates to re-rank.
         """
-        if k < 1 or k > self.live_rows:
-            raise AttribIndexError(f"k must be between 1 and the number of live rows ({self.live_rows}), got {k}.")
+        check_k(k, self.live_rows, what="live rows")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         all_scores, all_rows = [], []
         for segment, start in zip(self.segments, self.starts):
@@ -96,20 +90,10 @@ class SegmentedIndex:
             all_scores.append(scores)
             all_rows.append(np.where(rows >= 0, rows + start, -1))
         scores, rows = np.concatenate(all_scores, axis=1), np.concatenate(all_rows, axis=1)  # (Q, Σ k)
-        scores = np.where(rows >= 0, scores, -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
-
-    def search_bottom(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Bottom-k by inner product: ((Q, k) scores ascending, (Q, k) global rows)."""
-        scores, rows = self.search(-np.asarray(queries, dtype=np.float32), k)
-        return -scores, rows
+        return best_k(np.where(rows >= 0, scores, -np.inf), rows, k)  # (Q, k) each
 
     def configure(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Set the search effort of the approximate segments (exact ones have none)."""
+        """Set the search effort of every segment that has one (IVF cells scanned, HNSW candidate list); None
+        keeps the current value, and exact segments ignore both."""
         for segment in self.segments:
-            if isinstance(segment, ApproximateIndex):
-                if nprobe is not None and segment.plan.nlist:
-                    segment.nprobe = min(nprobe, segment.plan.nlist)
-                if ef_search is not None and segment.plan.kind == "hnsw":
-                    segment.ef_search = ef_search
+            segment.configure(nprobe=nprobe, ef_search=ef_search)

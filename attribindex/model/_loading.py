@@ -78,13 +78,3 @@ def model_fingerprint(model: nn.Module) -> str:
         sample = torch.cat([flat[::stride], flat[-1:]]).to("cpu").to(torch.bfloat16).to(torch.float64)
         digest.update(sample.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
-
-
-def model_description(model: nn.Module, name_or_path: str) -> dict:
-    config = getattr(model, "config", None)
-    return {
-        "name_or_path": name_or_path,
-        "class": type(model).__name__,
-        "revision": getattr(config, "_commit_hash", None),
-        "fingerprint": model_fingerprint(model),
-    }

@@ -1,9 +1,10 @@
 """Orchestration: building, merging and changing indexes; ties data, logra, hessian, store and index together."""
 
 from attribindex.pipeline._append import AppendSummary, append_documents
-from attribindex.pipeline._build import BuildSummary, build_index
+from attribindex.pipeline._build import build_index
 from attribindex.pipeline._edit import EditSummary, compact_index, delete_ids, refresh_index, set_operating_point
-from attribindex.pipeline._merge import MergeSummary, merge_shards
+from attribindex.pipeline._merge import merge_shards
+from attribindex.pipeline._summary import BuildSummary, MergeSummary
 
 __all__ = [
     "AppendSummary",

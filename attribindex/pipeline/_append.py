@@ -7,20 +7,20 @@ has drifted from what the sums now imply, and `attribindex refresh` re-whitens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from attribindex.config import StoreConfig, config_from_dict
 from attribindex.data import Corpus, Document, open_corpus
 from attribindex.errors import AttribIndexError
 from attribindex.pipeline._extract import Checkpoint, extract, read_checkpoint
-from attribindex.pipeline._finish import write_flat_index
-from attribindex.pipeline._living import DRIFT_SAMPLE_ROWS, commit, mutation, whitening_drift
+from attribindex.pipeline._mutation import DRIFT_SAMPLE_ROWS, Mutation, commit, mutation, whitening_drift
+from attribindex.pipeline._segments import write_flat_segment
 from attribindex.query import AttributionIndex
-from attribindex.store import RowStore, layout, write_json
+from attribindex.store import AppendEvent, DriftRecord, RowStore, layout, write_json
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class AppendSummary:
     empty_skipped: int
     live_rows: int
     seconds: float
-    drift: dict | None
+    drift: DriftRecord | None
 
     def format(self) -> str:
         lines = [
@@ -50,7 +50,7 @@ class AppendSummary:
         ]
         if self.drift is not None:
             lines.append(
-                f"whitening  drift {self.drift['median']:.2%} median, {self.drift['max']:.2%} max over modules "
+                f"whitening  drift {self.drift.median:.2%} median, {self.drift.max:.2%} max over modules "
                 f"(`attribindex refresh` re-whitens)"
             )
         return "\n".join(lines)
@@ -117,82 +117,96 @@ def append_documents(
     corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
     with mutation(root, keep_pending_append=True) as change:
         manifest = change.manifest
-        config = manifest["config"]
-        index = AttributionIndex.open(root, model=model, device=config["extract"]["device"])
-        positions = {doc.id: position for position, doc in corpus.numbered()}
-        total = len(positions)
-        duplicates = {positions[doc_id]: doc_id for doc_id in index.store.find_rows(positions)}
-        duplicates = dict(sorted(duplicates.items()))
-        if duplicates and not skip_duplicates:
-            first = next(iter(duplicates.values()))
-            raise AttribIndexError(
-                f"{len(duplicates)} documents of {corpus.description} are already in the index (first: id {first!r}). "
-                f"Pass --skip-duplicates to leave them out, or delete the indexed ones first."
-            )
-        if len(duplicates) == total:
-            raise AttribIndexError(f"all {total} documents of {corpus.description} are already in the index.")
-
-        request = {
-            "data": corpus.description,
-            "text_field": corpus.text_field,
-            "id_field": corpus.id_field,
-            "limit": corpus.limit,
-            "skip_empty": skip_empty,
-            "skip_duplicates": skip_duplicates,
-            "base_version": manifest["version"],
-        }
-        resume = _pending_append(root, request, change.next_chunk())
+        index = AttributionIndex.open(root, model=model, device=manifest.config.extract.device)
+        duplicates = _duplicates(corpus, index, skip_duplicates)
+        request = _append_request(corpus, skip_empty, skip_duplicates, manifest.version)
+        first_chunk = manifest.store.next_chunk
+        resume = _pending_append(root, request, first_chunk)
         write_json(root / layout.APPEND_REQUEST, request)
-        store = config_from_dict(StoreConfig, config["store"])
+        store = manifest.config.store
         extraction = extract(
             _NewDocuments(corpus, set(duplicates)),
             index.extractor,
             root,
             store,
-            batch_size or config["extract"]["batch_size"],
+            batch_size or manifest.config.extract.batch_size,
             skip_empty,
             resume,
             progress,
-            manifest["hessian"]["kind"],
+            manifest.hessian.kind,
             label="append",
             checkpoint=layout.APPEND_CHECKPOINT,
-            first_chunk=change.next_chunk(),
+            first_chunk=first_chunk,
         )
-        chunks = extraction.state.chunks
-        added = sum(c["rows"] for c in chunks)
-        new_rows = RowStore(root, change.dims, store.dtype, chunks)
-        name = change.name(layout.APPENDED_SEGMENT)  # exact flat whatever the index kind: nothing to retrain
-        segment = write_flat_index(root, new_rows, index.preconditioner, manifest["normalization"], progress, name)
-
-        sums = change.curvature()
-        sums.merge(extraction.curvature)
-        curvature = change.name(layout.CURVATURE)
-        sums.save(root / curvature)
-        manifest["store"]["chunks"] += chunks
-        manifest["rows"] += added
-        drift = whitening_drift(
-            index.preconditioner, sums, manifest["hessian"]["damping"], change.live_rows(DRIFT_SAMPLE_ROWS)
+        state = extraction.state
+        drift = _add_rows(change, index, extraction.curvature, state.chunks, progress)
+        committed = commit(
+            change,
+            AppendEvent,
+            rows=state.rows,
+            data=corpus.description,
+            duplicates_skipped=len(duplicates),
+            empty_skipped=state.skipped,
+            tokens=state.tokens,
         )
-        change.set_segments(manifest["index"]["segments"] + [segment])
-        change.replace_file("curvature", curvature)
-        manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
-        event = {
-            "event": "append",
-            "rows": added,
-            "data": corpus.description,
-            "duplicates_skipped": len(duplicates),
-            "empty_skipped": extraction.state.skipped,
-            "tokens": extraction.state.tokens,
-        }
-        committed = commit(change, event)
     return AppendSummary(
         out=root,
-        version=committed["version"],
-        added=added,
+        version=committed.version,
+        added=state.rows,
         resumed=extraction.resumed_rows,
         duplicates_skipped=len(duplicates),
-        empty_skipped=extraction.state.skipped,
-        live_rows=committed["rows"] - committed["deleted"]["rows"],
+        empty_skipped=state.skipped,
+        live_rows=committed.live_rows,
         seconds=time.perf_counter() - started,
         drift=drift,
     )
+
+
+def _append_request(corpus: Corpus, skip_empty: bool, skip_duplicates: bool, base_version: int) -> dict:
+    """What decides an append's rows (`append.request.json`): the same append on the same version resumes."""
+    return {
+        "data": corpus.description,
+        "text_field": corpus.text_field,
+        "id_field": corpus.id_field,
+        "limit": corpus.limit,
+        "skip_empty": skip_empty,
+        "skip_duplicates": skip_duplicates,
+        "base_version": base_version,
+    }
+
+
+def _duplicates(corpus: Corpus, index: AttributionIndex, skip_duplicates: bool) -> dict[int, str]:
+    """{corpus position: id} of the documents already in the index, in corpus order; refused unless skipped."""
+    positions = {doc.id: position for position, doc in corpus.numbered()}
+    duplicates = dict(sorted({positions[doc_id]: doc_id for doc_id in index.store.find_rows(positions)}.items()))
+    if duplicates and not skip_duplicates:
+        first = next(iter(duplicates.values()))
+        raise AttribIndexError(
+            f"{len(duplicates)} documents of {corpus.description} are already in the index (first: id {first!r}). "
+            f"Pass `skip_duplicates=True` to leave them out, or delete the indexed ones first."
+        )
+    if len(duplicates) == len(positions):
+        raise AttribIndexError(f"all {len(positions)} documents of {corpus.description} are already in the index.")
+    return duplicates
+
+
+def _add_rows(change: Mutation, index: AttributionIndex, curvature, chunks, progress: bool) -> DriftRecord | None:
+    """Record freshly written chunks in `change`: one exact flat segment over them, whitened with the frozen
+    preconditioner (nothing to retrain), and their curvature added to the sums. Returns the whitening's drift."""
+    root, manifest = change.root, change.manifest
+    new_rows = RowStore(root, manifest.block_dims, manifest.store.dtype, chunks)
+    name = change.name(layout.APPENDED_SEGMENT)
+    segment = write_flat_segment(root, new_rows, index.preconditioner, manifest.normalization, progress, name)
+    sums = change.curvature()
+    sums.merge(curvature)
+    curvature_file = change.name(layout.CURVATURE)
+    sums.save(root / curvature_file)
+    change.update(
+        store=dataclasses.replace(manifest.store, chunks=manifest.store.chunks + tuple(chunks)),
+        rows=manifest.rows + new_rows.rows,
+    )
+    drift = whitening_drift(index.preconditioner, sums, manifest.hessian.damping, change.live_rows(DRIFT_SAMPLE_ROWS))
+    change.set_segments([*manifest.index.segments, segment])
+    change.replace_file("curvature", curvature_file)
+    change.update_hessian(examples=sums.count, curvature_file=curvature_file, drift=drift)
+    return drift

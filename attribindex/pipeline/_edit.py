@@ -14,19 +14,30 @@ from pathlib import Path
 
 import numpy as np
 
-from attribindex.config import StoreConfig, config_from_dict
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import fit_preconditioner
-from attribindex.pipeline._living import (
+from attribindex.pipeline._mutation import (
     DRIFT_SAMPLE_ROWS,
     Mutation,
     commit,
-    deleted_rows,
     drift_between,
     mutation,
     whitening_drift,
 )
-from attribindex.store import ChunkWriter, RowStore, atomic_open, layout
+from attribindex.store import (
+    ChunkWriter,
+    CompactEvent,
+    DeletedRecord,
+    DeleteEvent,
+    DriftRecord,
+    IndexManifest,
+    OperatingPoint,
+    OperatingPointEvent,
+    RefreshEvent,
+    RowStore,
+    atomic_open,
+    layout,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ class EditSummary:
     unknown_ids: tuple[str, ...] = ()
     already_deleted: int = 0
     bytes_freed: int = 0
-    drift_before: dict | None = None
+    drift_before: DriftRecord | None = None
 
     def format(self) -> str:
         state = f"now version {self.version}" if self.version else "nothing changed"
@@ -59,13 +70,9 @@ class EditSummary:
         if self.bytes_freed:
             lines.append(f"freed      {self.bytes_freed / 2**20:.1f} MiB")
         if self.drift_before:
-            lines.append(f"drift      was {self.drift_before['median']:.2%} median, {self.drift_before['max']:.2%} max")
+            lines.append(f"drift      was {self.drift_before.median:.2%} median, {self.drift_before.max:.2%} max")
         lines.append(f"time       {self.seconds:.1f} s")
         return "\n".join(lines)
-
-
-def _live(manifest: dict) -> int:
-    return manifest["rows"] - manifest["deleted"]["rows"]
 
 
 def _save_rows(change: Mutation, rows: np.ndarray) -> str:
@@ -92,47 +99,41 @@ def delete_ids(index_dir: str | Path, ids: Iterable[str]) -> EditSummary:
         store = change.store()
         requested = list(dict.fromkeys(str(i) for i in ids))
         row_of = store.find_rows(requested)
-        before = set(deleted_rows(root, manifest).tolist())
+        before = manifest.deleted_rows(root)
+        deleted_before = set(before.tolist())
         rows, unknown, already = [], [], 0
         for doc_id in requested:
             row = row_of.get(doc_id)
             if row is None:
                 unknown.append(doc_id)
-            elif row in before:
+            elif row in deleted_before:
                 already += 1
             else:
                 rows.append(row)
         if not rows:
-            return EditSummary(
-                root, "deleted", None, 0, _live(manifest), time.perf_counter() - started, tuple(unknown), already
-            )
-        if len(before) + len(rows) == manifest["rows"]:
+            seconds = time.perf_counter() - started
+            return EditSummary(root, "deleted", None, 0, manifest.live_rows, seconds, tuple(unknown), already)
+        if len(before) + len(rows) == manifest.rows:
             raise AttribIndexError(f"deleting these ids would leave {root} with no rows. Build a new index instead.")
         new = np.array(sorted(rows), dtype=np.int64)
         sums = change.curvature()
-        sums.remove(dict(zip(change.names, store.raw_rows(new).split(change.dims, dim=1))))
+        sums.remove(dict(zip(manifest.module_names, store.raw_rows(new).split(manifest.block_dims, dim=1))))
         curvature = change.name(layout.CURVATURE)
         sums.save(root / curvature)
-        deleted = _save_rows(change, np.union1d(np.array(sorted(before), dtype=np.int64), new))
-        manifest["deleted"] = {"file": deleted, "rows": len(before) + len(new)}
+        deleted = _save_rows(change, np.union1d(before, new))
+        change.update(deleted=DeletedRecord(file=deleted, rows=len(before) + len(new)))
         change.replace_file("deleted", deleted)
         change.replace_file("curvature", curvature)
         drift = whitening_drift(
-            change.preconditioner(), sums, manifest["hessian"]["damping"], change.live_rows(DRIFT_SAMPLE_ROWS)
+            change.preconditioner(), sums, manifest.hessian.damping, change.live_rows(DRIFT_SAMPLE_ROWS)
         )
-        manifest["hessian"] |= {"examples": sums.count, "curvature_file": curvature, "drift": drift}
-        if sums.retained_deleted:
-            manifest["hessian"]["retained_deleted"] = sums.retained_deleted
-        committed = commit(change, {"event": "delete", "rows": len(new), "unknown_ids": len(unknown)})
+        change.update_hessian(
+            examples=sums.count, curvature_file=curvature, drift=drift, retained_deleted=sums.retained_deleted
+        )
+        committed = commit(change, DeleteEvent, rows=len(new), unknown_ids=len(unknown))
+    seconds = time.perf_counter() - started
     return EditSummary(
-        root,
-        "deleted",
-        committed["version"],
-        len(new),
-        _live(committed),
-        time.perf_counter() - started,
-        tuple(unknown),
-        already,
+        root, "deleted", committed.version, len(new), committed.live_rows, seconds, tuple(unknown), already
     )
 
 
@@ -150,12 +151,13 @@ def compact_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
     root = Path(index_dir)
     with mutation(root) as change:
         manifest = change.manifest
-        gone = deleted_rows(root, manifest)
+        gone = manifest.deleted_rows(root)
         if len(gone) == 0:
-            return EditSummary(root, "compacted", None, 0, _live(manifest), time.perf_counter() - started)
-        bytes_before = _bytes(root, manifest)
-        config = config_from_dict(StoreConfig, manifest["config"]["store"])
-        writer = ChunkWriter(root, change.dims, config.dtype, config.chunk_rows, first_chunk=change.next_chunk())
+            return EditSummary(root, "compacted", None, 0, manifest.live_rows, time.perf_counter() - started)
+        bytes_before = _bytes(manifest)
+        config = manifest.config.store
+        dims = manifest.block_dims
+        writer = ChunkWriter(root, dims, config.dtype, config.chunk_rows, first_chunk=manifest.store.next_chunk)
         chunks = []
         for start, stored, scales, documents in change.store().iter_encoded():
             keep = np.flatnonzero(~np.isin(np.arange(start, start + len(documents)), gone))
@@ -166,29 +168,30 @@ def compact_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
                 chunks += [record] if record else []
                 first += len(part)
         chunks += [last] if (last := writer.close()) else []
-        live = _live(manifest)
-        store = RowStore(root, change.dims, config.dtype, chunks)
+        live = manifest.live_rows
+        store = RowStore(root, dims, config.dtype, chunks)
         segment = change.write_segment(store, change.preconditioner(), progress)
-        manifest["store"]["chunks"] = chunks
-        manifest["rows"] = live
-        manifest["deleted"] = {"file": None, "rows": 0}
+        change.update(
+            store=dataclasses.replace(manifest.store, chunks=tuple(chunks)),
+            rows=live,
+            deleted=DeletedRecord(file=None, rows=0),
+        )
         change.set_segments([segment])
         change.drop_files("deleted")
-        committed = commit(change, {"event": "compact", "rows_removed": len(gone), "rows": live})
+        committed = commit(change, CompactEvent, rows_removed=len(gone), rows=live)
     return EditSummary(
         root,
         "compacted",
-        committed["version"],
+        committed.version,
         len(gone),
         live,
         time.perf_counter() - started,
-        bytes_freed=bytes_before - _bytes(root, committed),
+        bytes_freed=bytes_before - _bytes(committed),
     )
 
 
-def _bytes(root: Path, manifest: dict) -> int:
-    chunks = sum(r["bytes"] for c in manifest["store"]["chunks"] for r in c["files"].values())
-    return chunks + sum(r["bytes"] for r in manifest["files"].values())
+def _bytes(manifest: IndexManifest) -> int:
+    return sum(record.bytes for _, record in manifest.recorded_files())
 
 
 def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
@@ -203,12 +206,12 @@ def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
     root = Path(index_dir)
     with mutation(root) as change:
         manifest = change.manifest
-        hessian = manifest["hessian"]
-        if hessian["kind"] == "identity":
+        hessian = manifest.hessian
+        if hessian.kind == "identity":
             raise AttribIndexError(f"{root} uses the identity Hessian: there is no whitening to refresh.")
         sums = change.curvature()
         preconditioner = fit_preconditioner(
-            hessian["kind"], sums, change.names, change.dims, hessian["damping"], change.live_rows()
+            hessian.kind, sums, manifest.module_names, manifest.block_dims, hessian.damping, change.live_rows()
         )
         drift = drift_between(change.preconditioner(), preconditioner, sums.count)
         name = change.name(layout.PRECONDITIONER)
@@ -216,27 +219,27 @@ def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
         segment = change.write_segment(change.store(), preconditioner, progress)
         change.set_segments([segment])
         change.replace_file("preconditioner", name)
-        hessian |= {
-            "file": name,
-            "preconditioner_hash": preconditioner.hash(),
-            "modules": {n: dataclasses.asdict(stats) for n, stats in preconditioner.stats.items()},
-            "drift": {"median": 0.0, "max": 0.0, "examples": sums.count},
-        }
-        committed = commit(change, {"event": "refresh", "rows": manifest["rows"], "drift_before": drift})
+        change.update_hessian(
+            file=name,
+            preconditioner_hash=preconditioner.hash(),
+            modules=dict(preconditioner.stats),
+            drift=DriftRecord(median=0.0, max=0.0, examples=sums.count),
+        )
+        committed = commit(change, RefreshEvent, rows=manifest.rows, drift_before=drift)
     return EditSummary(
         root,
         "refreshed",
-        committed["version"],
-        manifest["rows"],
-        _live(committed),
+        committed.version,
+        manifest.rows,
+        committed.live_rows,
         time.perf_counter() - started,
         drift_before=drift,
     )
 
 
-def set_operating_point(index_dir: str | Path, point: dict, measured_version: int) -> int:
-    """Record the search setting `eval recall` chose (e.g. ``{"nprobe": 16, "recall": 0.97, …}``) in the manifest,
-    as a mutation: searches use it from then on. Refused when the index changed after the measurement.
+def set_operating_point(index_dir: str | Path, point: OperatingPoint, measured_version: int) -> int:
+    """Record the search setting `eval recall` chose (e.g. ``nprobe=16`` at recall 0.97) in the manifest, as a
+    mutation: searches use it from then on. Refused when the index changed after the measurement.
 
     Returns the new index version.
 
@@ -248,8 +251,10 @@ def set_operating_point(index_dir: str | Path, point: dict, measured_version: in
         if change.version - 1 != measured_version:
             raise AttribIndexError(
                 f"{root} changed (version {change.version - 1}) after recall was measured on version "
-                f"{measured_version}. Measure again: `attribindex eval recall {root} …`."
+                f"{measured_version}. Measure recall again."
             )
-        change.manifest["index"]["operating_point"] = point
-        settings = {k: point[k] for k in ("nprobe", "ef_search", "recall", "k") if k in point}
-        return commit(change, {"event": "operating_point"} | settings)["version"]
+        change.update(index=dataclasses.replace(change.manifest.index, operating_point=point))
+        committed = commit(
+            change, OperatingPointEvent, nprobe=point.nprobe, ef_search=point.ef_search, recall=point.recall, k=point.k
+        )
+        return committed.version

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from attribindex._progress import progress as progress_bar
+from attribindex._records import from_json, to_json
 from attribindex.config import StoreConfig
 from attribindex.data import Corpus, TokenizedExample, batched
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, factor_width
 from attribindex.logra import GradientExtractor
-from attribindex.store import ChunkWriter, file_sha256, layout
+from attribindex.store import ChunkRecord, ChunkWriter, file_problem, layout
 
 SORT_WINDOW_BATCHES = 16  # batches read ahead and regrouped by length; memory: this many batches of vectors
 
@@ -49,7 +50,7 @@ class ExtractState:
     """What the durable chunks cover; saved as the checkpoint's note."""
 
     next_position: int  # first corpus position whose row is not in a written chunk
-    chunks: list[dict] = field(default_factory=list)
+    chunks: list[ChunkRecord] = field(default_factory=list)
     skipped: int = 0  # empty documents before next_position, left out with skip_empty
     tokens: int = 0
     truncated: int = 0
@@ -57,7 +58,7 @@ class ExtractState:
 
     @property
     def rows(self) -> int:
-        return sum(c["rows"] for c in self.chunks)
+        return sum(c.rows for c in self.chunks)
 
 
 @dataclass
@@ -87,14 +88,12 @@ def read_checkpoint(out: Path, checkpoint: str = layout.CURVATURE, first_chunk: 
     if not path.is_file():
         return None
     curvature, note = CurvatureSums.load(path)
-    state = ExtractState(**note)
+    state = from_json(ExtractState, note, f"{path} (metadata note)")
     keep = set()
     for chunk in state.chunks:
-        for suffix, record in chunk["files"].items():
-            name = layout.chunk_file(chunk["name"], suffix)
+        for name, record in chunk.paths():
             keep.add(name)
-            file = out / name
-            if not file.is_file() or file_sha256(file) != record["sha256"]:
+            if file_problem(out, name, record) is not None:
                 raise AttribIndexError(
                     f"cannot resume the interrupted work in {out}: its chunk file {name} is missing or damaged."
                 )
@@ -110,13 +109,52 @@ def remove_temporaries(out: Path) -> None:
             file.unlink()
 
 
-@dataclass
-class _Pending:
-    """Rows handed to the chunk writer but not yet in a written chunk."""
+class _ChunkCommitter:
+    """Rows handed to the chunk writer, and the durable state: each time a chunk is written, its curvature sums,
+    token counts and record join the checkpoint in one atomic save."""
 
-    curvature: CurvatureSums
-    tokens: int = 0
-    truncated: int = 0
+    def __init__(self, out: Path, checkpoint: str, writer: ChunkWriter, resume: Checkpoint, empty_sums):
+        self.path, self.writer = out / checkpoint, writer
+        self.durable, self.state = resume.curvature, resume.state
+        self._empty_sums = empty_sums
+        self.pending = empty_sums()  # curvature of the rows not yet in a written chunk
+        self.tokens = self.truncated = 0  # likewise
+        self.skipped_positions: list[int] = []  # empty documents skipped since the last commit
+        self.last_added = self.state.next_position - 1
+
+    def add(self, segment: list, vectors: torch.Tensor, blocks: dict, factor_blocks: dict | None) -> None:
+        """Hand `segment` ((position, document, example) in corpus order, all in the current chunk) to the writer."""
+        self.pending.update(blocks, factor_blocks)
+        self.tokens += sum(len(example.input_ids) for _, _, example in segment)
+        self.truncated += sum(example.truncated for _, _, example in segment)
+        record = self.writer.add(vectors, [doc for _, doc, _ in segment])
+        self.last_added = segment[-1][0]
+        if record is not None:
+            self.commit(record)
+
+    def commit(self, record: ChunkRecord) -> None:
+        """A chunk was written: move what it holds from pending to the checkpoint, and save it."""
+        state, next_position = self.state, self.last_added + 1
+        self.durable.merge(self.pending)
+        state.chunks.append(record)
+        state.next_position = next_position
+        state.skipped += sum(p < next_position for p in self.skipped_positions)
+        self.skipped_positions[:] = [p for p in self.skipped_positions if p >= next_position]
+        state.tokens += self.tokens
+        state.truncated += self.truncated
+        self.durable.save(self.path, note=to_json(state))
+        self.pending, self.tokens, self.truncated = self._empty_sums(), 0, 0
+
+    def finish(self, description: str) -> None:
+        """Write the last, partial chunk and mark the pass complete."""
+        record = self.writer.close()
+        if record is not None:
+            self.commit(record)
+        self.state.skipped += len(self.skipped_positions)  # all after the last row: no commit counted them
+        self.state.complete = True
+        if not self.state.chunks:
+            raise AttribIndexError(f"no document of {description} carries loss; nothing to index.")
+        self.durable.save(self.path, note=to_json(self.state))
 
 
 def extract(
@@ -147,43 +185,31 @@ def extract(
     names = [m.name for m in extractor.projections.modules]
     dims = extractor.projections.block_dims
     shapes = extractor.projections.block_shapes
+    widths = [factor_width(shape) for shape in shapes]
 
     def empty_sums() -> CurvatureSums:
         return CurvatureSums.for_kind(hessian_kind, names, shapes)
 
-    if resume is None:
-        resume = Checkpoint(empty_sums(), ExtractState(next_position=corpus.start))
-    durable, state = resume.curvature, resume.state
-    factors = durable.tracks_factors
-    widths = [factor_width(shape) for shape in shapes]
-    resumed_rows = state.rows
-    if state.complete:
-        return Extraction(state, durable, 0.0, resumed_rows)
-
-    writer = ChunkWriter(out, dims, store.dtype, store.chunk_rows, first_chunk=first_chunk + len(state.chunks))
-    pending = _Pending(empty_sums())
-    skipped_positions: list[int] = []  # since the last commit
-
-    def commit(record: dict, next_position: int) -> None:
-        nonlocal pending
-        durable.merge(pending.curvature)
-        state.chunks.append(record)
-        state.next_position = next_position
-        state.skipped += sum(p < next_position for p in skipped_positions)
-        skipped_positions[:] = [p for p in skipped_positions if p >= next_position]
-        state.tokens += pending.tokens
-        state.truncated += pending.truncated
-        durable.save(out / checkpoint, note=asdict(state))
-        pending = _Pending(empty_sums())
+    resume = resume or Checkpoint(empty_sums(), ExtractState(next_position=corpus.start))
+    resumed_rows = resume.state.rows
+    if resume.state.complete:
+        return Extraction(resume.state, resume.curvature, 0.0, resumed_rows)
+    first = first_chunk + len(resume.state.chunks)
+    writer = ChunkWriter(out, dims, store.dtype, store.chunk_rows, first_chunk=first)
+    chunks = _ChunkCommitter(out, checkpoint, writer, resume, empty_sums)
+    factors = chunks.durable.tracks_factors
 
     started = time.perf_counter()
-    done_before = state.next_position - corpus.start
     bar = progress_bar(
-        total=corpus.known_length(), initial=done_before, desc=label, unit="doc", enabled=progress, position=position
+        total=corpus.known_length(),
+        initial=chunks.state.next_position - corpus.start,
+        desc=label,
+        unit="doc",
+        enabled=progress,
+        position=position,
     )
     tokens_this_run = 0
-    last_added = state.next_position - 1
-    documents = _tokenized(corpus, state.next_position, extractor, skip_empty, skipped_positions)
+    documents = _tokenized(corpus, chunks.state.next_position, extractor, skip_empty, chunks.skipped_positions)
     for window in batched(documents, batch_size * SORT_WINDOW_BATCHES):
         examples = [example for _, _, example in window]
         # The window is written as slices that each end in one chunk: the first fills the current chunk's room.
@@ -198,28 +224,15 @@ def extract(
             factor_blocks = None
             if factor_sums is not None:  # the slice's factor sums, as one summed row
                 factor_blocks = dict(zip(names, factor_sums[slice_of[start]][None].split(widths, dim=1)))
-            pending.curvature.update(dict(zip(names, vectors.split(dims, dim=1))), factor_blocks)
-            pending.tokens += sum(len(example.input_ids) for _, _, example in segment)
-            pending.truncated += sum(example.truncated for _, _, example in segment)
-            record = writer.add(vectors, [doc for _, doc, _ in segment])
-            last_added = segment[-1][0]
-            if record is not None:
-                commit(record, last_added + 1)
+            chunks.add(segment, vectors, dict(zip(names, vectors.split(dims, dim=1))), factor_blocks)
             start += len(segment)
-        tokens_this_run += sum(len(example.input_ids) for _, _, example in window)
+        tokens_this_run += sum(len(example.input_ids) for example in examples)
         bar.update(window[-1][0] + 1 - corpus.start - bar.n)  # rows and skipped documents up to this window's end
         bar.set_postfix(tokens_per_s=f"{tokens_this_run / (time.perf_counter() - started):.0f}", refresh=False)
     bar.update((corpus.known_length() or bar.n) - bar.n)  # empty documents at the very end
     bar.close()
-    record = writer.close()
-    if record is not None:
-        commit(record, last_added + 1)
-    state.skipped += len(skipped_positions)  # all after the last row: the commit above did not count them
-    state.complete = True
-    if not state.chunks:
-        raise AttribIndexError(f"no document of {corpus.description} carries loss; nothing to index.")
-    durable.save(out / checkpoint, note=asdict(state))
-    return Extraction(state, durable, time.perf_counter() - started, resumed_rows)
+    chunks.finish(corpus.description)
+    return Extraction(chunks.state, chunks.durable, time.perf_counter() - started, resumed_rows)
 
 
 def _tokenized(corpus: Corpus, first: int, extractor: GradientExtractor, skip_empty: bool, skipped: list[int]):
@@ -229,7 +242,7 @@ def _tokenized(corpus: Corpus, first: int, extractor: GradientExtractor, skip_em
             (example,) = extractor.tokenize([doc.text], [f"document {doc.id!r} ({doc.source})"])
         except AttribIndexError as err:
             if not skip_empty:
-                raise AttribIndexError(f"{err} Or pass --skip-empty to leave such documents out.") from None
+                raise AttribIndexError(f"{err} Or pass `skip_empty=True` to leave such documents out.") from None
             skipped.append(position)
             continue
         yield position, doc, example

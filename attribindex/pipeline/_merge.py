@@ -7,69 +7,52 @@ costs one read of the rows to write the FAISS index, plus one read to verify che
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from attribindex import __version__
 from attribindex._progress import progress as progress_bar
-from attribindex.config import BuildConfig, config_from_dict
+from attribindex._records import first_difference, to_json
+from attribindex._version import __version__
+from attribindex.config import rows_settings
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums
-from attribindex.pipeline._build import bytes_on_disk, first_difference, prepare_output
-from attribindex.pipeline._finish import finish_index
-from attribindex.store import atomic_path, layout, read_manifest, recorded_files, verify_files, write_json
+from attribindex.pipeline._finalize import finalize_index
+from attribindex.pipeline._output import bytes_on_disk, now, prepare_output
+from attribindex.pipeline._summary import MergeSummary
+from attribindex.store import (
+    ChunkRecord,
+    MergedShard,
+    MergeEvent,
+    MergeRequest,
+    ShardManifest,
+    atomic_path,
+    layout,
+    read_manifest,
+    verify_files,
+)
+
+Shard = tuple[Path, ShardManifest]  # a shard folder and its manifest
 
 
-@dataclass(frozen=True)
-class MergeSummary:
-    """What a merge produced: rows per shard, total, time.
-
-    Example:
-        >>> print(merge_shards(["s0", "s1"], "idx").format())  # doctest: +SKIP
-    """
-
-    out: Path
-    index_id: str
-    shard_rows: list[tuple[str, int]]  # (shard folder, rows) in shard order
-    rows: int
-    verify_seconds: float
-    seconds: float
-    bytes_on_disk: int
-
-    def format(self) -> str:
-        lines = [f"merged     {len(self.shard_rows)} shards into {self.out}  ({self.index_id})"]
-        lines += [f"  shard {i:<4} {rows:>12,} rows  {folder}" for i, (folder, rows) in enumerate(self.shard_rows)]
-        lines += [
-            f"rows       {self.rows:,}",
-            f"merge      {self.seconds:.1f} s  ({self.verify_seconds:.1f} s verifying checksums)",
-            f"on disk    {self.bytes_on_disk / 2**20:.1f} MiB",
-        ]
-        return "\n".join(lines)
-
-
-def _without_speed_settings(config: dict) -> dict:
-    """Batch size and device may differ between the machines that built the shards; nothing else may."""
-    extract = {k: v for k, v in config["extract"].items() if k not in ("batch_size", "device")}
-    return config | {"extract": extract}
-
-
-_MUST_AGREE = (
-    ("format version", lambda m: m["format_version"]),
-    ("model fingerprint", lambda m: m["model"]["fingerprint"]),
-    ("projection hash", lambda m: m["projection"]["hash"]),
-    ("modules", lambda m: [(x["name"], x["dim"]) for x in m["modules"]]),
-    ("store dtype", lambda m: m["store"]["dtype"]),
-    ("config", lambda m: _without_speed_settings(m["config"])),
-    ("corpus", lambda m: {k: m["corpus"][k] for k in ("description", "text_field", "id_field")}),
-    ("shard count", lambda m: m["shard"]["count"]),
+_MUST_AGREE = (  # batch size and device may differ between the machines that built the shards; nothing else may
+    ("format version", lambda m: m.format_version),
+    ("model fingerprint", lambda m: m.model.fingerprint),
+    ("projection hash", lambda m: m.projection.hash),
+    ("modules", lambda m: [[x.name, x.dim] for x in m.modules]),
+    ("store dtype", lambda m: m.store.dtype),
+    ("config", lambda m: rows_settings(m.config)),
+    (
+        "corpus",
+        lambda m: {k: v for k, v in to_json(m.corpus).items() if k in ("description", "text_field", "id_field")},
+    ),
+    ("shard count", lambda m: m.shard.count),
 )
 
 
-def check_shards(folders: list[Path], manifests: list[dict]) -> list[tuple[Path, dict]]:
+def check_shards(folders: list[Path], manifests: list[ShardManifest]) -> list[Shard]:
     """The shards in index order, after checking that they come from one build and cover the corpus once.
 
     Raises with a message naming the first disagreement.
@@ -84,10 +67,10 @@ def check_shards(folders: list[Path], manifests: list[dict]) -> list[tuple[Path,
                     f"shards {first} and {folder} disagree on the {what} ({where + ': ' if where else ''}{ours!r} in "
                     f"{first}, {theirs!r} in {folder}). All shards must come from one build command; rebuild the odd one."
                 )
-    count = reference["shard"]["count"]
-    by_index: dict[int, tuple[Path, dict]] = {}
+    count = reference.shard.count
+    by_index: dict[int, Shard] = {}
     for folder, manifest in zip(folders, manifests):
-        index = manifest["shard"]["index"]
+        index = manifest.shard.index
         if index in by_index:
             raise AttribIndexError(
                 f"{by_index[index][0]} and {folder} are both shard {index} of {count} (overlapping slices). "
@@ -97,29 +80,29 @@ def check_shards(folders: list[Path], manifests: list[dict]) -> list[tuple[Path,
     missing = [i for i in range(count) if i not in by_index]
     if missing:
         raise AttribIndexError(
-            f"shard {missing[0]} of {count} is missing ({len(missing)} missing in all). Build it with "
-            f"`attribindex build … --num-shards {count} --shard-index {missing[0]}` and merge again."
+            f"shard {missing[0]} of {count} is missing ({len(missing)} missing in all). Build it "
+            f"(`num_shards={count}, shard_index={missing[0]}`) and merge again."
         )
     ordered = [by_index[i] for i in range(count)]
     expected_start = 0
     for folder, manifest in ordered:
-        start, stop = manifest["shard"]["documents"]
+        start, stop = manifest.shard.documents
         if start != expected_start:
             raise AttribIndexError(
                 f"{folder} covers documents [{start}, {stop}) but the shards before it end at {expected_start}: "
-                f"the shards were cut from corpora of different lengths (check --limit). Rebuild them with one command."
+                f"the shards were cut from corpora of different lengths (check `limit`). Rebuild them with one command."
             )
         expected_start = stop
-        if manifest["curvature"]["examples"] != manifest["rows"]:
+        if manifest.curvature.examples != manifest.rows:
             raise AttribIndexError(
-                f"{folder} holds {manifest['rows']} rows but curvature sums over {manifest['curvature']['examples']}; "
+                f"{folder} holds {manifest.rows} rows but curvature sums over {manifest.curvature.examples}; "
                 f"the shard is damaged. Rebuild it."
             )
     return ordered
 
 
-def _verify(shards: list[tuple[Path, dict]], progress: bool) -> None:
-    total = sum(record["bytes"] for _, manifest in shards for _, record in recorded_files(manifest))
+def _verify(shards: list[Shard], progress: bool) -> None:
+    total = sum(record.bytes for _, manifest in shards for _, record in manifest.recorded_files())
     with progress_bar(total=total, desc="verify", unit="B", unit_scale=True, enabled=progress) as bar:
         for folder, manifest in shards:
             report = verify_files(folder, manifest, progress=bar.update)
@@ -148,9 +131,9 @@ def merge_shards(
         raise AttribIndexError("give at least one shard folder to merge.")
     shards = check_shards(folders, [read_manifest(folder, kind="shard") for folder in folders])
     out = Path(out)
-    request = {"merge": [str(folder.resolve()) for folder, _ in shards]}
+    request = MergeRequest(merge=tuple(str(folder.resolve()) for folder, _ in shards))
     prepare_output(out, overwrite, request)  # an interrupted merge of the same shards simply starts again
-    return merge_into(out, shards, request, progress)
+    return merge_into(out, shards, progress)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -162,68 +145,61 @@ def _link_or_copy(source: Path, target: Path) -> None:
             shutil.copyfile(source, tmp)
 
 
-def merge_into(
-    out: Path,
-    shards: list[tuple[Path, dict]],
-    request: dict,
-    progress: bool,
-) -> MergeSummary:
-    """Verify checked shards and merge them into `out`, prepared by the caller (a previous attempt's leftovers go)."""
+def merge_into(out: Path, shards: list[Shard], progress: bool) -> MergeSummary:
+    """Verify checked shards and merge them into `out`, readied (and marked) by the caller; whatever a previous
+    attempt left there goes first."""
     started = time.perf_counter()
     _verify(shards, progress)
     verify_seconds = time.perf_counter() - started
     for child in list(out.iterdir()):
         if child.name not in (layout.SHARDS_DIR, layout.BUILD_MARKER):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if not (out / layout.BUILD_MARKER).exists():
-        write_json(out / layout.BUILD_MARKER, {"started": now, "request": request})
-    (out / layout.ROWS_DIR).mkdir()
-
-    chunks: list[dict] = []
-    curvature: CurvatureSums | None = None
-    for folder, manifest in shards:
-        for chunk in manifest["store"]["chunks"]:
-            name = layout.chunk_name(len(chunks))
-            for suffix in chunk["files"]:
-                _link_or_copy(folder / layout.chunk_file(chunk["name"], suffix), out / layout.chunk_file(name, suffix))
-            chunks.append(chunk | {"name": name})
-        sums, _ = CurvatureSums.load(folder / layout.CURVATURE)
-        if curvature is None:
-            curvature = sums
-        else:
-            curvature.merge(sums)
-    assert curvature is not None
+    chunks, curvature = _link_rows_and_sum_curvature(out, shards)
     curvature.save(out / layout.CURVATURE)
     _link_or_copy(shards[0][0] / layout.PROJECTIONS, out / layout.PROJECTIONS)
 
     reference = shards[0][1]
-    totals = {key: sum(m["corpus"][key] for _, m in shards) for key in ("skipped_empty", "truncated", "tokens")}
-    header = {
-        "format": None,
-        "format_version": layout.FORMAT_VERSION,
-        "index_id": None,
-        "created": now,
-        "attribindex_version": __version__,
-        **{key: reference[key] for key in ("model", "tokenizer", "config")},
-        "corpus": {k: reference["corpus"][k] for k in ("description", "text_field", "id_field")} | totals,
-        **{key: reference[key] for key in ("modules", "dim", "projection")},
-    }
-    rows = sum(m["rows"] for _, m in shards)
-    event = {
-        "event": "merge",
-        "rows": rows,
-        "time": now,
-        "shards": [{"folder": str(f), "rows": m["rows"], "documents": m["shard"]["documents"]} for f, m in shards],
-    }
-    config: BuildConfig = config_from_dict(BuildConfig, reference["config"])
-    manifest = finish_index(out, config, header, curvature, chunks, event, progress)
+    totals = {key: sum(getattr(m.corpus, key) for _, m in shards) for key in ("skipped_empty", "truncated", "tokens")}
+    created = now()
+    header = dataclasses.replace(
+        reference.header,
+        created=created,
+        attribindex_version=__version__,
+        corpus=dataclasses.replace(reference.corpus, **totals),
+    )
+    rows = sum(m.rows for _, m in shards)
+    event = MergeEvent(
+        rows=rows,
+        time=created,
+        shards=tuple(MergedShard(folder=str(f), rows=m.rows, documents=m.shard.documents) for f, m in shards),
+    )
+    manifest = finalize_index(out, reference.config, header, curvature, chunks, event, progress)
     return MergeSummary(
         out=out,
-        index_id=manifest["index_id"],
-        shard_rows=[(str(folder), m["rows"]) for folder, m in shards],
+        index_id=manifest.index_id,
+        shard_rows=[(str(folder), m.rows) for folder, m in shards],
         rows=rows,
         verify_seconds=verify_seconds,
         seconds=time.perf_counter() - started,
         bytes_on_disk=bytes_on_disk(out, exclude=layout.SHARDS_DIR),
     )
+
+
+def _link_rows_and_sum_curvature(out: Path, shards: list[Shard]) -> tuple[list[ChunkRecord], CurvatureSums]:
+    """The shards' chunks linked into `out/rows`, renumbered in shard order, and their curvature sums added."""
+    (out / layout.ROWS_DIR).mkdir()
+    chunks: list[ChunkRecord] = []
+    curvature: CurvatureSums | None = None
+    for folder, manifest in shards:
+        for chunk in manifest.store.chunks:
+            name = layout.chunk_name(len(chunks))
+            for suffix in chunk.files:
+                _link_or_copy(folder / layout.chunk_file(chunk.name, suffix), out / layout.chunk_file(name, suffix))
+            chunks.append(dataclasses.replace(chunk, name=name))
+        sums, _ = CurvatureSums.load(folder / layout.CURVATURE)
+        if curvature is None:
+            curvature = sums
+        else:
+            curvature.merge(sums)
+    assert curvature is not None  # check_shards refuses an empty list
+    return chunks, curvature

@@ -11,15 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribindex.config import ExtractConfig, IndexConfig, config_from_dict
 from attribindex.data import PromptCompletion, batched
 from attribindex.errors import AttribIndexError, IndexMismatchError
 from attribindex.hessian import Preconditioner, normalize_rows
 from attribindex.index import SegmentedIndex, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
-from attribindex.query._results import Attribution, Attributions, QueryResult
-from attribindex.store import RowStore, check_file, layout, read_manifest
+from attribindex.query._results import Attribution, Attributions, QueryResult, one_line
+from attribindex.store import IndexManifest, RowStore, check_file, layout, read_manifest
 
 Query = str | PromptCompletion
 
@@ -50,45 +49,41 @@ class AttributionIndex:
         >>> index.attribute([PromptCompletion("Q: Who is the Dane?\\nA:", " Hamlet")], k=3)  # doctest: +SKIP
     """
 
-    def __init__(self, root: Path, manifest: dict, device: str = "auto"):
+    def __init__(self, root: Path, manifest: IndexManifest, device: str = "auto"):
         self.root = root
         self.manifest = manifest
         self._device = device
-        self.index_id: str = manifest["index_id"]
-        self.mode: str = manifest["normalization"]
-        specs = [ModuleSpec(m["name"], m["kind"], m["in_features"], m["out_features"]) for m in manifest["modules"]]
-        self.module_names = [s.name for s in specs]
-        self.block_dims = [m["dim"] for m in manifest["modules"]]
-        self.version: int = manifest["version"]
-        preconditioner_file = manifest["hessian"]["file"]
+        self.index_id = manifest.index_id
+        self.mode = manifest.normalization
+        specs = [ModuleSpec(m.name, m.kind, m.in_features, m.out_features) for m in manifest.modules]
+        self.module_names = manifest.module_names
+        self.block_dims = manifest.block_dims
+        self.version = manifest.version
+        preconditioner_file = manifest.hessian.file
         hashed = (layout.PROJECTIONS, preconditioner_file)  # contents checked against their hashes below
-        for name, record in manifest["files"].items():  # a missing or truncated file fails here, not mid-query
+        for name, record in manifest.files.items():  # a missing or truncated file fails here, not mid-query
             if name not in hashed or not (root / name).is_file():
                 check_file(root, name, record, content=False)
         self.projections = ProjectionSet.load(root / layout.PROJECTIONS, specs)
-        self._expect("projection hash", manifest["projection"]["hash"], self.projections.hash(), layout.PROJECTIONS)
+        self._expect("projection hash", manifest.projection.hash, self.projections.hash(), layout.PROJECTIONS)
         self.preconditioner = Preconditioner.load(root / preconditioner_file, self.module_names, self.block_dims)
         self._expect(
-            "preconditioner hash",
-            manifest["hessian"]["preconditioner_hash"],
-            self.preconditioner.hash(),
-            preconditioner_file,
+            "preconditioner hash", manifest.hessian.preconditioner_hash, self.preconditioner.hash(), preconditioner_file
         )
-        self.store = RowStore(root, self.block_dims, manifest["store"]["dtype"], manifest["store"]["chunks"])
-        segments = manifest["index"]["segments"]
-        deleted = manifest["deleted"]
-        deleted_rows = np.load(root / deleted["file"]) if deleted["file"] else np.zeros(0, dtype=np.int64)
-        self.index = SegmentedIndex.load(root, segments, deleted_rows, device=device)
-        for segment, flat in zip(segments, self.index.segments):
-            if flat.rows != segment["rows"] or flat.dim != manifest["dim"]:
+        self.store = RowStore(root, self.block_dims, manifest.store.dtype, manifest.store.chunks)
+        segments = manifest.index.segments
+        self.index = SegmentedIndex.load(root, segments, manifest.deleted_rows(root), device=device)
+        for segment, opened in zip(segments, self.index.segments):
+            if opened.rows != segment.rows or opened.dim != manifest.dim:
                 raise AttribIndexError(
-                    f"{root / segment['file']} holds {flat.rows} × {flat.dim} vectors but the manifest says "
-                    f"{segment['rows']} × {manifest['dim']}. The index is damaged; rebuild it."
+                    f"{root / segment.file} holds {opened.rows} × {opened.dim} vectors but the manifest says "
+                    f"{segment.rows} × {manifest.dim}. The index is damaged; rebuild it."
                 )
-        self.extract_config = config_from_dict(ExtractConfig, manifest["config"]["extract"])
-        self.rerank = config_from_dict(IndexConfig, manifest["config"]["index"]).rerank
-        point = manifest["index"].get("operating_point") or {}
-        self.index.configure(nprobe=point.get("nprobe"), ef_search=point.get("ef_search"))
+        self.extract_config = manifest.config.extract
+        self.rerank = manifest.config.index.rerank
+        point = manifest.index.operating_point
+        if point is not None:
+            self.index.configure(nprobe=point.nprobe, ef_search=point.ef_search)
         self._extractor: GradientExtractor | None = None
         self._fingerprint = ""
 
@@ -120,11 +115,11 @@ class AttributionIndex:
                 raise AttribIndexError("a loaded model needs its tokenizer: pass tokenizer=... as well.")
             index._attach_model(model, tokenizer, dtype=dtype)
         elif load_model_now:
-            source = model or manifest["model"]["name_or_path"]
+            source = model or manifest.model.name_or_path
             if model is None and source.startswith("/") and not Path(source).exists():
                 raise AttribIndexError(
                     f"the model this index was built with ({source}) is no longer there. Point at a copy of the same "
-                    f"checkpoint with --model PATH (library: AttributionIndex.open(path, model=PATH))."
+                    f"checkpoint with `model=PATH`."
                 )
             lm, loaded_tokenizer = load_model(source, dtype or index.extract_config.dtype, device)
             index._attach_model(lm, loaded_tokenizer, dtype=dtype)
@@ -143,7 +138,7 @@ class AttributionIndex:
                 self._extractor.dtype,
             )
             index._fingerprint = self._fingerprint  # the same model object: its fingerprint is unchanged
-            if self._fingerprint != index.manifest["model"]["fingerprint"]:
+            if self._fingerprint != index.manifest.model.fingerprint:
                 raise IndexMismatchError(f"{self.root} was rebuilt with another model; restart with that model.")
         return index
 
@@ -161,11 +156,11 @@ class AttributionIndex:
 
     def _attach_model(self, model, tokenizer, dtype: str | None = None) -> None:
         fingerprint = model_fingerprint(model)
-        recorded = self.manifest["model"]
-        if fingerprint != recorded["fingerprint"]:
+        recorded = self.manifest.model
+        if fingerprint != recorded.fingerprint:
             raise IndexMismatchError(
-                f"model differs: this index was built with {recorded['name_or_path']} ({recorded['class']}, "
-                f"fingerprint {recorded['fingerprint'][:19]}…) but the query model is {type(model).__name__} "
+                f"model differs: this index was built with {recorded.name_or_path} ({recorded.class_name}, "
+                f"fingerprint {recorded.fingerprint[:19]}…) but the query model is {type(model).__name__} "
                 f"(fingerprint {fingerprint[:19]}…). Query with the model the index was built with."
             )
         self._fingerprint = fingerprint
@@ -210,8 +205,8 @@ class AttributionIndex:
             vectors=whitened.numpy(),
             losses=torch.cat(losses)[back].numpy(),
             model_fingerprint=self._fingerprint,
-            projection_hash=self.manifest["projection"]["hash"],  # verified against the file at open
-            preconditioner_hash=self.manifest["hessian"]["preconditioner_hash"],
+            projection_hash=self.manifest.projection.hash,  # verified against the file at open
+            preconditioner_hash=self.manifest.hessian.preconditioner_hash,
             normalization=self.mode,
         )
 
@@ -220,12 +215,9 @@ class AttributionIndex:
     ) -> list[tuple[list[Attribution], list[Attribution]]]:
         """Top-k (and bottom-k) attributions for precomputed query vectors."""
         expected = {
-            "model fingerprint": (self.manifest["model"]["fingerprint"], queries.model_fingerprint),
-            "projection hash": (self.manifest["projection"]["hash"], queries.projection_hash),
-            "Hessian (preconditioner hash)": (
-                self.manifest["hessian"]["preconditioner_hash"],
-                queries.preconditioner_hash,
-            ),
+            "model fingerprint": (self.manifest.model.fingerprint, queries.model_fingerprint),
+            "projection hash": (self.manifest.projection.hash, queries.projection_hash),
+            "Hessian (preconditioner hash)": (self.manifest.hessian.preconditioner_hash, queries.preconditioner_hash),
             "normalization": (self.mode, queries.normalization),
         }
         for what, (recorded, given) in expected.items():
@@ -234,8 +226,8 @@ class AttributionIndex:
                     f"{what} differs: index {self.index_id} has {recorded[:23]}, the query vectors have {given[:23]}. "
                     f"Compute query vectors with this index's own model, projection and Hessian."
                 )
-        _check_count("k", k, self.rows, minimum=1)
-        _check_count("bottom", bottom, self.rows, minimum=0)
+        check_count("k", k, self.rows, minimum=1)
+        check_count("bottom", bottom, self.rows, minimum=0)
         top_scores, top_rows = self.ranked(queries.vectors, k)
         if bottom:
             bottom_scores, bottom_rows = self.ranked(-queries.vectors, bottom)
@@ -289,8 +281,8 @@ class AttributionIndex:
         """
         started = time.perf_counter()
         queries = as_queries(queries)
-        _check_count("k", k, self.rows, minimum=1)
-        _check_count("bottom", bottom, self.rows, minimum=0)
+        check_count("k", k, self.rows, minimum=1)
+        check_count("bottom", bottom, self.rows, minimum=0)
         vectors = self.query_vectors(queries, batch_size)
         found = self.search(vectors, k, bottom)
         results = [
@@ -321,7 +313,8 @@ def as_queries(queries: Sequence[Query | tuple[str, str]] | Query) -> list[Query
     return [q if isinstance(q, (str, PromptCompletion)) else PromptCompletion(*q) for q in queries]
 
 
-def _check_count(name: str, value: int, rows: int, minimum: int) -> None:
+def check_count(name: str, value: int, rows: int, minimum: int) -> None:
+    """Refuse a count of results (`k`, `bottom`) outside [minimum, rows], naming it and the bounds."""
     if not isinstance(value, int) or value < minimum or value > rows:
         low = "1" if minimum else "0"
         raise AttribIndexError(f"{name} must be between {low} and the number of indexed rows ({rows}), got {value}.")
@@ -329,4 +322,4 @@ def _check_count(name: str, value: int, rows: int, minimum: int) -> None:
 
 def _preview(query: Query) -> str:
     text = query.completion if isinstance(query, PromptCompletion) else query
-    return repr(text[:30] + ("…" if len(text) > 30 else ""))
+    return repr(one_line(text, 31))

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass, field
 
 from attribindex.data import PromptCompletion
 
 
 def one_line(text: str, width: int) -> str:
-    """`text` on one line, clipped to `width` characters with an ellipsis (for terminal output)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
+    """`text` on one line, clipped at a word boundary to at most `width` characters with an ellipsis (a first
+    word longer than that is cut inside).
+
+    Example:
+        >>> one_line("Now is the winter\n  of our discontent", 24)
+        'Now is the winter of…'
+    """
+    clipped = textwrap.shorten(text, width, placeholder="…")
+    return clipped if clipped != "…" else " ".join(text.split())[: width - 1] + "…"
 
 
 @dataclass(frozen=True)

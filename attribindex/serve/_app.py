@@ -11,18 +11,26 @@ import copy
 import hmac
 import time
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from attribindex._records import to_json
 from attribindex.data import PromptCompletion, tokenize
 from attribindex.errors import AttribIndexError
 from attribindex.query import AttributionIndex, Attributions
 from attribindex.serve._batcher import MicroBatcher, ShuttingDown
 
 API_PREFIX = "/v1"
+
+# auto_error=False: a missing header must get this server's 401 JSON error, not FastAPI's own answer.
+_BEARER = HTTPBearer(
+    scheme_name="bearer", auto_error=False, description="The token the server was started with (`--token`)."
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,35 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
         lifespan=lifespan,
     )
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    _add_error_handlers(app)
+
+    @app.get("/health", summary="Liveness: the index and model are loaded.")
+    async def health():
+        return {"status": "ok", "index_id": batcher.index.index_id, "index_version": batcher.index.version}
+
+    app.include_router(_api_routes(batcher, tokenizer, limits), dependencies=_bearer_auth(token))
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _bearer_auth(token: str | None) -> list:
+    """Dependencies of the /v1 routes: the bearer token, compared in constant time (none: the API is open)."""
+    if token is None:
+        return []
+    expected = token.encode()
+
+    async def bearer_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
+            raise _Unauthorized
+
+    return [Depends(bearer_token)]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal and fault as a JSON `{"error": {"type", "message"}}` body, never a trace."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
@@ -133,6 +170,10 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
         first = problems[0]
         where = ".".join(str(part) for part in first["loc"] if part != "body")
         return _error(422, "invalid_request", f"{where or 'body'}: {first['msg']}.")
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(request: Request, err: _Unauthorized):
+        return _error(401, "unauthorized", "missing or wrong bearer token.", {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(AttribIndexError)
     async def refused(request: Request, err: AttribIndexError):
@@ -144,19 +185,12 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
     async def fault(request: Request, err: Exception):  # a server fault: say what, never send a trace
         return _error(500, "server_error", f"the server failed on this request ({type(err).__name__}: {err}).")
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if token is not None and request.url.path.startswith(API_PREFIX):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _error(401, "unauthorized", "missing or wrong bearer token.", {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
 
-    @app.get("/health", summary="Liveness: the index and model are loaded.")
-    async def health():
-        return {"status": "ok", "index_id": batcher.index.index_id, "index_version": batcher.index.version}
+def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRouter:
+    """The /v1 API: info, attribute and reload, all answered through `batcher`."""
+    router = APIRouter()
 
-    @app.get(f"{API_PREFIX}/info", summary="What the index holds, and this server's limits.")
+    @router.get(f"{API_PREFIX}/info", summary="What the index holds, and this server's limits.")
     async def info():
         index = batcher.index
         manifest = index.manifest
@@ -164,17 +198,17 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
             "index_id": index.index_id,
             "index_version": index.version,
             "rows": index.rows,
-            "dim": manifest["dim"],
-            "model": manifest["model"]["name_or_path"],
-            "hessian": manifest["hessian"]["kind"],
+            "dim": manifest.dim,
+            "model": manifest.model.name_or_path,
+            "hessian": manifest.hessian.kind,
             "normalization": index.mode,
             "search": index.search_description,
-            "operating_point": manifest["index"].get("operating_point"),
+            "operating_point": to_json(manifest.index.operating_point),
             "limits": asdict(limits),
             "batches_run": batcher.batches,
         }
 
-    @app.post(f"{API_PREFIX}/attribute", summary="Top-k (and bottom-k) training examples for each query.")
+    @router.post(f"{API_PREFIX}/attribute", summary="Top-k (and bottom-k) training examples for each query.")
     async def attribute(body: AttributeRequest) -> dict:
         started = time.perf_counter()
         queries = [q if isinstance(q, str) else PromptCompletion(q.prompt, q.completion) for q in body.queries]
@@ -195,12 +229,12 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
                     attribution["text"] = ""
         return answer
 
-    @app.post(f"{API_PREFIX}/reload", summary="Pick up appends, deletes and refreshes committed on disk now.")
+    @router.post(f"{API_PREFIX}/reload", summary="Pick up appends, deletes and refreshes committed on disk now.")
     async def reload():
         index = await batcher.reload_now()
         return {"index_id": index.index_id, "index_version": index.version, "rows": index.rows}
 
-    return app
+    return router
 
 
 def _check_limits(body: AttributeRequest, queries: list, index: AttributionIndex, tokenizer, limits: ServerLimits):

@@ -1,65 +1,560 @@
-"""The JSON manifest of an index folder: what built it, what it holds, and checksums (docs/format.md)."""
+"""The manifest of an index or shard folder as typed, frozen records (docs/format.md documents every key).
+
+`read_manifest` is the one reader: it parses, checks and upgrades older format versions to the current one;
+`write_manifest` is the one writer. Each record's fields are in the order of their keys on disk, so a manifest
+read and written again is the same bytes. Facts derived from a manifest (live rows, the files it records, the
+deleted rows) are computed here and nowhere else.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
+import numpy as np
+
+from attribindex._records import from_json, json_key, omitted_when_default, to_json
+from attribindex.config import BuildConfig
 from attribindex.errors import AttribIndexError
 from attribindex.store import _layout as layout
+from attribindex.store._atomic import file_sha256, write_json
+
+record = dataclasses.dataclass(frozen=True, kw_only=True)
 
 
-def read_manifest(root: Path, kind: str = "index") -> dict[str, Any]:
-    """Load and check the manifest of a complete index (`kind="index"`), shard (`"shard"`) or either (`"any"`).
+@record
+class FileRecord:
+    """A file's checksum (``"sha256:" + hex``) and size, as recorded when it was written."""
+
+    sha256: str
+    bytes: int
+
+
+def file_record(path: Path) -> FileRecord:
+    """The record of the file at `path` as it is now."""
+    return FileRecord(sha256=file_sha256(path), bytes=path.stat().st_size)
+
+
+def file_records(root: Path, names) -> dict[str, FileRecord]:
+    """{name: record} for files `names` under `root`."""
+    return {name: file_record(root / name) for name in names}
+
+
+@record
+class ChunkRecord:
+    """One chunk of stored rows: `rows/<name>.<suffix>` for each suffix in `files`."""
+
+    name: str
+    rows: int
+    files: dict[str, FileRecord]  # suffix (grads.npy, docs.jsonl, …) → record
+
+    def paths(self) -> Iterator[tuple[str, FileRecord]]:
+        """(path relative to the folder, record) of each of the chunk's files."""
+        for suffix, file in self.files.items():
+            yield layout.chunk_file(self.name, suffix), file
+
+
+@record
+class ModelRecord:
+    name_or_path: str
+    class_name: str = json_key("class")
+    revision: str | None
+    fingerprint: str  # see docs/format.md, "Model fingerprint"
+
+
+@record
+class TokenizerRecord:
+    name_or_path: str
+    class_name: str = json_key("class")
+    vocab_size: int
+
+
+@record
+class CorpusRecord:
+    description: str
+    text_field: str
+    id_field: str | None
+    skipped_empty: int
+    truncated: int  # documents cut at max_length
+    tokens: int
+
+
+@record
+class ModuleRecord:
+    """One captured layer; its block of a row's vector is `[offset, offset + dim)`."""
+
+    name: str
+    kind: str  # "linear" or "conv1d"
+    in_features: int
+    out_features: int
+    rank_in: int
+    rank_out: int
+    offset: int
+    dim: int  # rank_out · rank_in
+
+
+@record
+class ProjectionRecord:
+    seed: int
+    hash: str
+    file: str
+    optimizer: dict[str, Any] | None = omitted_when_default()  # second moments folded into the projections
+
+
+@record
+class ModuleStats:
+    """The spectrum of one module's Hessian, as whitened."""
+
+    mean_eigenvalue: float
+    damping: float  # λ = α · mean eigenvalue
+    effective_rank: float  # Σ e / max e, a rough count of directions that matter
+
+
+@record
+class DriftRecord:
+    """How far the whitening in use is from the one the curvature sums now imply (‖ΔW‖_F / ‖W‖_F over modules)."""
+
+    median: float
+    max: float
+    examples: int
+
+
+@record
+class HessianRecord:
+    kind: Literal["raw", "kfac", "ekfac", "identity"]
+    damping: float  # α
+    examples: int  # examples in the curvature sums
+    preconditioner_hash: str
+    file: str  # the preconditioner
+    curvature_file: str
+    modules: dict[str, ModuleStats]
+    drift: DriftRecord | None = omitted_when_default()  # after an append or delete (not for identity)
+    retained_deleted: int = omitted_when_default(0)  # deleted examples still in the Kronecker factors
+
+
+@record
+class OperatingPoint:
+    """The search setting `attribindex eval recall` chose, and what it measured."""
+
+    nprobe: int | None = omitted_when_default()
+    ef_search: int | None = omitted_when_default()
+    k: int
+    recall: float
+    ms_per_query: float
+    target: float
+    queries: int
+    rerank: int
+    measured: str
+
+    @property
+    def settings(self) -> str:
+        """The setting in one phrase, e.g. ``nprobe=16``."""
+        return " ".join(f"{k}={v}" for k, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search)) if v) or (
+            "defaults"
+        )
+
+
+@record
+class SegmentRecord:
+    """A FAISS file over consecutive rows; without `plan` an exact float32 `IndexFlatIP`."""
+
+    file: str
+    rows: int
+    plan: dict[str, Any] | None = omitted_when_default()  # every resolved parameter (see index.SegmentPlan)
+
+    @property
+    def exact(self) -> bool:
+        """True for an exact float32 flat segment."""
+        return self.plan is None or (self.plan["kind"] == "flat" and self.plan["storage"] == "float32")
+
+    @property
+    def description(self) -> str:
+        """E.g. ``IVF1024,PQ64 (1,000,000 rows)``."""
+        return f"{(self.plan or {}).get('factory', 'Flat')} ({self.rows:,} rows)"
+
+
+@record
+class IndexRecord:
+    kind: str  # the configured index.kind
+    segments: tuple[SegmentRecord, ...]  # in row order
+    operating_point: OperatingPoint | None
+
+    @property
+    def description(self) -> str:
+        """The segments in one line, e.g. ``IVF1024,PQ64 (1,000,000 rows) + Flat (2,000 rows)``."""
+        return " + ".join(segment.description for segment in self.segments)
+
+
+@record
+class DeletedRecord:
+    file: str | None  # sorted int64 global rows; None when nothing is deleted
+    rows: int
+
+
+@record
+class StoreRecord:
+    dtype: Literal["float16", "bfloat16", "float32"]
+    chunk_rows: int
+    chunks: tuple[ChunkRecord, ...]  # in row order
+
+    @property
+    def rows(self) -> int:
+        return sum(chunk.rows for chunk in self.chunks)
+
+    @property
+    def next_chunk(self) -> int:
+        """The number a new chunk gets: one past the highest in use (numbers are never reused)."""
+        return max((int(chunk.name) for chunk in self.chunks), default=-1) + 1
+
+
+# ---- the log: one record per event, told apart by `event` ----
+
+
+@record
+class ResumedRecord:
+    rows: int  # rows the interrupted run had written
+    time: str
+
+
+@record
+class BuildEvent:
+    event: Literal["build"] = "build"
+    rows: int
+    time: str
+    resumed: ResumedRecord | None = omitted_when_default()
+
+
+@record
+class MergedShard:
+    folder: str
+    rows: int
+    documents: tuple[int, int]  # [start, stop) corpus positions
+
+
+@record
+class MergeEvent:
+    event: Literal["merge"] = "merge"
+    rows: int
+    time: str
+    shards: tuple[MergedShard, ...]
+
+
+@record
+class AppendEvent:
+    version: int
+    time: str
+    event: Literal["append"] = "append"
+    rows: int
+    data: str
+    duplicates_skipped: int
+    empty_skipped: int
+    tokens: int
+
+
+@record
+class DeleteEvent:
+    version: int
+    time: str
+    event: Literal["delete"] = "delete"
+    rows: int
+    unknown_ids: int
+
+
+@record
+class CompactEvent:
+    version: int
+    time: str
+    event: Literal["compact"] = "compact"
+    rows_removed: int
+    rows: int
+
+
+@record
+class RefreshEvent:
+    version: int
+    time: str
+    event: Literal["refresh"] = "refresh"
+    rows: int
+    drift_before: DriftRecord
+
+
+@record
+class OperatingPointEvent:
+    version: int
+    time: str
+    event: Literal["operating_point"] = "operating_point"
+    nprobe: int | None = omitted_when_default()
+    ef_search: int | None = omitted_when_default()
+    recall: float
+    k: int
+
+
+MutationEvent = AppendEvent | DeleteEvent | CompactEvent | RefreshEvent | OperatingPointEvent
+LogEvent = BuildEvent | MergeEvent | MutationEvent
+
+
+# ---- requests: what decides a build's rows ----
+
+
+@record
+class ShardSlot:
+    index: int
+    count: int
+
+
+@record
+class BuildRequest:
+    """What decides a build's rows: an interrupted build resumes, and a finished shard is reused, only under
+    the same request. Batch size and device are left out of `config` (`rows_settings`)."""
+
+    model: str
+    data: str
+    text_field: str
+    id_field: str | None
+    limit: int | None
+    skip_empty: bool
+    config: dict[str, Any]
+    shard: ShardSlot | None = omitted_when_default()  # one shard of a sharded build
+    num_shards: int | None = omitted_when_default()  # a whole multi-shard build
+
+
+@record
+class MergeRequest:
+    merge: tuple[str, ...]  # the shard folders, resolved
+
+
+@record
+class BuildMarker:
+    """`building.json`: present while a build or merge runs; what it is doing and since when."""
+
+    started: str
+    request: BuildRequest | MergeRequest
+
+
+# ---- the manifests ----
+
+
+@record
+class ManifestHeader:
+    """The keys an index and a shard share (and a merge takes from its shards)."""
+
+    format: str = ""
+    format_version: int = layout.FORMAT_VERSION
+    index_id: str = ""  # filled in by `with_index_id` once everything else is known
+    created: str
+    attribindex_version: str
+    model: ModelRecord
+    tokenizer: TokenizerRecord
+    config: BuildConfig
+    corpus: CorpusRecord
+    modules: tuple[ModuleRecord, ...]  # in vector order
+    dim: int  # Σ module dim
+    projection: ProjectionRecord
+
+    def shared(self) -> dict[str, Any]:
+        """The shared keys by field name, less `format` and `index_id` (each kind of manifest sets its own)."""
+        names = [f.name for f in dataclasses.fields(ManifestHeader) if f.name not in ("format", "index_id")]
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def header(self) -> ManifestHeader:
+        """Just the shared keys, e.g. to start a merged index from its first shard's."""
+        return ManifestHeader(**self.shared())
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    @property
+    def block_dims(self) -> list[int]:
+        return [m.dim for m in self.modules]
+
+
+@record
+class IndexManifest(ManifestHeader):
+    """`manifest.json` of a searchable index.
 
     Example:
-        >>> read_manifest(Path("demo-index"))["rows"]  # doctest: +SKIP
+        >>> manifest = read_manifest(Path("demo-index"))  # doctest: +SKIP
+        >>> manifest.live_rows, manifest.hessian.kind, manifest.index.description  # doctest: +SKIP
+        (1200, 'ekfac', 'Flat (1,200 rows)')
+    """
+
+    format: Literal["attribindex-index"] = layout.FORMAT_NAME
+    rows: int  # stored rows, deleted ones included
+    hessian: HessianRecord
+    normalization: Literal["dot", "cosine"]
+    store: StoreRecord
+    index: IndexRecord
+    deleted: DeletedRecord
+    version: int  # 1 after a build or merge; each mutation adds 1
+    files: dict[str, FileRecord]  # every file that is not a chunk's
+    log: tuple[LogEvent, ...]
+
+    def recorded_files(self) -> Iterator[tuple[str, FileRecord]]:
+        """(relative path, record) for every file the manifest records: chunk files, then the others."""
+        return _recorded_files(self.store, self.files)
+
+    @property
+    def live_rows(self) -> int:
+        """Rows a search can return: stored rows minus deleted ones."""
+        return self.rows - self.deleted.rows
+
+    def deleted_rows(self, root: Path) -> np.ndarray:
+        """Sorted int64 global rows deleted so far, read from `root`."""
+        return np.load(root / self.deleted.file) if self.deleted.file else np.zeros(0, dtype=np.int64)
+
+
+@record
+class ShardSlice:
+    index: int
+    count: int
+    documents: tuple[int, int]  # [start, stop) corpus positions; shards 0…count−1 cover the corpus in order
+
+
+@record
+class CurvatureRecord:
+    examples: int
+    file: str
+
+
+@record
+class ShardManifest(ManifestHeader):
+    """`manifest.json` of one shard of a sharded build: rows and curvature sums, no preconditioner or index."""
+
+    format: Literal["attribindex-shard"] = layout.SHARD_FORMAT_NAME
+    request: BuildRequest  # lets a rerun of a multi-shard build recognise this shard as finished
+    shard: ShardSlice
+    rows: int
+    curvature: CurvatureRecord
+    store: StoreRecord
+    files: dict[str, FileRecord]
+    log: tuple[LogEvent, ...]
+
+    def recorded_files(self) -> Iterator[tuple[str, FileRecord]]:
+        """(relative path, record) for every file the manifest records: chunk files, then the others."""
+        return _recorded_files(self.store, self.files)
+
+
+Manifest = IndexManifest | ShardManifest
+
+
+def _recorded_files(store: StoreRecord, files: dict[str, FileRecord]) -> Iterator[tuple[str, FileRecord]]:
+    for chunk in store.chunks:
+        yield from chunk.paths()
+    yield from files.items()
+
+
+def with_index_id(manifest: Manifest) -> Manifest:
+    """`manifest` with its `index_id`: ``ai-`` + 12 hex digits of a sha256 over the projection, Hessian and chunk
+    records, so identical builds get identical ids."""
+    hessian = to_json(manifest.hessian) if isinstance(manifest, IndexManifest) else None
+    content = json.dumps([to_json(manifest.projection), hessian, to_json(manifest.store.chunks)], sort_keys=True)
+    return dataclasses.replace(manifest, index_id="ai-" + hashlib.sha256(content.encode()).hexdigest()[:12])
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Write `root/manifest.json` atomically: the commit point of a build, merge or mutation."""
+    write_json(root / layout.MANIFEST, to_json(manifest))
+
+
+def read_marker(root: Path) -> BuildMarker | None:
+    """The `building.json` of an interrupted build in `root`; None when there is none or it is unreadable."""
+    try:
+        data = json.loads((root / layout.BUILD_MARKER).read_text(encoding="utf-8"))
+        return from_json(BuildMarker, data, layout.BUILD_MARKER)
+    except (OSError, ValueError, AttribIndexError):
+        return None
+
+
+def write_marker(root: Path, marker: BuildMarker) -> None:
+    write_json(root / layout.BUILD_MARKER, to_json(marker))
+
+
+@overload
+def read_manifest(root: Path, kind: Literal["index"] = "index") -> IndexManifest: ...
+@overload
+def read_manifest(root: Path, kind: Literal["shard"]) -> ShardManifest: ...
+@overload
+def read_manifest(root: Path, kind: Literal["any"]) -> Manifest: ...
+
+
+def read_manifest(root: Path, kind: str = "index") -> Manifest:
+    """Load, check and upgrade the manifest of a complete index (`kind="index"`), shard (`"shard"`) or either
+    (`"any"`).
+
+    Example:
+        >>> read_manifest(Path("demo-index")).rows  # doctest: +SKIP
         1200
     """
+    root = Path(root)
     path = root / layout.MANIFEST
     if not path.is_file():
         if (root / layout.BUILD_MARKER).exists():
             raise AttribIndexError(
                 f"{root} holds an incomplete build (it was interrupted or is still running). "
-                f"Run the build again with --overwrite to start over."
+                f"Run the same build again to resume it, or rebuild with overwrite=True to start over."
             )
-        raise AttribIndexError(
-            f"{root} is not an attribindex index (no {layout.MANIFEST}). Build one with `attribindex build`."
-        )
+        raise AttribIndexError(f"{root} is not an attribindex index (no {layout.MANIFEST}). Build one first.")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AttribIndexError(f"{path} is damaged ({err}). Rebuild the index.") from None
-    found = manifest.get("format")
+    found = data.get("format") if isinstance(data, dict) else None
     if found not in (layout.FORMAT_NAME, layout.SHARD_FORMAT_NAME):
         raise AttribIndexError(f"{path} is not an attribindex manifest (format={found!r}).")
     if kind == "index" and found == layout.SHARD_FORMAT_NAME:
-        shard = manifest.get("shard", {})
+        shard = data.get("shard", {})
         raise AttribIndexError(
             f"{root} is shard {shard.get('index')} of {shard.get('count')} of a sharded build, not a searchable index. "
-            f"Merge all the shards first: `attribindex merge SHARD_DIR... --out INDEX_DIR`."
+            f"Merge all the shards into one index first (`merge_shards`)."
         )
     if kind == "shard" and found != layout.SHARD_FORMAT_NAME:
         raise AttribIndexError(
-            f"{root} is a finished index, not a shard. `attribindex merge` takes the folders built with "
-            f"--num-shards N --shard-index I."
+            f"{root} is a finished index, not a shard. Only the folders of a sharded build (one shard each) merge."
         )
-    version = manifest.get("format_version")
+    version = data.get("format_version")
     if version not in layout.READABLE_VERSIONS:
-        readable = " and ".join(map(str, layout.READABLE_VERSIONS))
+        readable = ", ".join(map(str, layout.READABLE_VERSIONS))
         raise AttribIndexError(
             f"{root} uses index format version {version}; this attribindex reads versions {readable}. "
             f"Install the attribindex version that built it, or rebuild."
         )
-    return _upgraded(manifest) if found == layout.FORMAT_NAME else manifest
+    return parse_manifest(upgraded(data), str(path))
 
 
-def _upgraded(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 index, seen as version 2: one segment, nothing deleted, never mutated."""
-    if manifest["format_version"] == 1:
-        manifest["format_version"] = 2
-        manifest["version"] = 1
-        manifest["index"]["segments"] = [{"file": manifest["index"].pop("file"), "rows": manifest["rows"]}]
-        manifest["deleted"] = {"file": None, "rows": 0}
-    return manifest
+def parse_manifest(data: dict[str, Any], where: str = layout.MANIFEST) -> Manifest:
+    """The typed manifest of current-format JSON data; a damaged or hand-edited one is refused, saying where."""
+    cls = ShardManifest if data.get("format") == layout.SHARD_FORMAT_NAME else IndexManifest
+    try:
+        return from_json(cls, data, "manifest")
+    except AttribIndexError as err:
+        raise AttribIndexError(f"{where} is damaged or was edited by hand ({err}). Rebuild the index.") from None
+
+
+def upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """Manifest data of any readable version, as the current version says it (a mutation then writes it so).
+
+    1 → 2: one segment, nothing deleted, never mutated. 2 → 3: no operating point; the index's `metric` (always
+    inner product) is dropped. Any older version: config keys added since then at their defaults. Identity
+    indexes no longer record a `null` drift.
+    """
+    data = json.loads(json.dumps(data))  # a copy to edit
+    if data["format_version"] < layout.FORMAT_VERSION:
+        data["config"] = to_json(from_json(BuildConfig, data["config"], "manifest.config"))
+    if data["format"] == layout.FORMAT_NAME:
+        index = data["index"]
+        if data["format_version"] == 1:
+            data["version"] = 1
+            index["segments"] = [{"file": index.pop("file"), "rows": data["rows"]}]
+            data["deleted"] = {"file": None, "rows": 0}
+        index.pop("metric", None)
+        index.setdefault("operating_point", None)
+        if data["hessian"].get("drift", 0) is None:
+            del data["hessian"]["drift"]
+    data["format_version"] = layout.FORMAT_VERSION
+    return data

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,8 +19,9 @@ import torch
 
 from attribindex.data import Document
 from attribindex.store import _layout as layout
-from attribindex.store._atomic import atomic_open, file_sha256
+from attribindex.store._atomic import atomic_open
 from attribindex.store._codec import decode, encode, numpy_store_dtype
+from attribindex.store._manifest import ChunkRecord, file_record
 from attribindex.store._verify import check_file
 
 
@@ -58,12 +59,12 @@ class ChunkWriter:
         """Rows that can be added before the current chunk is full."""
         return self.chunk_rows - len(self._docs)
 
-    def add(self, vectors: torch.Tensor, documents: list[Document]) -> dict | None:
+    def add(self, vectors: torch.Tensor, documents: list[Document]) -> ChunkRecord | None:
         """Buffer (B, D) raw vectors with their documents (B <= room); write the chunk when it is full."""
         stored, scales = encode(vectors, self.block_dims, self.dtype)
         return self.add_encoded(stored, scales, documents)
 
-    def add_encoded(self, stored: np.ndarray, scales: np.ndarray, documents: list[Document]) -> dict | None:
+    def add_encoded(self, stored: np.ndarray, scales: np.ndarray, documents: list[Document]) -> ChunkRecord | None:
         """`add` for rows already in store encoding (compaction copies them bit for bit)."""
         if len(documents) > self.room:
             raise ValueError(f"{len(documents)} rows do not fit in the {self.room} rows left in this chunk")
@@ -72,7 +73,7 @@ class ChunkWriter:
         self._docs.extend(documents)
         return self.flush() if self.room == 0 else None
 
-    def flush(self) -> dict:
+    def flush(self) -> ChunkRecord:
         """Write the buffered rows as one chunk (atomically, file by file) and return its record."""
         name = layout.chunk_name(self._next_chunk)
         grads = np.concatenate(self._stored).astype(numpy_store_dtype(self.dtype), copy=False)
@@ -95,13 +96,13 @@ class ChunkWriter:
             path = self.root / layout.chunk_file(name, suffix)
             with atomic_open(path) as handle:
                 write(handle)
-            files[suffix] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-        record = {"name": name, "rows": len(self._docs), "files": files}
+            files[suffix] = file_record(path)
+        record = ChunkRecord(name=name, rows=len(self._docs), files=files)
         self._next_chunk += 1
         self._stored, self._scales, self._docs = [], [], []
         return record
 
-    def close(self) -> dict | None:
+    def close(self) -> ChunkRecord | None:
         """Write the last, partial chunk; its record, or None when no rows were buffered."""
         return self.flush() if self._docs else None
 
@@ -110,21 +111,21 @@ class RowStore:
     """Read access to the rows of a complete index: memory-mapped gradients and texts by row.
 
     Example:
-        >>> store = RowStore(Path("idx"), manifest)  # doctest: +SKIP
+        >>> store = RowStore(Path("idx"), manifest.block_dims, manifest.store.dtype, manifest.store.chunks)  # doctest: +SKIP
         >>> for start, raw in store.iter_raw():  # (n, D) float32 blocks, in row order  # doctest: +SKIP
         ...     ...
         >>> store.documents([0, 5])[0].id  # doctest: +SKIP
     """
 
-    def __init__(self, root: Path, block_dims: list[int], dtype: str, chunks: list[dict]):
+    def __init__(self, root: Path, block_dims: list[int], dtype: str, chunks: Sequence[ChunkRecord]):
         self.root = root
         self.block_dims = block_dims
         self.dtype = dtype
         self.chunks = chunks
-        self.starts = np.cumsum([0] + [c["rows"] for c in chunks])  # (num_chunks + 1,)
+        self.starts = np.cumsum([0] + [c.rows for c in chunks])  # (num_chunks + 1,)
         for chunk in chunks:
-            for suffix, record in chunk["files"].items():  # what was recorded: older chunks have no ids.npy
-                check_file(root, layout.chunk_file(chunk["name"], suffix), record, content=False)
+            for name, record in chunk.paths():  # what was recorded: older chunks have no ids.npy
+                check_file(root, name, record, content=False)
         self._offsets: dict[str, np.ndarray] = {}
 
     @property
@@ -136,7 +137,7 @@ class RowStore:
         `max_bytes` of float32 (at least one row) so memory does not depend on the chunk size."""
         dim = sum(self.block_dims)
         for start, chunk in zip(self.starts, self.chunks):
-            name = chunk["name"]
+            name = chunk.name
             stored = np.load(self.root / layout.chunk_file(name, layout.CHUNK_GRADS), mmap_mode="r")
             scales = np.load(self.root / layout.chunk_file(name, layout.CHUNK_SCALES))
             step = len(stored) if max_bytes is None else max(1, max_bytes // (4 * dim))
@@ -147,7 +148,7 @@ class RowStore:
     def iter_encoded(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[Document]]]:
         """Yield (first row, stored values, scales, documents) chunk by chunk, as written (no decoding)."""
         for c, (start, chunk) in enumerate(zip(self.starts, self.chunks)):
-            name = chunk["name"]
+            name = chunk.name
             stored = np.load(self.root / layout.chunk_file(name, layout.CHUNK_GRADS), mmap_mode="r")
             scales = np.load(self.root / layout.chunk_file(name, layout.CHUNK_SCALES))
             yield int(start), stored, scales, self.documents(range(int(start), int(self.starts[c + 1])))
@@ -159,8 +160,8 @@ class RowStore:
             start, stop = int(self.starts[c]), int(self.starts[c + 1])
             local = rows[(rows >= start) & (rows < stop)] - start
             if len(local):
-                stored = np.load(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_GRADS), mmap_mode="r")
-                scales = np.load(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_SCALES))
+                stored = np.load(self.root / layout.chunk_file(chunk.name, layout.CHUNK_GRADS), mmap_mode="r")
+                scales = np.load(self.root / layout.chunk_file(chunk.name, layout.CHUNK_SCALES))
                 out.append(decode(stored[local], scales[local], self.block_dims, self.dtype))
         return torch.cat(out) if out else torch.zeros(0, sum(self.block_dims))
 
@@ -172,8 +173,8 @@ class RowStore:
         found: dict[str, int] = {}
         for c, chunk in enumerate(self.chunks):
             start, stop = int(self.starts[c]), int(self.starts[c + 1])
-            if layout.CHUNK_ID_HASHES in chunk["files"]:
-                hashes = np.load(self.root / layout.chunk_file(chunk["name"], layout.CHUNK_ID_HASHES))
+            if layout.CHUNK_ID_HASHES in chunk.files:
+                hashes = np.load(self.root / layout.chunk_file(chunk.name, layout.CHUNK_ID_HASHES))
             else:  # written before id hashes existed
                 hashes = id_hashes([d.id for d in self.documents(range(start, stop))])
             hits = start + np.flatnonzero(np.isin(hashes, keys))
@@ -193,10 +194,10 @@ class RowStore:
             handles: dict[str, BinaryIO] = {}  # one open docs file per chunk for the whole call
             for row in rows:
                 c = int(np.searchsorted(self.starts, row, side="right")) - 1
-                name = self.chunks[c]["name"]
+                name = self.chunks[c].name
                 if name not in self._offsets:
                     for suffix in (layout.CHUNK_DOCS, layout.CHUNK_DOC_OFFSETS):
-                        check_file(self.root, layout.chunk_file(name, suffix), self.chunks[c]["files"][suffix])
+                        check_file(self.root, layout.chunk_file(name, suffix), self.chunks[c].files[suffix])
                     self._offsets[name] = np.load(self.root / layout.chunk_file(name, layout.CHUNK_DOC_OFFSETS))
                 if name not in handles:
                     handles[name] = files.enter_context(

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from attribindex.errors import AttribIndexError
-from attribindex.store import _layout as layout
 from attribindex.store._atomic import file_sha256
+from attribindex.store._manifest import FileRecord, Manifest
 
 
-def file_problem(root: Path, name: str, record: dict, content: bool = True) -> str | None:
+def file_problem(root: Path, name: str, record: FileRecord, content: bool = True) -> str | None:
     """What is wrong with `root/name` compared with its manifest record {sha256, bytes}; None when it is intact.
 
     `content=False` checks existence and size only (cheap enough for every open of a large index).
@@ -20,28 +19,20 @@ def file_problem(root: Path, name: str, record: dict, content: bool = True) -> s
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
-    if size != record["bytes"]:
-        return f"{size:,} bytes, the manifest records {record['bytes']:,}"
-    if content and file_sha256(path) != record["sha256"]:
+    if size != record.bytes:
+        return f"{size:,} bytes, the manifest records {record.bytes:,}"
+    if content and file_sha256(path) != record.sha256:
         return "contents differ from the recorded sha256"
     return None
 
 
-def check_file(root: Path, name: str, record: dict, content: bool = True) -> None:
+def check_file(root: Path, name: str, record: FileRecord, content: bool = True) -> None:
     problem = file_problem(root, name, record, content)
     if problem is not None:
         raise AttribIndexError(
             f"index file {root / name} is damaged ({problem}). Restore it from a copy, or rebuild; "
             f"`attribindex verify {root}` lists every damaged file."
         )
-
-
-def recorded_files(manifest: dict) -> Iterator[tuple[str, dict]]:
-    """(relative path, {sha256, bytes}) for every file a manifest records: chunk files, then the others."""
-    for chunk in manifest["store"]["chunks"]:
-        for suffix, record in chunk["files"].items():
-            yield layout.chunk_file(chunk["name"], suffix), record
-    yield from manifest["files"].items()
 
 
 @dataclass(frozen=True)
@@ -63,15 +54,15 @@ class VerifyReport:
         return not self.damaged
 
 
-def verify_files(root: Path, manifest: dict, progress=None) -> VerifyReport:
+def verify_files(root: Path, manifest: Manifest, progress=None) -> VerifyReport:
     """Re-hash every recorded file. `progress`, if given, is called with the bytes of each file checked."""
     damaged, files, total = [], 0, 0
-    for name, record in recorded_files(manifest):
+    for name, record in manifest.recorded_files():
         problem = file_problem(root, name, record)
         if problem is not None:
             damaged.append((name, problem))
         files += 1
-        total += record["bytes"]
+        total += record.bytes
         if progress is not None:
-            progress(record["bytes"])
+            progress(record.bytes)
     return VerifyReport(files, total, damaged)

@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from attribindex.cli import main
+from attribindex.cli._main import in_flags
+from attribindex.errors import AttribIndexError
 from attribindex.testing import write_jsonl
 
 
@@ -138,6 +140,25 @@ def test_build_errors(tiny_models, corpus_file, tmp_path, built):
         "has no config.json",
     )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # failed builds leave nothing
+
+
+def test_library_errors_name_parameters_and_the_cli_names_its_flags(tiny_models, corpus_file, built):
+    from attribindex import build_index, load_config
+    from attribindex.cli._main import build, merge  # the click commands
+
+    with pytest.raises(AttribIndexError, match="Pass `overwrite=True` to replace it") as caught:
+        build_index(load_config("tiny"), str(tiny_models["gpt2"]), corpus_file, built, progress=False)
+    assert "--" not in str(caught.value)
+    assert in_flags("Build it (`num_shards=3, shard_index=1`) and merge.", build) == (
+        "Build it (--num-shards 3 --shard-index 1) and merge."
+    )
+    assert in_flags("Choose it with `text_field`; or `overwrite=True`.", build) == (
+        "Choose it with --text-field; or --overwrite."
+    )
+    # a parameter the command has no flag for, and code that is no parameter, stay as they are
+    assert in_flags("Pass `skip_empty=True`, see `attribindex verify`.", merge) == (
+        "Pass `skip_empty=True`, see `attribindex verify`."
+    )
 
 
 def test_document_that_tokenises_to_nothing(tiny_models, tmp_path):

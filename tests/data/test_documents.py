@@ -107,5 +107,5 @@ def test_shard_errors(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in ("a b", "c d")])
     with pytest.raises(AttribIndexError, match="shard 0 of 3 would be empty: the corpus has only 2 documents"):
         shard_window(open_corpus(path), 3, 0)
-    with pytest.raises(AttribIndexError, match=r"--shard-index must be in \[0, 2\)"):
+    with pytest.raises(AttribIndexError, match=r"`shard_index` must be in \[0, 2\)"):
         shard_window(open_corpus(path), 2, 2)

@@ -91,9 +91,9 @@ def test_cli_records_the_operating_point_and_draws_the_plot(tiny_models, corpus,
     assert "nprobe=8" in result.output and "← operating point" in result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = read_manifest(out)
-    point = manifest["index"]["operating_point"]
-    assert point["nprobe"] == 8 and point["recall"] == 1.0 and point["k"] == 5 and manifest["version"] == 2
-    assert manifest["log"][-1]["event"] == "operating_point"
+    point = manifest.index.operating_point
+    assert point.nprobe == 8 and point.recall == 1.0 and point.k == 5 and manifest.version == 2
+    assert manifest.log[-1].event == "operating_point"
     assert AttributionIndex.open(out, load_model_now=False).index.segments[0].nprobe == 8  # searches use it
     assert "operating    nprobe=8: recall@5 1.000" in CliRunner().invoke(main, ["info", str(out)]).output
     query = ["query", str(out), "--text", "a held-out query", "-k", "3", "--device", "cpu"]
@@ -102,7 +102,7 @@ def test_cli_records_the_operating_point_and_draws_the_plot(tiny_models, corpus,
     assert "approximate: IVF8,Flat nprobe=2, 2 × k re-scored exactly" in overridden
     with pytest.raises(AttribIndexError, match="after recall was measured on version 1"):
         set_operating_point(out, point, measured_version=1)
-    assert (out / layout.MANIFEST).is_file() and read_manifest(out)["version"] == 2
+    assert (out / layout.MANIFEST).is_file() and read_manifest(out).version == 2
 
 
 def test_hnsw_sweeps_efsearch_from_the_candidate_count(tiny_models, corpus, tmp_path):

@@ -166,7 +166,8 @@ def test_excluded_matches_faiss_id_selector(data):
 def test_bottom_k_is_top_k_of_the_negated_queries(data):
     base, queries = data[0], data[1][:5]
     exact = exact_scores(queries, base)
-    scores, rows = TorchFlatIndex(base, max_score_bytes=1024).search_bottom(queries, 10)
+    scores, rows = TorchFlatIndex(base, max_score_bytes=1024).search(-queries, 10)
+    scores = -scores
     np.testing.assert_array_equal(rows, np.argsort(exact, axis=1)[:, :10])
     np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, :10], rtol=1e-5, atol=1e-5)
 

@@ -30,6 +30,6 @@ def test_mixed_segments_with_rerank_equal_brute_force():
 
     exact = SegmentedIndex([TorchFlatIndex(vectors[:400]), flat], deleted)  # float32: exact without re-ranking
     assert exact.exact
-    bottom_scores, bottom = exact.search_bottom(queries, 5)
+    _, bottom = exact.search(-queries, 5)  # bottom-k: top-k of -q
     lowest = np.argsort(np.where(np.isinf(scores), np.inf, scores), axis=1, kind="stable")[:, :5]
     assert (bottom == lowest).all()

@@ -61,8 +61,8 @@ def exact(tiny_models, corpus_file, tmp_path_factory):
 def test_full_effort_with_rerank_equals_exact(tiny_models, corpus_file, tmp_path, exact, index):
     out = tmp_path / "index"
     build(tiny_models, corpus_file, out, rerank=8, **index)
-    segment = read_manifest(out)["index"]["segments"][0]
-    assert segment["plan"]["kind"] == index["kind"] and segment["file"] != layout.FLAT_INDEX
+    segment = read_manifest(out).index.segments[0]
+    assert segment.plan["kind"] == index["kind"] and segment.file != layout.FLAT_INDEX
     approximate = AttributionIndex.open(out, device="cpu")
     found = approximate.attribute(QUERIES, k=3, bottom=2)
     assert not found.exact and "re-scored exactly" in found.search
@@ -78,8 +78,8 @@ def test_a_living_approximate_index(tiny_models, corpus_records, tmp_path):
     out = tmp_path / "index"
     build(tiny_models, old, out, kind="ivf_flat", nlist=2, nprobe=2, rerank=8)
     append_documents(out, new, id_field="id", progress=False)
-    segments = read_manifest(out)["index"]["segments"]
-    assert [s.get("plan", {}).get("kind", "flat") for s in segments] == ["ivf_flat", "flat"]  # appends: exact flat
+    segments = read_manifest(out).index.segments
+    assert [(s.plan or {}).get("kind", "flat") for s in segments] == ["ivf_flat", "flat"]  # appends: exact flat
     top_ids = [a.id for a in AttributionIndex.open(out, device="cpu").attribute(QUERIES, k=2).results[0].top]
 
     delete_ids(out, top_ids)
@@ -88,9 +88,9 @@ def test_a_living_approximate_index(tiny_models, corpus_records, tmp_path):
 
     summary = compact_index(out, progress=False)
     manifest = read_manifest(out)
-    (segment,) = manifest["index"]["segments"]
-    assert summary.live_rows == 22 and segment["plan"]["kind"] == "ivf_flat" and segment["rows"] == 22
-    assert manifest["index"]["operating_point"] is None and verify_files(out, manifest).ok
+    (segment,) = manifest.index.segments
+    assert summary.live_rows == 22 and segment.plan["kind"] == "ivf_flat" and segment.rows == 22
+    assert manifest.index.operating_point is None and verify_files(out, manifest).ok
     compacted = AttributionIndex.open(out, device="cpu").attribute(QUERIES, k=22)
     assert [a.id for a in compacted.results[0].top] == [a.id for a in after.results[0].top]
 
@@ -108,8 +108,8 @@ def test_a_build_killed_while_training_resumes_to_the_same_bytes(tiny_models, co
     assert not layout.is_index_dir(out)
     summary = build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
     assert summary.resumed_rows == 24 and "IVF2,PQ4" in summary.search  # extraction was kept, only the index redone
-    segment = read_manifest(out)["index"]["segments"][0]
-    assert (out / segment["file"]).read_bytes() == (whole / segment["file"]).read_bytes()
+    segment = read_manifest(out).index.segments[0]
+    assert (out / segment.file).read_bytes() == (whole / segment.file).read_bytes()
     assert not any(layout.is_temporary(p.name) for p in out.rglob("*"))
 
 
@@ -119,6 +119,6 @@ def test_a_sharded_build_merges_into_the_same_approximate_index(tiny_models, cor
         build_index(
             config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False, num_shards=shards
         )
-    single, sharded = (read_manifest(tmp_path / name)["index"]["segments"][0] for name in ("single", "sharded"))
-    assert single["plan"] == sharded["plan"]
-    assert (tmp_path / "single" / single["file"]).read_bytes() == (tmp_path / "sharded" / sharded["file"]).read_bytes()
+    single, sharded = (read_manifest(tmp_path / name).index.segments[0] for name in ("single", "sharded"))
+    assert single.plan == sharded.plan
+    assert (tmp_path / "single" / single.file).read_bytes() == (tmp_path / "sharded" / sharded.file).read_bytes()

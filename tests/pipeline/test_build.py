@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -26,9 +25,9 @@ def test_batch_size_does_not_change_the_index(tiny_models, corpus_file, corpus_r
         cfg = dataclasses.replace(config, extract=extract)
         build_index(cfg, str(tiny_models["gpt2"]), corpus_file, tmp_path / name, id_field="id", progress=False)
     manifest = read_manifest(tmp_path / "b7")
-    assert manifest["corpus"]["truncated"] < 12  # most lengths differ, so length-batching really reorders
+    assert manifest.corpus.truncated < 12  # most lengths differ, so length-batching really reorders
     np.testing.assert_allclose(_raw_rows(tmp_path / "b1"), _raw_rows(tmp_path / "b7"), rtol=1e-6, atol=1e-9)
-    assert manifest["projection"]["hash"] == read_manifest(tmp_path / "b1")["projection"]["hash"]
+    assert manifest.projection.hash == read_manifest(tmp_path / "b1").projection.hash
     store = AttributionIndex.open(tmp_path / "b7", load_model_now=False).store
     assert [d.id for d in store.documents(list(range(24)))] == [r["id"] for r in corpus_records]
 
@@ -52,26 +51,26 @@ def test_interrupted_build_never_looks_complete(tiny_models, corpus_file, tmp_pa
         AttributionIndex.open(out, load_model_now=False)
     monkeypatch.setattr(ChunkWriter, "flush", original)
     summary = build_index(exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    assert summary.resumed_rows == 10 and read_manifest(out)["rows"] == 24  # the same command resumes
-    assert [e["event"] for e in read_manifest(out)["log"]] == ["build"] and "resumed" in read_manifest(out)["log"][0]
+    assert summary.resumed_rows == 10 and read_manifest(out).rows == 24  # the same command resumes
+    assert [e.event for e in read_manifest(out).log] == ["build"] and read_manifest(out).log[0].resumed is not None
 
 
 def test_manifest_records_what_built_the_index(tiny_models, corpus_file, corpus_records, tmp_path):
     summary = build_index(
         exact_config("cosine"), str(tiny_models["llama"]), corpus_file, tmp_path / "i", progress=False
     )
-    manifest = json.loads((tmp_path / "i" / layout.MANIFEST).read_text())
-    assert manifest["format_version"] == layout.FORMAT_VERSION
-    assert manifest["rows"] == summary.rows == 24
-    assert manifest["normalization"] == "cosine" and manifest["hessian"]["damping"] == 0.1
-    assert manifest["model"]["fingerprint"].startswith("sha256:")
-    assert sum(m["dim"] for m in manifest["modules"]) == manifest["dim"] == 14 * 12
-    assert len(manifest["store"]["chunks"]) == 3  # 24 rows in chunks of 10
+    manifest = read_manifest(tmp_path / "i")
+    assert manifest.format_version == layout.FORMAT_VERSION
+    assert manifest.rows == summary.rows == 24
+    assert manifest.normalization == "cosine" and manifest.hessian.damping == 0.1
+    assert manifest.model.fingerprint.startswith("sha256:")
+    assert sum(m.dim for m in manifest.modules) == manifest.dim == 14 * 12
+    assert len(manifest.store.chunks) == 3  # 24 rows in chunks of 10
     assert not (tmp_path / "i" / layout.BUILD_MARKER).exists()
     assert "rows" in summary.format()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     lengths = [len(tokenizer(r["text"])["input_ids"]) for r in corpus_records]
-    assert manifest["corpus"]["truncated"] == summary.truncated == sum(n > 32 for n in lengths)
-    assert manifest["corpus"]["tokens"] == summary.tokens == sum(min(n, 32) for n in lengths)
+    assert manifest.corpus.truncated == summary.truncated == sum(n > 32 for n in lengths)
+    assert manifest.corpus.tokens == summary.tokens == sum(min(n, 32) for n in lengths)

@@ -41,15 +41,13 @@ def test_two_ranks_three_shards_equal_one_process(hessian, tiny_models, corpus_f
     for rank, shard in ((0, 0), (1, 1), (0, 2)):  # rank r builds shards r, r + 2, …, each with its own bar
         assert f"rank {rank} shard {shard}/3" in result.stderr
     assert_same_index(single, out)
-    assert read_manifest(out)["hessian"]["kind"] == hessian
+    assert read_manifest(out).hessian.kind == hessian
 
     # Projections are identical on every rank by construction: same files, same hashes.
     shards = [out / layout.SHARDS_DIR / layout.shard_dir_name(i, 3) for i in range(3)]
     projection_files = {(s / layout.PROJECTIONS).read_bytes() for s in shards}
     assert len(projection_files) == 1
-    assert {read_manifest(s, kind="shard")["projection"]["hash"] for s in shards} == {
-        read_manifest(out)["projection"]["hash"]
-    }
+    assert {read_manifest(s, kind="shard").projection.hash for s in shards} == {read_manifest(out).projection.hash}
 
     again = _torchrun(2, *common, "--id-field", "id", "--num-shards", "3", "--out", str(out))
     assert again.returncode != 0 and "already holds an index" in again.stderr

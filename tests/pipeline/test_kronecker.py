@@ -17,7 +17,7 @@ from attribindex import AttributionIndex, append_documents, build_index, delete_
 from attribindex.cli import main
 from attribindex.config import config_to_dict
 from attribindex.hessian import CurvatureSums
-from attribindex.pipeline._living import mutation
+from attribindex.pipeline._mutation import mutation
 from attribindex.store import read_manifest
 from attribindex.testing import write_jsonl
 from tests.conftest import exact_config, with_store
@@ -44,11 +44,11 @@ def ekfac(tiny_models, corpus_file, tmp_path_factory):
 def test_sharded_build_with_another_batch_size_equals_the_single_build(ekfac, tiny_models, corpus_file, tmp_path):
     _build(tiny_models, corpus_file, tmp_path / "sharded", _config("ekfac", batch_size=7), num_shards=3)
     assert_same_index(ekfac, tmp_path / "sharded", curvature_rtol=1e-9)
-    a, b = (read_manifest(p)["hessian"] for p in (ekfac, tmp_path / "sharded"))
-    assert a["kind"] == "ekfac" and a["modules"].keys() == b["modules"].keys()
-    for name, stats in a["modules"].items():
-        assert stats == pytest.approx(b["modules"][name], rel=1e-6)
-    sums, _ = CurvatureSums.load(ekfac / a["curvature_file"])
+    a, b = (read_manifest(p).hessian for p in (ekfac, tmp_path / "sharded"))
+    assert a.kind == "ekfac" and a.modules.keys() == b.modules.keys()
+    for name, stats in a.modules.items():
+        assert vars(stats) == pytest.approx(vars(b.modules[name]), rel=1e-6)
+    sums, _ = CurvatureSums.load(ekfac / a.curvature_file)
     assert sums.tracks_factors and not sums.sums  # factors only: no d×d gradient sums are kept
 
 
@@ -90,19 +90,16 @@ def test_append_then_refresh_equals_a_full_build_and_deletes_are_reported(ekfac,
     summary = append_documents(
         living, write_jsonl(tmp_path / "new.jsonl", corpus_records[16:]), id_field="id", progress=False
     )
-    assert summary.added == 8 and summary.drift["max"] > 0  # the implied EK-FAC whitening moved
+    assert summary.added == 8 and summary.drift.max > 0  # the implied EK-FAC whitening moved
     refresh_index(living, progress=False)
     assert_same_index(ekfac, living, same_sources=False)
-    assert (
-        read_manifest(living)["hessian"]["preconditioner_hash"]
-        == read_manifest(ekfac)["hessian"]["preconditioner_hash"]
-    )
+    assert read_manifest(living).hessian.preconditioner_hash == read_manifest(ekfac).hessian.preconditioner_hash
 
     delete_ids(living, [corpus_records[0]["id"], corpus_records[5]["id"]])
-    hessian = read_manifest(living)["hessian"]
-    assert hessian["retained_deleted"] == 2 and hessian["examples"] == 24 and hessian["drift"]["max"] > 0
+    hessian = read_manifest(living).hessian
+    assert hessian.retained_deleted == 2 and hessian.examples == 24 and hessian.drift.max > 0
     refresh_index(living, progress=False)  # eigenvalues corrected over the 22 live rows; factors keep all 24
-    assert read_manifest(living)["hessian"]["retained_deleted"] == 2
+    assert read_manifest(living).hessian.retained_deleted == 2
     info = CliRunner().invoke(main, ["info", str(living)])
     assert info.exit_code == 0 and "still count 2 deleted examples" in info.output
     index = AttributionIndex.open(living, load_model_now=False)

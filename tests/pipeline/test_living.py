@@ -55,7 +55,7 @@ def test_append_equals_a_build_over_old_and_new(tiny_models, corpus_file, corpus
     _build(tiny_models, _jsonl(tmp_path, "old", old), living)
     frozen = AttributionIndex.open(living, load_model_now=False).preconditioner
     summary = _append(living, _jsonl(tmp_path, "new", new))
-    assert summary.added == 8 and summary.version == 2 and summary.drift["max"] > 0
+    assert summary.added == 8 and summary.version == 2 and summary.drift.max > 0
     _build(tiny_models, corpus_file, whole)
 
     appended, rebuilt = (AttributionIndex.open(p, load_model_now=False) for p in (living, whole))
@@ -187,7 +187,7 @@ def test_duplicates_unknown_ids_and_another_model_are_reported(tiny_models, corp
     assert delete_ids(out, ["fresh"]).already_deleted == 1
     with pytest.raises(AttribIndexError, match="would leave .* with no rows"):
         delete_ids(out, [r["id"] for r in corpus_records])
-    events = [e["event"] for e in read_manifest(out)["log"]]
+    events = [e.event for e in read_manifest(out).log]
     assert events == ["build", "append", "delete"]
 
 
@@ -196,9 +196,7 @@ def test_deletion_reaches_the_curvature_and_compaction_frees_space(tiny_models, 
     _build(tiny_models, corpus_file, out)
     delete_ids(out, [r["id"] for r in corpus_records[::3]])
     _build(tiny_models, _jsonl(tmp_path, "kept", [r for i, r in enumerate(corpus_records) if i % 3]), survivors)
-    (left, _), (right, _) = (
-        CurvatureSums.load(p / read_manifest(p)["hessian"]["curvature_file"]) for p in (out, survivors)
-    )
+    (left, _), (right, _) = (CurvatureSums.load(p / read_manifest(p).hessian.curvature_file) for p in (out, survivors))
     assert left.count == right.count == 16
     for name in left.sums:
         torch.testing.assert_close(left.sums[name], right.sums[name], rtol=1e-5, atol=1e-7)
@@ -226,12 +224,12 @@ def test_a_second_writer_is_refused_while_one_holds_the_lock(tiny_models, corpus
 def test_a_version_1_index_opens_and_can_be_changed(tiny_models, corpus_file, tmp_path):
     out = tmp_path / "idx"
     _build(tiny_models, corpus_file, out)
-    manifest = json.loads((out / layout.MANIFEST).read_text())
-    manifest |= {"format_version": 1, "index": manifest["index"] | {"file": layout.FLAT_INDEX}}
+    on_disk = json.loads((out / layout.MANIFEST).read_text())  # rewritten as version 1 wrote it
+    on_disk |= {"format_version": 1, "index": on_disk["index"] | {"file": layout.FLAT_INDEX}}
     for key in ("version", "deleted"):
-        del manifest[key]
-    del manifest["index"]["segments"]
-    (out / layout.MANIFEST).write_text(json.dumps(manifest))
+        del on_disk[key]
+    del on_disk["index"]["segments"]
+    (out / layout.MANIFEST).write_text(json.dumps(on_disk))
     assert AttributionIndex.open(out, load_model_now=False).version == 1
     assert delete_ids(out, ["doc-0002"]).version == 2
     assert json.loads((out / layout.MANIFEST).read_text())["format_version"] == layout.FORMAT_VERSION
@@ -243,7 +241,7 @@ CRASHES = {
         "append_documents",
     ),
     "append, after its chunks, before the commit": (
-        ("attribindex.pipeline._append", "write_flat_index", 1, "before"),
+        ("attribindex.pipeline._append", "write_flat_segment", 1, "before"),
         "append_documents",
     ),
     "compaction, while writing the new index": (
@@ -251,7 +249,7 @@ CRASHES = {
         "compact_index",
     ),
     "compaction, after the commit, before cleaning up": (
-        ("attribindex.pipeline._living", "collect_garbage", 2, "before"),
+        ("attribindex.pipeline._mutation", "collect_garbage", 2, "before"),
         "compact_index",
     ),
 }
@@ -276,11 +274,11 @@ def test_a_crash_during_append_or_compaction_leaves_a_consistent_index(
 
     after = read_manifest(out)
     committed = crash.endswith("before cleaning up")
-    assert after["version"] == before["version"] + (1 if committed else 0)
+    assert after.version == before.version + (1 if committed else 0)
     index = AttributionIndex.open(out, load_model_now=False)
-    ids = {d.id for d in index.store.documents(range(after["rows"]))}
+    ids = {d.id for d in index.store.documents(range(after.rows))}
     assert index.rows == 22 and not {"doc-0003", "doc-0004"} & {
-        a.id for (a,) in zip(*index.search(stamped_queries(index, np.ones((1, after["dim"]), np.float32)), k=22)[0])
+        a.id for (a,) in zip(*index.search(stamped_queries(index, np.ones((1, after.dim), np.float32)), k=22)[0])
     }
     assert ids >= {r["id"] for r in corpus_records} - {"doc-0003", "doc-0004"}
     assert verify_files(out, after).ok
@@ -289,9 +287,7 @@ def test_a_crash_during_append_or_compaction_leaves_a_consistent_index(
     summary = _append(out, new)
     assert summary.added == 5 and AttributionIndex.open(out, load_model_now=False).rows == 27
     manifest = read_manifest(out)
-    named = {layout.chunk_file(c["name"], s) for c in manifest["store"]["chunks"] for s in c["files"]} | set(
-        manifest["files"]
-    )
+    named = {name for name, _ in manifest.recorded_files()}
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert on_disk == named | {layout.MANIFEST}
 
@@ -307,7 +303,7 @@ def test_a_killed_append_resumes_with_the_same_command(tiny_models, corpus_file,
     kill_at = ("attribindex.store._rows", "ChunkWriter.flush", 2, "before")
     killed = run_killed(kill_at, "append_documents", out, new, id_field="id", progress=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert read_manifest(out)["version"] == 1 and AttributionIndex.open(out, load_model_now=False).rows == 4
+    assert read_manifest(out).version == 1 and AttributionIndex.open(out, load_model_now=False).rows == 4
     summary = _append(out, new)
     assert summary.added == 20 and summary.resumed == 10 and "resumed" in summary.format()
     assert_same_index(whole, out)

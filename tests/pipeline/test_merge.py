@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from attribindex import AttribIndexError, AttributionIndex, build_index, merge_shards
-from attribindex.store import layout, read_manifest
+from attribindex.store import ShardSlice, layout, read_manifest
 from tests.conftest import exact_config
 from tests.reference import assert_same_index
 
@@ -40,18 +40,18 @@ def test_merged_shards_equal_the_single_build(single, shards, tmp_path):
     assert "shard 2" in summary.format()
     assert_same_index(single, tmp_path / "merged")
     merged = read_manifest(tmp_path / "merged")
-    assert merged["log"][0]["event"] == "merge" and [s["documents"] for s in merged["log"][0]["shards"]] == [
-        [0, 8],
-        [8, 16],
-        [16, 24],
+    assert merged.log[0].event == "merge" and [s.documents for s in merged.log[0].shards] == [
+        (0, 8),
+        (8, 16),
+        (16, 24),
     ]
-    assert merged["corpus"]["tokens"] == read_manifest(single)["corpus"]["tokens"]
+    assert merged.corpus.tokens == read_manifest(single).corpus.tokens
 
 
 def test_a_shard_is_not_a_searchable_index(shards):
     with pytest.raises(AttribIndexError, match="shard 1 of 3 of a sharded build, not a searchable index"):
         AttributionIndex.open(shards[1], load_model_now=False)
-    assert read_manifest(shards[1], kind="shard")["shard"] == {"index": 1, "count": 3, "documents": [8, 16]}
+    assert read_manifest(shards[1], kind="shard").shard == ShardSlice(index=1, count=3, documents=(8, 16))
 
 
 def test_all_shards_in_one_process_equal_the_single_build(single, tiny_models, corpus_file, tmp_path):
@@ -62,7 +62,7 @@ def test_all_shards_in_one_process_equal_the_single_build(single, tiny_models, c
 
 
 def test_missing_and_repeated_shards_are_refused(shards, tmp_path):
-    with pytest.raises(AttribIndexError, match=r"shard 1 of 3 is missing .* --num-shards 3 --shard-index 1"):
+    with pytest.raises(AttribIndexError, match=r"shard 1 of 3 is missing .*`num_shards=3, shard_index=1`"):
         merge_shards([shards[0], shards[2]], tmp_path / "m", progress=False)
     with pytest.raises(AttribIndexError, match="are both shard 0 of 3"):
         merge_shards([shards[0], shards[0], shards[1], shards[2]], tmp_path / "m", progress=False)

@@ -53,7 +53,7 @@ def test_adafactor_state_divides_gradients_by_its_own_preconditioner(
     out = tmp_path / "idx"
     build_index(_config(state_path), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
     index = AttributionIndex.open(out, load_model_now=False)
-    record = read_manifest(out)["projection"]["optimizer"]
+    record = read_manifest(out).projection.optimizer
     assert record["optimizer"] == "adafactor" and record["relative_error"] == 0.0
 
     # Reference: full autograd gradients times Adafactor's own 1/√v̂ (transformers' code), then the plain projections.
@@ -87,9 +87,9 @@ def test_adam_state_is_recorded_with_its_approximation_error_and_the_cli_accepts
     )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
-    record = manifest["projection"]["optimizer"]
+    record = manifest.projection.optimizer
     assert record["optimizer"] == "adam" and 0 < record["relative_error"] < 1 and record["step"] == 3
-    assert manifest["hessian"]["kind"] == "ekfac"
+    assert manifest.hessian.kind == "ekfac"
     index = AttributionIndex.open(out)
     best = index.attribute(index.store.documents([3])[0].text, k=1).results[0].top[0]
     assert best.row == 3 and np.isfinite(best.score)  # queries use the corrected projections saved with the index

@@ -28,7 +28,7 @@ KILL_POINTS = {
     "after a chunk, before its checkpoint": ("attribindex.store._rows", "ChunkWriter.flush", 3, "after"),
     "inside a checkpoint write": ("attribindex.hessian._curvature", "save_file", 2, "after"),
     "while writing the FAISS index": ("attribindex.index._flat", "FlatIndexWriter.add", 2, "before"),
-    "before the manifest": ("attribindex.pipeline._finish", "write_json", 1, "before"),
+    "before the manifest": ("attribindex.pipeline._finalize", "write_manifest", 1, "before"),
 }
 
 

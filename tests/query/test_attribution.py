@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, PromptCompletion, build_index
 from attribindex.logra import ProjectionSet
-from attribindex.store import layout
+from attribindex.store import layout, read_manifest, write_manifest
 from tests.conftest import exact_config
 from tests.reference import brute_force_scores, explicit_projected_gradients
 
@@ -92,7 +91,7 @@ def test_index_files_from_another_build_are_refused(indexes, tmp_path, swap):
 def test_an_already_loaded_model_can_answer(indexes, corpus_records):
     from attribindex.model import load_model
 
-    path = AttributionIndex.open(indexes[("cosine", "raw")], load_model_now=False).manifest["model"]["name_or_path"]
+    path = AttributionIndex.open(indexes[("cosine", "raw")], load_model_now=False).manifest.model.name_or_path
     model, tokenizer = load_model(path, dtype="float64", device="cpu")
     index = AttributionIndex.open(indexes[("cosine", "raw")], model, tokenizer)
     assert index.attribute(corpus_records[2]["text"], k=1).results[0].top[0].id == corpus_records[2]["id"]
@@ -101,10 +100,10 @@ def test_an_already_loaded_model_can_answer(indexes, corpus_records):
 def test_moved_model_is_reported_with_the_fix(indexes, tiny_models, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(indexes[("dot", "raw")], copy)
-    manifest = json.loads((copy / layout.MANIFEST).read_text())
-    assert manifest["model"]["name_or_path"] == str(tiny_models["gpt2"].resolve())  # recorded absolute
-    manifest["model"]["name_or_path"] = str(tmp_path / "moved-away")
-    (copy / layout.MANIFEST).write_text(json.dumps(manifest))
+    manifest = read_manifest(copy)
+    assert manifest.model.name_or_path == str(tiny_models["gpt2"].resolve())  # recorded absolute
+    moved = dataclasses.replace(manifest.model, name_or_path=str(tmp_path / "moved-away"))
+    write_manifest(copy, dataclasses.replace(manifest, model=moved))
     with pytest.raises(AttribIndexError, match="no longer there. Point at a copy"):
         AttributionIndex.open(copy)
     assert AttributionIndex.open(copy, model=str(tiny_models["gpt2"])).rows == 24

@@ -133,6 +133,16 @@ def test_the_token_is_required_and_paths_are_fixed(server):
         Client(server).attribute("a b c")
 
 
+def test_openapi_shows_the_bearer_scheme_on_the_v1_routes(server):
+    spec = httpx.get(f"{server}/openapi.json").json()
+    scheme = spec["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            assert operation.get("security") == ([{"bearer": []}] if path.startswith("/v1/") else None), path
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
 def test_cli_query_through_the_server(server, index_dir):
     args = ["query", "--server", server, "--token", TOKEN, "--text", "King queen crown castle.", "-k", "2"]
     result = CliRunner().invoke(main, args)
@@ -190,6 +200,7 @@ def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tin
             assert after_append.index_version == 3
             assert after_append.results[0].top[0].id == "new-1" and after_append.results[0].top[0].score > 0.999
         assert httpx.post(f"{url}/v1/reload").json() == {"index_id": first.index_id, "index_version": 3, "rows": 24}
+        assert "securitySchemes" not in httpx.get(f"{url}/openapi.json").json().get("components", {})  # no token
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)

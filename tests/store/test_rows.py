@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -46,7 +48,7 @@ def test_chunk_writer_and_row_store_round_trip(tmp_path):
     vectors = torch.randn(23, 6)
     writer = ChunkWriter(tmp_path, [2, 4], "float32", chunk_rows=10)
     chunks = _write(writer, vectors, docs, step=7)
-    assert [c["rows"] for c in chunks] == [10, 10, 3]
+    assert [c.rows for c in chunks] == [10, 10, 3]
     store = RowStore(tmp_path, [2, 4], "float32", chunks)
     assert store.rows == 23
     got = torch.cat([raw for _, raw in store.iter_raw()])
@@ -65,7 +67,7 @@ def test_a_chunk_never_receives_more_rows_than_it_has_room_for(tmp_path):
 def test_damaged_chunk_file_is_reported(tmp_path):
     docs = [Document(str(i), "t", "s") for i in range(4)]
     chunks = _write(ChunkWriter(tmp_path, [3], "float16", chunk_rows=4), torch.randn(4, 3), docs, step=4)
-    path = tmp_path / layout.chunk_file(chunks[0]["name"], layout.CHUNK_GRADS)
+    path = tmp_path / layout.chunk_file(chunks[0].name, layout.CHUNK_GRADS)
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(AttribIndexError, match="damaged"):
         RowStore(tmp_path, [3], "float16", chunks)
@@ -74,7 +76,7 @@ def test_damaged_chunk_file_is_reported(tmp_path):
 def test_texts_damaged_in_place_fail_on_first_read_instead_of_returning_wrong_ids(tmp_path):
     docs = [Document(f"id-{i}", "some text", "s") for i in range(4)]
     chunks = _write(ChunkWriter(tmp_path, [3], "float32", chunk_rows=4), torch.randn(4, 3), docs, step=4)
-    path = tmp_path / layout.chunk_file(chunks[0]["name"], layout.CHUNK_DOCS)
+    path = tmp_path / layout.chunk_file(chunks[0].name, layout.CHUNK_DOCS)
     path.write_bytes(path.read_bytes().replace(b"id-2", b"id-7"))  # same size: only the checksum can tell
     store = RowStore(tmp_path, [3], "float32", chunks)
     with pytest.raises(AttribIndexError, match="contents differ from the recorded sha256"):
@@ -85,7 +87,7 @@ def test_chunk_files_are_plain_numpy(tmp_path):
     writer = ChunkWriter(tmp_path, [3], "bfloat16", chunk_rows=4)
     writer.add(torch.randn(2, 3), [Document(str(i), "t", "s") for i in range(2)])
     chunk = writer.close()
-    grads = np.load(tmp_path / layout.chunk_file(chunk["name"], layout.CHUNK_GRADS))
+    grads = np.load(tmp_path / layout.chunk_file(chunk.name, layout.CHUNK_GRADS))
     assert grads.dtype == np.uint16 and grads.shape == (2, 3)
     assert not any(p.name.startswith(".") for p in (tmp_path / layout.ROWS_DIR).iterdir())  # no temp files left
 
@@ -93,11 +95,11 @@ def test_chunk_files_are_plain_numpy(tmp_path):
 def test_find_rows_reads_id_hashes_and_falls_back_to_texts_for_older_chunks(tmp_path):
     docs = [Document(id=f"doc-{i}", text=f"text {i}", source="s") for i in range(23)]
     chunks = _write(ChunkWriter(tmp_path, [2, 4], "float32", chunk_rows=10), torch.randn(23, 6), docs, step=10)
-    assert all(layout.CHUNK_ID_HASHES in c["files"] for c in chunks)
+    assert all(layout.CHUNK_ID_HASHES in c.files for c in chunks)
     store = RowStore(tmp_path, [2, 4], "float32", chunks)
     assert store.find_rows(["doc-21", "nope", "doc-0", "doc-10"]) == {"doc-21": 21, "doc-0": 0, "doc-10": 10}
 
-    older = [c | {"files": {k: v for k, v in c["files"].items() if k != layout.CHUNK_ID_HASHES}} for c in chunks]
+    older = [replace(c, files={k: v for k, v in c.files.items() if k != layout.CHUNK_ID_HASHES}) for c in chunks]
     for chunk in chunks:
-        (tmp_path / layout.chunk_file(chunk["name"], layout.CHUNK_ID_HASHES)).unlink()
+        (tmp_path / layout.chunk_file(chunk.name, layout.CHUNK_ID_HASHES)).unlink()
     assert RowStore(tmp_path, [2, 4], "float32", older).find_rows(["doc-13", "doc-22"]) == {"doc-13": 13, "doc-22": 22}

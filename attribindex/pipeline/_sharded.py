@@ -15,20 +15,15 @@ from pathlib import Path
 
 import torch
 
+from attribindex._records import first_difference, to_json
 from attribindex.config import BuildConfig
 from attribindex.data import Corpus, shard_window
 from attribindex.errors import AttribIndexError, IndexMismatchError
-from attribindex.pipeline._build import (
-    BuildSummary,
-    ModelCache,
-    build_one,
-    build_request,
-    first_difference,
-    prepare_output,
-    read_marker,
-)
-from attribindex.pipeline._merge import MergeSummary, check_shards, merge_into
-from attribindex.store import layout, read_manifest, write_json
+from attribindex.pipeline._merge import check_shards, merge_into
+from attribindex.pipeline._output import ModelCache, build_request, prepare_output
+from attribindex.pipeline._single import build_folder
+from attribindex.pipeline._summary import BuildSummary, MergeSummary
+from attribindex.store import BuildRequest, IndexManifest, ShardSlot, layout, read_manifest
 
 # Ranks that finish their shards early wait for the slowest one; at pretraining scale that can be hours.
 COLLECTIVE_TIMEOUT = dt.timedelta(hours=72)
@@ -77,7 +72,7 @@ class _Ranks:
             dist.destroy_process_group()
 
 
-def build_all_shards(
+def build_sharded(
     config: BuildConfig,
     model: str,
     corpus: Corpus,
@@ -91,7 +86,7 @@ def build_all_shards(
     """See `build_index(num_shards=N)`. Every rank returns a summary; rank 0's describes the merged index."""
     started = time.perf_counter()
     if num_shards < 1:
-        raise AttribIndexError(f"--num-shards must be >= 1, got {num_shards}.")
+        raise AttribIndexError(f"`num_shards` must be >= 1, got {num_shards}.")
     ranks = _Ranks()
     try:
         request = build_request(config, model, corpus, skip_empty, num_shards=num_shards)
@@ -113,7 +108,7 @@ def build_all_shards(
         shards_root = out / layout.SHARDS_DIR
         folders = [shards_root / layout.shard_dir_name(i, num_shards) for i in range(num_shards)]
         manifests = [read_manifest(folder, kind="shard") for folder in folders]
-        hashes = ranks.gather(sorted({m["projection"]["hash"] for i, m in enumerate(manifests) if i in mine}))
+        hashes = ranks.gather(sorted({m.projection.hash for i, m in enumerate(manifests) if i in mine}))
         if len({h for rank_hashes in hashes for h in rank_hashes}) > 1:
             raise IndexMismatchError(
                 f"the ranks generated different projections ({hashes}); they must be identical by construction. "
@@ -123,7 +118,7 @@ def build_all_shards(
         outcome: BuildSummary | str | None = None
         if ranks.rank == 0:
             try:
-                merged = merge_into(out, check_shards(folders, manifests), request, progress)
+                merged = merge_into(out, check_shards(folders, manifests), progress)
                 if not keep_shards:
                     shutil.rmtree(out / layout.SHARDS_DIR)
                 outcome = _summary(merged, read_manifest(out), extract_seconds, started, reports, ranks.size)
@@ -138,17 +133,22 @@ def build_all_shards(
 
 
 def _summary(
-    merged: MergeSummary, manifest: dict, extract_seconds: float, started: float, reports: list[dict], processes: int
+    merged: MergeSummary,
+    manifest: IndexManifest,
+    extract_seconds: float,
+    started: float,
+    reports: list[dict],
+    processes: int,
 ) -> BuildSummary:
     return BuildSummary(
         out=merged.out,
         index_id=merged.index_id,
         rows=merged.rows,
-        skipped=manifest["corpus"]["skipped_empty"],
-        truncated=manifest["corpus"]["truncated"],
-        tokens=manifest["corpus"]["tokens"],
-        dim=manifest["dim"],
-        modules=len(manifest["modules"]),
+        skipped=manifest.corpus.skipped_empty,
+        truncated=manifest.corpus.truncated,
+        tokens=manifest.corpus.tokens,
+        dim=manifest.dim,
+        modules=len(manifest.modules),
         extract_seconds=extract_seconds,
         total_seconds=time.perf_counter() - started,
         bytes_on_disk=merged.bytes_on_disk,
@@ -158,16 +158,13 @@ def _summary(
     )
 
 
-def _prepare(out: Path, overwrite: bool, request: dict, corpus: Corpus) -> str | None:
+def _prepare(out: Path, overwrite: bool, request: BuildRequest, corpus: Corpus) -> str | None:
     """Rank 0 readies the output folder; the error message (if any) is broadcast so every rank stops cleanly."""
     try:
         next(iter(corpus))  # a bad path, field or encoding fails now, once
-        for index in range(request["num_shards"]):  # so does an empty shard
-            shard_window(corpus, request["num_shards"], index)
-        resuming = prepare_output(out, overwrite, request)
-        started = read_marker(out).get("started") if resuming else None
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        write_json(out / layout.BUILD_MARKER, {"started": started or now, "request": request})
+        for index in range(request.num_shards):  # so does an empty shard
+            shard_window(corpus, request.num_shards, index)
+        prepare_output(out, overwrite, request)
     except AttribIndexError as err:
         return str(err)
     return None
@@ -189,17 +186,18 @@ def _build_my_shards(
     resumed = 0
     for index in mine:
         folder = out / layout.SHARDS_DIR / layout.shard_dir_name(index, num_shards)
+        slot = ShardSlot(index=index, count=num_shards)
         if layout.is_index_dir(folder):
             finished = read_manifest(folder, kind="shard")
-            expected = build_request(config, model, corpus, skip_empty, shard={"index": index, "count": num_shards})
-            if first_difference(finished.get("request"), expected) is None:
-                resumed += finished["rows"]
+            expected = build_request(config, model, corpus, skip_empty, shard=slot)
+            if first_difference(to_json(finished.request), to_json(expected)) is None:
+                resumed += finished.rows
                 continue
             raise AttribIndexError(
-                f"{folder} holds a finished shard of a different command. Pass --overwrite to start over."
+                f"{folder} holds a finished shard of a different build. Pass `overwrite=True` to start over."
             )
         label = f"rank {ranks.rank} shard {index}/{num_shards}" if ranks.size > 1 else f"shard {index}/{num_shards}"
-        summary = build_one(
+        summary = build_folder(
             config,
             model,
             corpus,
@@ -207,7 +205,7 @@ def _build_my_shards(
             False,
             skip_empty,
             progress,
-            (index, num_shards),
+            slot,
             models,
             label,
             position=ranks.rank if ranks.size > 1 else None,

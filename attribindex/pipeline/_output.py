@@ -1,0 +1,134 @@
+"""What every way of making a folder (a build, one shard, a sharded build, a merge) shares: readying the output
+folder, its `building.json` marker, the request that decides its rows, and the model loaded once per process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import shutil
+from pathlib import Path
+
+from attribindex._records import first_difference, to_json
+from attribindex.config import BuildConfig, rows_settings
+from attribindex.data import Corpus
+from attribindex.errors import AttribIndexError
+from attribindex.model import load_model
+from attribindex.pipeline._extract import release_freed_memory
+from attribindex.store import (
+    BuildMarker,
+    BuildRequest,
+    MergeRequest,
+    ShardSlot,
+    layout,
+    read_manifest,
+    read_marker,
+    write_marker,
+)
+
+
+def now() -> str:
+    """The current UTC time as the manifest records it (ISO 8601, seconds)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def build_request(
+    config: BuildConfig,
+    model: str,
+    corpus: Corpus,
+    skip_empty: bool,
+    shard: ShardSlot | None = None,
+    num_shards: int | None = None,
+) -> BuildRequest:
+    """What decides a build's rows: the model, the corpus and how it is read, and the config less its speed
+    settings (so a build killed for lack of memory can resume with a smaller batch size)."""
+    return BuildRequest(
+        model=model,
+        data=corpus.description,
+        text_field=corpus.text_field,
+        id_field=corpus.id_field,
+        limit=corpus.limit,
+        skip_empty=skip_empty,
+        config=rows_settings(config),
+        shard=shard,
+        num_shards=num_shards,
+    )
+
+
+def prepare_output(out: Path, overwrite: bool, request: BuildRequest | MergeRequest) -> tuple[BuildMarker, bool]:
+    """Make `out` ready for a build and mark it as being built: (its `building.json` marker, True when it
+    resumes an interrupted build of the same request).
+
+    Refuses to clobber anything unless asked, and never deletes a folder that is not an attribindex build.
+    """
+    if out.exists() and not out.is_dir():
+        raise AttribIndexError(f"the output path {out} is a file. Choose a folder path.")
+    out.mkdir(parents=True, exist_ok=True)
+    interrupted = None
+    if any(out.iterdir()):
+        if not layout.looks_like_ours(out):
+            raise AttribIndexError(
+                f"the output folder {out} is not empty and holds no attribindex index. Choose a new or empty folder."
+            )
+        if overwrite:
+            (out / layout.MANIFEST).unlink(missing_ok=True)  # first make it incomplete, then clear it
+            clear_folder(out)
+        else:
+            interrupted = _interrupted_build(out, request)
+    marker = BuildMarker(started=interrupted.started if interrupted else now(), request=request)
+    write_marker(out, marker)
+    return marker, interrupted is not None
+
+
+def _interrupted_build(out: Path, request: BuildRequest | MergeRequest) -> BuildMarker | None:
+    if layout.is_index_dir(out):
+        what = "a shard" if read_manifest(out, kind="any").format == layout.SHARD_FORMAT_NAME else "an index"
+        raise AttribIndexError(
+            f"the output folder {out} already holds {what}. Pass `overwrite=True` to replace it, or choose another "
+            f"folder."
+        )
+    marker = read_marker(out)
+    difference = first_difference(to_json(marker.request) if marker else None, to_json(request))
+    if difference:
+        where, before, current = difference
+        raise AttribIndexError(
+            f"the output folder {out} holds an interrupted build of a different command ({where}: {before!r} there, "
+            f"{current!r} now). Run the original build again to resume it, or pass `overwrite=True` to start over."
+        )
+    return marker
+
+
+def clear_folder(folder: Path) -> None:
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def bytes_on_disk(folder: Path, exclude: str | None = None) -> int:
+    """Bytes of the files under `folder`, leaving out its subfolder `exclude`."""
+    return sum(
+        p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and (exclude is None or p.relative_to(folder).parts[0] != exclude)
+    )
+
+
+def resolve_model_path(model: str) -> str:
+    """Local models are recorded by absolute path, so queries run from anywhere."""
+    return str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
+
+
+class ModelCache:
+    """Loads the model once for all the shards one process builds."""
+
+    def __init__(self):
+        self._loaded: dict[tuple, tuple] = {}
+
+    def get(self, name: str, dtype: str, device: str):
+        key = (name, dtype, device)
+        if key not in self._loaded:
+            self._loaded = {key: load_model(name, dtype, device)}
+        return self._loaded[key]
+
+    def release(self) -> None:
+        self._loaded = {}
+        gc.collect()
+        release_freed_memory()
