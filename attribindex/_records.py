@@ -125,12 +125,8 @@ def from_json(cls: type[T], data: Any, where: str) -> T:
             raise AttribIndexError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(by_key)}.")
         f, annotation = by_key[key]
         kwargs[f.name] = _convert(value, annotation, f"{where}.{key}")
-    missing = [
-        key
-        for f, key, _ in fields
-        if f.init and f.name not in kwargs and f.default is dataclasses.MISSING
-        if f.default_factory is dataclasses.MISSING
-    ]
+    required = [(f, key) for f, key, _ in fields if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [key for f, key in required if f.name not in kwargs]
     if missing:
         raise AttribIndexError(f"{where}: missing key {missing[0]!r}.")
     try:

@@ -14,6 +14,7 @@ import click
 from attribindex.errors import AttribIndexError
 
 _CODE_SPAN = re.compile(r"`([^`]+)`")
+QUOTES = "'\""  # around a string value in a library message: `text_field='body'`
 
 
 def in_flags(message: str, command: click.Command) -> str:
@@ -35,7 +36,7 @@ def in_flags(message: str, command: click.Command) -> str:
             if option is None:
                 return span.group(0)
             flag = max(option.opts, key=len)
-            flags.append(flag if option.is_flag or not value else f"{flag} {value.strip(chr(39) + chr(34))}")
+            flags.append(flag if option.is_flag or not value else f"{flag} {value.strip(QUOTES)}")
         return " ".join(flags)
 
     return _CODE_SPAN.sub(as_flags, message)

@@ -47,7 +47,6 @@ class _Extracted:
     extraction: Extraction
     header: ManifestHeader
     event: BuildEvent
-    modules: int
 
 
 def build_folder(
@@ -109,7 +108,7 @@ def build_folder(
         truncated=state.truncated,
         tokens=state.tokens,
         dim=manifest.dim,
-        modules=extracted.modules,
+        modules=len(manifest.modules),
         extract_seconds=extracted.extraction.seconds,
         total_seconds=time.perf_counter() - started,
         bytes_on_disk=bytes_on_disk(out),
@@ -168,7 +167,7 @@ def _extract_rows(
     header = _header(config, request, corpus, lm, tokenizer, projections, optimizer, extraction, started)
     resumed = ResumedRecord(rows=extraction.resumed_rows, time=now()) if extraction.resumed_rows else None
     event = BuildEvent(rows=extraction.state.rows, time=started, resumed=resumed)
-    return _Extracted(extraction, header, event, len(modules))
+    return _Extracted(extraction, header, event)
 
 
 def _header(

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -23,10 +24,8 @@ from attribindex.errors import AttribIndexError
 from attribindex.store import _layout as layout
 from attribindex.store._atomic import file_sha256, write_json
 
-record = dataclasses.dataclass(frozen=True, kw_only=True)
 
-
-@record
+@dataclass(frozen=True, kw_only=True)
 class FileRecord:
     """A file's checksum (``"sha256:" + hex``) and size, as recorded when it was written."""
 
@@ -44,7 +43,7 @@ def file_records(root: Path, names) -> dict[str, FileRecord]:
     return {name: file_record(root / name) for name in names}
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ChunkRecord:
     """One chunk of stored rows: `rows/<name>.<suffix>` for each suffix in `files`."""
 
@@ -58,7 +57,7 @@ class ChunkRecord:
             yield layout.chunk_file(self.name, suffix), file
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ModelRecord:
     name_or_path: str
     class_name: str = json_key("class")
@@ -66,14 +65,14 @@ class ModelRecord:
     fingerprint: str  # see docs/format.md, "Model fingerprint"
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class TokenizerRecord:
     name_or_path: str
     class_name: str = json_key("class")
     vocab_size: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class CorpusRecord:
     description: str
     text_field: str
@@ -83,7 +82,7 @@ class CorpusRecord:
     tokens: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ModuleRecord:
     """One captured layer; its block of a row's vector is `[offset, offset + dim)`."""
 
@@ -97,7 +96,7 @@ class ModuleRecord:
     dim: int  # rank_out · rank_in
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ProjectionRecord:
     seed: int
     hash: str
@@ -105,7 +104,7 @@ class ProjectionRecord:
     optimizer: dict[str, Any] | None = omitted_when_default()  # second moments folded into the projections
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ModuleStats:
     """The spectrum of one module's Hessian, as whitened."""
 
@@ -114,7 +113,7 @@ class ModuleStats:
     effective_rank: float  # Σ e / max e, a rough count of directions that matter
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class DriftRecord:
     """How far the whitening in use is from the one the curvature sums now imply (‖ΔW‖_F / ‖W‖_F over modules)."""
 
@@ -123,7 +122,7 @@ class DriftRecord:
     examples: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class HessianRecord:
     kind: Literal["raw", "kfac", "ekfac", "identity"]
     damping: float  # α
@@ -136,7 +135,7 @@ class HessianRecord:
     retained_deleted: int = omitted_when_default(0)  # deleted examples still in the Kronecker factors
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class OperatingPoint:
     """The search setting `attribindex eval recall` chose, and what it measured."""
 
@@ -158,7 +157,7 @@ class OperatingPoint:
         )
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class SegmentRecord:
     """A FAISS file over consecutive rows; without `plan` an exact float32 `IndexFlatIP`."""
 
@@ -177,7 +176,7 @@ class SegmentRecord:
         return f"{(self.plan or {}).get('factory', 'Flat')} ({self.rows:,} rows)"
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class IndexRecord:
     kind: str  # the configured index.kind
     segments: tuple[SegmentRecord, ...]  # in row order
@@ -189,13 +188,13 @@ class IndexRecord:
         return " + ".join(segment.description for segment in self.segments)
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class DeletedRecord:
     file: str | None  # sorted int64 global rows; None when nothing is deleted
     rows: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class StoreRecord:
     dtype: Literal["float16", "bfloat16", "float32"]
     chunk_rows: int
@@ -214,13 +213,13 @@ class StoreRecord:
 # ---- the log: one record per event, told apart by `event` ----
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ResumedRecord:
     rows: int  # rows the interrupted run had written
     time: str
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class BuildEvent:
     event: Literal["build"] = "build"
     rows: int
@@ -228,14 +227,14 @@ class BuildEvent:
     resumed: ResumedRecord | None = omitted_when_default()
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class MergedShard:
     folder: str
     rows: int
     documents: tuple[int, int]  # [start, stop) corpus positions
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class MergeEvent:
     event: Literal["merge"] = "merge"
     rows: int
@@ -243,7 +242,7 @@ class MergeEvent:
     shards: tuple[MergedShard, ...]
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class AppendEvent:
     version: int
     time: str
@@ -255,7 +254,7 @@ class AppendEvent:
     tokens: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class DeleteEvent:
     version: int
     time: str
@@ -264,7 +263,7 @@ class DeleteEvent:
     unknown_ids: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class CompactEvent:
     version: int
     time: str
@@ -273,7 +272,7 @@ class CompactEvent:
     rows: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class RefreshEvent:
     version: int
     time: str
@@ -282,7 +281,7 @@ class RefreshEvent:
     drift_before: DriftRecord
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class OperatingPointEvent:
     version: int
     time: str
@@ -300,13 +299,13 @@ LogEvent = BuildEvent | MergeEvent | MutationEvent
 # ---- requests: what decides a build's rows ----
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ShardSlot:
     index: int
     count: int
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class BuildRequest:
     """What decides a build's rows: an interrupted build resumes, and a finished shard is reused, only under
     the same request. Batch size and device are left out of `config` (`rows_settings`)."""
@@ -322,12 +321,12 @@ class BuildRequest:
     num_shards: int | None = omitted_when_default()  # a whole multi-shard build
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class MergeRequest:
     merge: tuple[str, ...]  # the shard folders, resolved
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class BuildMarker:
     """`building.json`: present while a build or merge runs; what it is doing and since when."""
 
@@ -338,7 +337,7 @@ class BuildMarker:
 # ---- the manifests ----
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ManifestHeader:
     """The keys an index and a shard share (and a merge takes from its shards)."""
 
@@ -374,7 +373,7 @@ class ManifestHeader:
         return [m.dim for m in self.modules]
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class IndexManifest(ManifestHeader):
     """`manifest.json` of a searchable index.
 
@@ -409,20 +408,20 @@ class IndexManifest(ManifestHeader):
         return np.load(root / self.deleted.file) if self.deleted.file else np.zeros(0, dtype=np.int64)
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ShardSlice:
     index: int
     count: int
     documents: tuple[int, int]  # [start, stop) corpus positions; shards 0…count−1 cover the corpus in order
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class CurvatureRecord:
     examples: int
     file: str
 
 
-@record
+@dataclass(frozen=True, kw_only=True)
 class ShardManifest(ManifestHeader):
     """`manifest.json` of one shard of a sharded build: rows and curvature sums, no preconditioner or index."""
 
