@@ -18,7 +18,7 @@ from attribindex.data import Corpus, Document, open_corpus
 from attribindex.errors import AttribIndexError
 from attribindex.pipeline._extract import Checkpoint, extract, read_checkpoint
 from attribindex.pipeline._mutation import DRIFT_SAMPLE_ROWS, Mutation, commit, mutation, whitening_drift
-from attribindex.pipeline._segments import write_flat_segment
+from attribindex.pipeline._write_segments import write_flat_segment
 from attribindex.query import AttributionIndex
 from attribindex.store import AppendEvent, DriftRecord, RowStore, layout, write_json
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from attribindex.config import BuildConfig
 from attribindex.hessian import CurvatureSums, fit_preconditioner
-from attribindex.pipeline._segments import raw_blocks, write_segment
+from attribindex.pipeline._write_segments import raw_blocks, write_segment
 from attribindex.store import (
     BuildEvent,
     BuildRequest,

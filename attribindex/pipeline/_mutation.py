@@ -23,7 +23,7 @@ import numpy as np
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, Preconditioner, fit_preconditioner
 from attribindex.pipeline._output import now
-from attribindex.pipeline._segments import raw_blocks, sampled_raw_blocks, write_segment
+from attribindex.pipeline._write_segments import raw_blocks, sampled_raw_blocks, write_segment
 from attribindex.store import (
     DriftRecord,
     IndexManifest,
