@@ -243,9 +243,15 @@ class MergeEvent:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AppendEvent:
+class MutationStamp:
+    """What every mutation's event starts with: the version it made, and when (its keys come first)."""
+
     version: int
     time: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppendEvent(MutationStamp):
     event: Literal["append"] = "append"
     rows: int
     data: str
@@ -255,36 +261,28 @@ class AppendEvent:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeleteEvent:
-    version: int
-    time: str
+class DeleteEvent(MutationStamp):
     event: Literal["delete"] = "delete"
     rows: int
     unknown_ids: int
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompactEvent:
-    version: int
-    time: str
+class CompactEvent(MutationStamp):
     event: Literal["compact"] = "compact"
     rows_removed: int
     rows: int
 
 
 @dataclass(frozen=True, kw_only=True)
-class RefreshEvent:
-    version: int
-    time: str
+class RefreshEvent(MutationStamp):
     event: Literal["refresh"] = "refresh"
     rows: int
     drift_before: DriftRecord
 
 
 @dataclass(frozen=True, kw_only=True)
-class OperatingPointEvent:
-    version: int
-    time: str
+class OperatingPointEvent(MutationStamp):
     event: Literal["operating_point"] = "operating_point"
     nprobe: int | None = omitted_when_default()
     ef_search: int | None = omitted_when_default()
