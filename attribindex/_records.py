@@ -2,8 +2,9 @@
 
 `from_json` refuses unknown keys (with a did-you-mean hint), missing keys, and values of the wrong type,
 naming where; `to_json` writes fields in declaration order, so a record read and written again gives the
-same JSON. A field's metadata may rename its key (`json_key("class")`) or leave it out while it holds
-its default (`omitted_when_default()`), for keys the format writes only when they say something.
+same JSON. A field's metadata may rename its key (`json_key("class")`), leave it out while it holds
+its default (`omitted_when_default()`), for keys the format writes only when they say something, or keep it
+off the JSON altogether (`not_stored()`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ T = TypeVar("T")
 
 _KEY = "attribindex.json_key"
 _OMIT_DEFAULT = "attribindex.omit_default"
+_NOT_STORED = "attribindex.not_stored"
 
 
 def json_key(name: str, **field_options) -> Any:
@@ -34,11 +36,18 @@ def omitted_when_default(default: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={_OMIT_DEFAULT: True})
 
 
+def not_stored(default: Any) -> Any:
+    """A dataclass field that is no key at all: set by the reader (e.g. what it upgraded from), never written,
+    and left out of comparisons."""
+    return dataclasses.field(default=default, compare=False, metadata={_NOT_STORED: True})
+
+
 @functools.cache
 def _fields(cls: type) -> tuple[tuple[dataclasses.Field, str, Any], ...]:
     """(field, JSON key, resolved annotation) for each field of dataclass `cls`, in order."""
     hints = typing.get_type_hints(cls)
-    return tuple((f, f.metadata.get(_KEY, f.name), hints[f.name]) for f in dataclasses.fields(cls))
+    stored = [f for f in dataclasses.fields(cls) if not f.metadata.get(_NOT_STORED)]
+    return tuple((f, f.metadata.get(_KEY, f.name), hints[f.name]) for f in stored)
 
 
 _PLURALS = {str: "strings", int: "integers", float: "numbers"}

@@ -555,8 +555,13 @@ def info(index_dir, as_json):
     modules = manifest.modules
     indexed = isinstance(manifest, IndexManifest)
     lines = [
-        f"{'index' if indexed else 'shard':<13}{manifest.index_id}  (format v{manifest.format_version}, "
-        f"created {manifest.created})",
+        f"{'index' if indexed else 'shard':<13}{manifest.index_id}  (format v{manifest.read_from_version}"
+        + (
+            f", read as v{manifest.format_version}: its next change writes it so"
+            if manifest.read_from_version != manifest.format_version
+            else ""
+        )
+        + f", created {manifest.created})",
         f"rows         {manifest.live_rows if indexed else manifest.rows:,}  in {len(manifest.store.chunks)} chunks "
         f"({manifest.store.dtype})",
         f"vector       {manifest.dim:,} dims from {len(modules)} modules, rank {modules[0].rank_out}×{modules[0].rank_in}",

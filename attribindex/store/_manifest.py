@@ -18,7 +18,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from attribindex._records import from_json, json_key, omitted_when_default, to_json
+from attribindex._records import from_json, json_key, not_stored, omitted_when_default, to_json
 from attribindex.config import BuildConfig
 from attribindex.errors import AttribIndexError
 from attribindex.store import _layout as layout
@@ -351,10 +351,13 @@ class ManifestHeader:
     modules: tuple[ModuleRecord, ...]  # in vector order
     dim: int  # Σ module dim
     projection: ProjectionRecord
+    read_from_version: int = not_stored(layout.FORMAT_VERSION)  # the file's own format version, before upgrading
 
     def shared(self) -> dict[str, Any]:
-        """The shared keys by field name, less `format` and `index_id` (each kind of manifest sets its own)."""
-        names = [f.name for f in dataclasses.fields(ManifestHeader) if f.name not in ("format", "index_id")]
+        """The shared keys by field name, less `format` and `index_id` (each kind of manifest sets its own) and
+        the version the file was read from."""
+        left_out = ("format", "index_id", "read_from_version")
+        names = [f.name for f in dataclasses.fields(ManifestHeader) if f.name not in left_out]
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -521,7 +524,7 @@ def read_manifest(root: Path, kind: str = "index") -> Manifest:
             f"{root} uses index format version {version}; this attribindex reads versions {readable}. "
             f"Install the attribindex version that built it, or rebuild."
         )
-    return parse_manifest(upgraded(data), str(path))
+    return dataclasses.replace(parse_manifest(upgraded(data), str(path)), read_from_version=version)
 
 
 def parse_manifest(data: dict[str, Any], where: str = layout.MANIFEST) -> Manifest:

@@ -52,7 +52,7 @@ def test_every_version_upgrades_to_a_current_manifest_losing_nothing(path, tmp_p
     data = json.loads(path.read_text())
     (tmp_path / layout.MANIFEST).write_text(path.read_text())
     manifest = read_manifest(tmp_path, kind="any")
-    assert manifest.format_version == layout.FORMAT_VERSION
+    assert manifest.format_version == layout.FORMAT_VERSION and manifest.read_from_version == data["format_version"]
     assert to_json(manifest) == upgraded(data)  # every key the upgrade gives is kept (order aside)
     assert parse_manifest(to_json(manifest)) == manifest  # and the upgraded form reads back the same
     for key in ("index_id", "created", "rows", "dim"):
