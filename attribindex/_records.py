@@ -83,18 +83,15 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         return _union(value, args, where)
-    if origin is list:
+    if origin in (list, tuple):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             _fail(where, f"a list of {_PLURALS.get(args[0], 'values')}", value)
-        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            _fail(where, f"a list of {_PLURALS.get(args[0], 'values')}", value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            _fail(where, f"a list of {len(args)} values", value)
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        if origin is tuple and args[-1] is not Ellipsis:  # fixed length, one annotation per item
+            if len(value) != len(args):
+                _fail(where, f"a list of {len(args)} values", value)
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        items = [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, Mapping):
             _fail(where, "a mapping", value)
