@@ -3,6 +3,7 @@
 from attribindex.config._load import config_from_dict, config_to_dict, load_config, rows_settings
 from attribindex.config._schema import (
     BuildConfig,
+    ExactConfig,
     ExtractConfig,
     HessianConfig,
     IndexConfig,
@@ -12,6 +13,7 @@ from attribindex.config._schema import (
 
 __all__ = [
     "BuildConfig",
+    "ExactConfig",
     "ExtractConfig",
     "HessianConfig",
     "IndexConfig",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from attribindex._records import omitted_when_default
 from attribindex.errors import AttribIndexError
 
 HessianKind = Literal["raw", "identity", "kfac", "ekfac"]
@@ -15,6 +16,8 @@ IndexKind = Literal["flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw"]
 IndexStorage = Literal["float32", "float16", "bfloat16"]
 MipsMethod = Literal["auto", "augment", "inner_product"]
 Device = Literal["auto", "cpu", "cuda"]
+ExactKind = Literal["kfac", "ekfac"]
+FisherLabels = Literal["empirical", "true"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -230,6 +233,50 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class ExactConfig:
+    """Unprojected curvature for exact re-ranking at query time (`attribute(..., exact=C)`).
+
+    With it, the build also sums each captured layer's full Kronecker factors A = Σ x̄x̄ᵀ and S = Σ δδᵀ
+    (x̄ = [x, 1] for a layer with a bias): Σ (n_in'² + n_out²) × 8 bytes, in memory and on disk. A query then
+    takes the index's top-C candidates and scores them with the unprojected KFAC / EK-FAC influence.
+
+    Args:
+        enabled: keep the unprojected factors (off by default: they cost memory and disk).
+        kind: ``kfac`` = eigenvalues s_i·a_j of the factors; ``ekfac`` = eigenvalues corrected by a second pass
+            over ``sample`` examples (E[(U_Sᵀ G U_A)²], George et al. 2018).
+        damping: α in ``λ = α · mean(eigenvalues)``, per layer.
+        sample: examples of the EK-FAC correction pass, drawn (seeded) from the indexed rows.
+        fisher: ``empirical`` = factors from the data's labels (the gradients that are scored); ``true`` =
+            labels sampled from the model's own predictions (kronfluence's recipe for language models), which
+            costs one more forward and backward per batch.
+        seed: seed of the correction sample and of the sampled labels.
+        memory_gb: the most memory the factor sums may take while building (None = half of this machine's
+            RAM); a larger model is refused before the build starts.
+
+    Example:
+        >>> ExactConfig(enabled=True, kind="ekfac", sample=512).damping
+        0.1
+    """
+
+    enabled: bool = False
+    kind: ExactKind = "ekfac"
+    damping: float = 0.1
+    sample: int = 1024
+    fisher: FisherLabels = "empirical"
+    seed: int = 0
+    memory_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.damping > 0, f"exact.damping must be > 0 (relative to the mean eigenvalue), got {self.damping}.")
+        _require(self.sample >= 1, f"exact.sample must be >= 1 (examples of the EK-FAC correction), got {self.sample}.")
+        _require(self.seed >= 0, f"exact.seed must be >= 0, got {self.seed}.")
+        _require(
+            self.memory_gb is None or self.memory_gb > 0,
+            f"exact.memory_gb must be > 0 or null (half of RAM), got {self.memory_gb}.",
+        )
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything that determines an index, loaded from a YAML preset.
 
@@ -244,3 +291,4 @@ class BuildConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    exact: ExactConfig = omitted_when_default(ExactConfig())

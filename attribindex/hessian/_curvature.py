@@ -7,6 +7,10 @@ What is kept depends on the Hessian kind:
   Σ_n Σ_t δ̃ δ̃ᵀ (k_out×k_out, projected output gradients), summed over each example's tokens. They cost
   k_in² + k_out² numbers per module instead of (k_in·k_out)², which is what makes rank 64+ per side affordable.
 - `identity`: only the count (nothing is whitened, so nothing is summed).
+
+With the config's `exact` section, any kind also keeps the unprojected factors of each layer, Σ_n Σ_t x̄ x̄ᵀ
+(n_in' × n_in', x̄ = [x, 1] with a bias), Σ_n Σ_t δ δᵀ (n_out × n_out) and Σ_n ‖G_n‖² (`attribindex.exact`),
+in the same file, so they resume, merge and grow with appends exactly as the projected sums do.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ FACTOR_KINDS = ("kfac", "ekfac")  # Hessian kinds that need the Kronecker factor
 _ACTIVATIONS = "::activations"
 _GRADIENTS = "::gradients"
 _TRACE = "::trace"
+_EXACT_ACTIVATIONS = "::exact_activations"
+_EXACT_GRADIENTS = "::exact_gradients"
+_EXACT_TRACE = "::exact_trace"
 
 
 def factor_width(shape: tuple[int, int]) -> int:
@@ -57,6 +64,7 @@ class CurvatureSums:
         sums: dict[str, torch.Tensor] | None = None,
         factor_shapes: dict[str, tuple[int, int]] | None = None,
         retained_deleted: int = 0,
+        exact_shapes: dict[str, tuple[int, int]] | None = None,
     ):
         self.count = count
         # Deleted examples whose token statistics could not be subtracted (factor sums keep no per-example part).
@@ -67,20 +75,39 @@ class CurvatureSums:
                 sums[name + _ACTIVATIONS] = torch.zeros(k_in, k_in, dtype=torch.float64)
                 sums[name + _GRADIENTS] = torch.zeros(k_out, k_out, dtype=torch.float64)
                 sums[name + _TRACE] = torch.zeros(1, dtype=torch.float64)
+            for name, (n_out, n_in) in (exact_shapes or {}).items():
+                sums[name + _EXACT_ACTIVATIONS] = torch.zeros(n_in, n_in, dtype=torch.float64)
+                sums[name + _EXACT_GRADIENTS] = torch.zeros(n_out, n_out, dtype=torch.float64)
+                sums[name + _EXACT_TRACE] = torch.zeros(1, dtype=torch.float64)
         self.tensors = sums
         self.sums = {n: t for n, t in sums.items() if "::" not in n}
         self.activations = {n.removesuffix(_ACTIVATIONS): t for n, t in sums.items() if n.endswith(_ACTIVATIONS)}
         self.gradients = {n.removesuffix(_GRADIENTS): t for n, t in sums.items() if n.endswith(_GRADIENTS)}
         self.traces = {n.removesuffix(_TRACE): t for n, t in sums.items() if n.endswith(_TRACE)}
+        self.exact_activations = _with_suffix(sums, _EXACT_ACTIVATIONS)
+        self.exact_gradients = _with_suffix(sums, _EXACT_GRADIENTS)
+        self.exact_traces = _with_suffix(sums, _EXACT_TRACE)
 
     @classmethod
-    def for_kind(cls, kind: str, names: list[str], shapes: list[tuple[int, int]]) -> CurvatureSums:
-        """Empty sums holding what Hessian `kind` needs; `shapes` are the modules' (k_out, k_in)."""
+    def for_kind(
+        cls,
+        kind: str,
+        names: list[str],
+        shapes: list[tuple[int, int]],
+        exact_shapes: dict[str, tuple[int, int]] | None = None,
+    ) -> CurvatureSums:
+        """Empty sums holding what Hessian `kind` needs; `shapes` are the modules' (k_out, k_in). With
+        `exact_shapes` ({name: (n_out, n_in')}), also the unprojected factors of the exact section."""
         if kind in FACTOR_KINDS:
-            return cls(factor_shapes=dict(zip(names, shapes)))
+            return cls(factor_shapes=dict(zip(names, shapes)), exact_shapes=exact_shapes)
         if kind == "identity":
-            return cls()
-        return cls({name: k_out * k_in for name, (k_out, k_in) in zip(names, shapes)})
+            return cls(exact_shapes=exact_shapes)
+        return cls({name: k_out * k_in for name, (k_out, k_in) in zip(names, shapes)}, exact_shapes=exact_shapes)
+
+    @property
+    def tracks_exact(self) -> bool:
+        """True when the unprojected factors of the exact section are kept."""
+        return bool(self.exact_activations)
 
     @property
     def tracks_factors(self) -> bool:
@@ -90,9 +117,15 @@ class CurvatureSums:
     def factor_shapes(self) -> dict[str, tuple[int, int]]:
         return {n: (self.gradients[n].shape[0], a.shape[0]) for n, a in self.activations.items()}
 
-    def update(self, blocks: dict[str, torch.Tensor], factors: dict[str, torch.Tensor] | None = None) -> None:
+    def update(
+        self,
+        blocks: dict[str, torch.Tensor],
+        factors: dict[str, torch.Tensor] | None = None,
+        exact: dict | None = None,
+    ) -> None:
         """Add a batch of examples: `blocks[name]` (B, d) projected gradients, and when factors are kept,
-        `factors[name]` (B, k_in² + k_out²): per example the flattened token sums [Σ x̃x̃ᵀ, Σ δ̃δ̃ᵀ]."""
+        `factors[name]` (B, k_in² + k_out²): per example the flattened token sums [Σ x̃x̃ᵀ, Σ δ̃δ̃ᵀ]. When the
+        exact section's factors are kept, `exact[name]` is the same examples' `attribindex.exact.FactorBatch`."""
         batch = next(iter(blocks.values())).shape[0]
         for name, total in self.sums.items():
             g = blocks[name].detach().to(device="cpu", dtype=torch.float64)  # (B, d)
@@ -105,6 +138,13 @@ class CurvatureSums:
                 activations.add_(summed[: activations.numel()].view_as(activations))
                 self.gradients[name].add_(summed[activations.numel() :].view_as(self.gradients[name]))
                 self.traces[name] += blocks[name].detach().to(device="cpu", dtype=torch.float64).square().sum()
+        if self.tracks_exact:
+            if exact is None:
+                raise ValueError("these curvature sums keep the exact section's factors; pass them.")
+            for name, activations in self.exact_activations.items():
+                activations.add_(exact[name].activations.cpu())
+                self.exact_gradients[name].add_(exact[name].gradients.cpu())
+                self.exact_traces[name].add_(exact[name].trace.cpu())
         self.count += batch
 
     def remove(self, blocks: dict[str, torch.Tensor]) -> None:
@@ -114,7 +154,7 @@ class CurvatureSums:
         statistics are not stored. They keep those examples, counted in `retained_deleted`.
         """
         batch = next(iter(blocks.values())).shape[0]
-        if self.tracks_factors:
+        if self.tracks_factors or self.tracks_exact:
             self.retained_deleted += batch
             return
         for name, total in self.sums.items():
@@ -150,3 +190,7 @@ class CurvatureSums:
             retained_deleted=int(metadata.get("retained_deleted", 0)),
         )
         return sums, note
+
+
+def _with_suffix(sums: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
+    return {n.removesuffix(suffix): t for n, t in sums.items() if n.endswith(suffix)}

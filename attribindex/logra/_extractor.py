@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch import nn
 
 from attribindex.data import PromptCompletion, TokenizedExample, collate, tokenize
 from attribindex.logra._capture import LoGraCapture
+from attribindex.logra._hooks import LayerHooks, TokenListener
 from attribindex.logra._projection import ProjectionSet
 
 
@@ -56,6 +59,33 @@ def per_example_loss(
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     step = max(1, HEAD_CHUNK_ELEMENTS // max(1, hidden.shape[0] * head.weight.shape[0]))
     return _ChunkedHeadLoss.apply(hidden[:, :-1], head.weight, head.bias, targets, mask, step)
+
+
+def sampled_label_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """Like `per_example_loss`, but each target token is drawn from the model's own prediction at that position
+    instead of read from the text: the gradient whose covariance is the true Fisher (kronfluence's recipe for
+    language models), where the data's labels give the empirical Fisher. Shape (B,).
+
+    The draws are seeded per example by `seed` and the example's tokens, so they do not depend on the batch.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    mask = loss_mask[:, 1:]  # (B, T-1)
+    with torch.no_grad():
+        probabilities = torch.softmax(logits.detach(), dim=-1)
+        targets = torch.empty(mask.shape, dtype=torch.long, device=logits.device)
+        for row in range(input_ids.shape[0]):
+            tokens = input_ids[row][attention_mask[row].bool()].tolist()
+            digest = hashlib.sha256(f"{seed}:{tokens}".encode()).digest()
+            generator = torch.Generator(device=logits.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            targets[row] = torch.multinomial(probabilities[row], 1, generator=generator).squeeze(-1)
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (token_loss.view(targets.shape) * mask).sum(dim=1)  # (B,)
+
+
+Labels = Literal["data", "sampled"]
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -129,21 +159,44 @@ class GradientExtractor:
         names = names or [f"query {i}" for i in range(len(items))]
         return [tokenize(self.tokenizer, item, self.max_length, name) for item, name in zip(items, names)]
 
-    def extract(self, examples: list[TokenizedExample], factors: bool = False) -> ExtractedBatch:
-        """Projected gradients of `examples`; with `factors`, also their KFAC token sums (ExtractedBatch.factors)."""
+    def extract(
+        self, examples: list[TokenizedExample], factors: bool = False, listeners: Sequence[TokenListener] = ()
+    ) -> ExtractedBatch:
+        """Projected gradients of `examples`; with `factors`, also their KFAC token sums (ExtractedBatch.factors).
+        `listeners` see the unprojected layer inputs and output gradients of the same pass."""
+        losses, mask = self._loss_function(examples, "data", seed=0)
+        self._capture.extra_listeners = list(listeners)
+        try:
+            return capture_gradients(self._capture, losses, factors=factors, token_mask=mask)
+        finally:
+            self._capture.extra_listeners = []
+
+    def run(
+        self, hooks: LayerHooks, examples: list[TokenizedExample], labels: Labels = "data", seed: int = 0
+    ) -> torch.Tensor:
+        """One forward + backward of `examples` under any `hooks` on this model; returns the (B,) losses.
+        `labels="sampled"` draws the targets from the model (`sampled_label_loss`, seeded by `seed`)."""
+        losses, mask = self._loss_function(examples, labels, seed)
+        hooks.token_mask = mask
+        with torch.enable_grad(), hooks:
+            values = losses()  # (B,)
+            hooks.backward(values.sum())
+        return values.detach()
+
+    def _loss_function(
+        self, examples: list[TokenizedExample], labels: Labels, seed: int
+    ) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+        """(a closure computing the (B,) per-example losses of the collated examples, their (B, T) token mask)."""
         batch = collate(examples, self.pad_token_id)
         mask = batch.attention_mask.to(self.device)
+        input_ids, loss_mask = batch.input_ids.to(self.device), batch.loss_mask.to(self.device)
 
         def losses() -> torch.Tensor:
-            return per_example_loss(
-                self.model,
-                batch.input_ids.to(self.device),
-                mask,
-                batch.loss_mask.to(self.device),
-                chunked_head=self._chunked_head,
-            )
+            if labels == "sampled":
+                return sampled_label_loss(self.model, input_ids, mask, loss_mask, seed)
+            return per_example_loss(self.model, input_ids, mask, loss_mask, chunked_head=self._chunked_head)
 
-        return capture_gradients(self._capture, losses, factors=factors, token_mask=mask)
+        return losses, mask
 
 
 def capture_gradients(

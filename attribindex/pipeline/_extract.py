@@ -23,6 +23,7 @@ from attribindex.data import Corpus, TokenizedExample, batched
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums, factor_width
 from attribindex.logra import GradientExtractor
+from attribindex.pipeline._exact import ExactFactors
 from attribindex.store import ChunkRecord, ChunkWriter, file_problem, layout
 
 SORT_WINDOW_BATCHES = 16  # batches read ahead and regrouped by length; memory: this many batches of vectors
@@ -122,9 +123,11 @@ class _ChunkCommitter:
         self.skipped_positions: list[int] = []  # empty documents skipped since the last commit
         self.last_added = self.state.next_position - 1
 
-    def add(self, segment: list, vectors: torch.Tensor, blocks: dict, factor_blocks: dict | None) -> None:
+    def add(
+        self, segment: list, vectors: torch.Tensor, blocks: dict, factor_blocks: dict | None, exact: dict | None
+    ) -> None:
         """Hand `segment` ((position, document, example) in corpus order, all in the current chunk) to the writer."""
-        self.pending.update(blocks, factor_blocks)
+        self.pending.update(blocks, factor_blocks, exact)
         self.tokens += sum(len(example.input_ids) for _, _, example in segment)
         self.truncated += sum(example.truncated for _, _, example in segment)
         record = self.writer.add(vectors, [doc for _, doc, _ in segment])
@@ -171,12 +174,13 @@ def extract(
     position: int | None = None,
     checkpoint: str = layout.CURVATURE,
     first_chunk: int = 0,
+    exact: ExactFactors | None = None,
 ) -> Extraction:
     """One pass over the corpus (from the checkpoint on, if any): rows to chunk files, curvature sums to the checkpoint.
 
     Chunks are numbered from `first_chunk` (an append continues after the index's last chunk) and the
     checkpoint is the file `out/checkpoint`. The curvature sums hold what `hessian_kind` needs (for kfac/ekfac,
-    the Kronecker factors the hooks return with each row).
+    the Kronecker factors the hooks return with each row), and with `exact` the unprojected factors too.
 
     Documents are read in windows of SORT_WINDOW_BATCHES batches and batched by length (longest first) inside a
     window (padding fell from 29 % to 3 % of the tokens on the demo corpus); rows are still written in corpus
@@ -188,7 +192,7 @@ def extract(
     widths = [factor_width(shape) for shape in shapes]
 
     def empty_sums() -> CurvatureSums:
-        return CurvatureSums.for_kind(hessian_kind, names, shapes)
+        return CurvatureSums.for_kind(hessian_kind, names, shapes, exact.empty_shapes() if exact else None)
 
     resume = resume or Checkpoint(empty_sums(), ExtractState(next_position=corpus.start))
     resumed_rows = resume.state.rows
@@ -214,9 +218,9 @@ def extract(
         examples = [example for _, _, example in window]
         # The window is written as slices that each end in one chunk: the first fills the current chunk's room.
         slice_of = (np.arange(len(window)) + store.chunk_rows - writer.room) // store.chunk_rows  # (W,)
-        rows, factor_sums = _window_rows(
-            extractor, examples, batch_size, names, slice_of if factors else None, bar
-        )  # (W, D), (slices, F)
+        rows, factor_sums, exact_sums = _window_rows(
+            extractor, examples, batch_size, names, slice_of, factors, exact, bar
+        )  # (W, D), (slices, F), {slice: {name: FactorBatch}}
         start = 0
         while start < len(window):
             segment = window[start : start + writer.room]
@@ -224,7 +228,8 @@ def extract(
             factor_blocks = None
             if factor_sums is not None:  # the slice's factor sums, as one summed row
                 factor_blocks = dict(zip(names, factor_sums[slice_of[start]][None].split(widths, dim=1)))
-            chunks.add(segment, vectors, dict(zip(names, vectors.split(dims, dim=1))), factor_blocks)
+            blocks = dict(zip(names, vectors.split(dims, dim=1)))
+            chunks.add(segment, vectors, blocks, factor_blocks, exact_sums.get(int(slice_of[start])))
             start += len(segment)
         tokens_this_run += sum(len(example.input_ids) for example in examples)
         bar.update(window[-1][0] + 1 - corpus.start - bar.n)  # rows and skipped documents up to this window's end
@@ -253,22 +258,30 @@ def _window_rows(
     examples: list[TokenizedExample],
     batch_size: int,
     names: list[str],
-    slice_of: np.ndarray | None,
+    slice_of: np.ndarray,
+    factors: bool,
+    exact: ExactFactors | None,
     bar,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, dict]]:
     """(W, D) projected gradients of a window of examples, computed longest-first, returned in window order.
 
-    With `slice_of` ((W,) the written slice each example falls in), also the Kronecker factor rows summed per
-    slice, (slices, F) in float64 (modules in `names` order): per-example factors (2·rank² per module) are never
-    held for the whole window, only as many sums as the window has slices (one or two, usually).
+    `slice_of` ((W,)) is the written slice each example falls in. With `factors`, also the Kronecker factor rows
+    summed per slice, (slices, F) in float64 (modules in `names` order): per-example factors (2·rank² per module)
+    are never held for the whole window, only as many sums as the window has slices (one or two, usually). With
+    `exact`, the unprojected factors summed per slice ({slice: {name: FactorBatch}}); batches are then split where
+    a slice ends, since those sums exist per batch only.
     """
     by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     factor_sums = None
-    for group in batched(by_length, batch_size):
-        extracted = extractor.extract([examples[i] for i in group], factors=slice_of is not None)
+    exact_sums: dict[int, dict] = {}
+    for group in _batches(by_length, batch_size, slice_of if exact is not None else None):
+        batch = [examples[i] for i in group]
+        extracted = extractor.extract(batch, factors=factors, listeners=exact.same_pass if exact else ())
         for row, i in zip(extracted.concatenated(names), group):
             rows[i] = row
+        if exact is not None:
+            _add_exact(exact_sums.setdefault(int(slice_of[group[0]]), {}), exact.take(batch))
         if extracted.factors is not None:
             factor_rows = torch.cat([extracted.factors[name] for name in names], dim=1).cpu().double()  # (B, F)
             if factor_sums is None:
@@ -277,4 +290,23 @@ def _window_rows(
         del extracted
         release_freed_memory()
         bar.update(len(group))
-    return torch.stack(rows), factor_sums
+    return torch.stack(rows), factor_sums, exact_sums
+
+
+def _batches(order: list[int], batch_size: int, slice_of: np.ndarray | None):
+    """`order` in batches of `batch_size`, each split where the slice changes when `slice_of` is given."""
+    for group in batched(order, batch_size):
+        if slice_of is None:
+            yield group
+            continue
+        for part in sorted({int(slice_of[i]) for i in group}):
+            yield [i for i in group if slice_of[i] == part]
+
+
+def _add_exact(total: dict, batch: dict) -> None:
+    for name, sums in batch.items():
+        if name in total:
+            for part in ("activations", "gradients", "trace"):
+                getattr(total[name], part).add_(getattr(sums, part))
+        else:
+            total[name] = sums

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from attribindex.config import BuildConfig
 from attribindex.hessian import CurvatureSums, fit_preconditioner
+from attribindex.logra import GradientExtractor
+from attribindex.pipeline._exact import fit_exact
 from attribindex.pipeline._write_segments import raw_blocks, write_segment
 from attribindex.store import (
     BuildEvent,
@@ -54,9 +56,16 @@ def finalize_index(
     chunks: list[ChunkRecord],
     event: BuildEvent | MergeEvent,
     progress: bool,
+    extractor: GradientExtractor | None = None,
 ) -> IndexManifest:
-    """Fit the preconditioner once, write the FAISS segment over every chunk, then the manifest (last)."""
+    """Fit the preconditioner once, write the FAISS segment over every chunk, then the manifest (last). With the
+    config's exact section, also the exact preconditioner (its EK-FAC correction runs the model of `extractor`)."""
     store = RowStore(out, header.block_dims, config.store.dtype, chunks)
+    exact = None
+    if config.exact.enabled:
+        if extractor is None:
+            raise ValueError("the exact section needs the model: pass `extractor`.")
+        exact = fit_exact(out, config.exact, curvature, store, extractor, config.extract.batch_size, progress)
     preconditioner = fit_preconditioner(
         config.hessian.kind,
         curvature,
@@ -67,6 +76,7 @@ def finalize_index(
     )
     preconditioner.save(out / layout.PRECONDITIONER)
     segment = write_segment(out, store, preconditioner, config.index, config.index.mode, progress)
+    exact_files = (exact.file,) if exact is not None else ()
     hessian = HessianRecord(
         kind=preconditioner.kind,
         damping=config.hessian.damping,
@@ -85,8 +95,11 @@ def finalize_index(
         index=IndexRecord(kind=config.index.kind, segments=(segment,), operating_point=None),
         deleted=DeletedRecord(file=None, rows=0),
         version=1,
-        files=file_records(out, (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, segment.file)),
+        files=file_records(
+            out, (layout.PROJECTIONS, layout.CURVATURE, layout.PRECONDITIONER, segment.file, *exact_files)
+        ),
         log=(event,),
+        exact=exact,
     )
     return commit_build(out, manifest)
 

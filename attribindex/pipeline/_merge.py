@@ -19,6 +19,7 @@ from attribindex._version import __version__
 from attribindex.config import rows_settings
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums
+from attribindex.pipeline._exact import model_extractor
 from attribindex.pipeline._finalize import finalize_index
 from attribindex.pipeline._output import bytes_on_disk, now, prepare_output
 from attribindex.pipeline._summary import MergeSummary
@@ -152,7 +153,7 @@ def merge_into(out: Path, shards: list[Shard], progress: bool) -> MergeSummary:
     _verify(shards, progress)
     verify_seconds = time.perf_counter() - started
     for child in list(out.iterdir()):
-        if child.name not in (layout.SHARDS_DIR, layout.BUILD_MARKER):
+        if child.name not in (layout.SHARDS_DIR, layout.BUILD_MARKER, layout.EXACT_CORRECTION):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     chunks, curvature = _link_rows_and_sum_curvature(out, shards)
     curvature.save(out / layout.CURVATURE)
@@ -173,7 +174,8 @@ def merge_into(out: Path, shards: list[Shard], progress: bool) -> MergeSummary:
         time=created,
         shards=tuple(MergedShard(folder=str(f), rows=m.rows, documents=m.shard.documents) for f, m in shards),
     )
-    manifest = finalize_index(out, reference.config, header, curvature, chunks, event, progress)
+    extractor = model_extractor(out, header) if reference.config.exact.enabled else None
+    manifest = finalize_index(out, reference.config, header, curvature, chunks, event, progress, extractor)
     return MergeSummary(
         out=out,
         index_id=manifest.index_id,

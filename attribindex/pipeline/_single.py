@@ -19,6 +19,7 @@ from attribindex.logra import (
     select_modules,
 )
 from attribindex.model import DTYPES, model_fingerprint
+from attribindex.pipeline._exact import ExactFactors, check_exact_memory
 from attribindex.pipeline._extract import Extraction, extract, read_checkpoint, remove_temporaries
 from attribindex.pipeline._finalize import finalize_index, finalize_shard
 from attribindex.pipeline._output import ModelCache, build_request, bytes_on_disk, clear_folder, now, prepare_output
@@ -47,6 +48,7 @@ class _Extracted:
     extraction: Extraction
     header: ManifestHeader
     event: BuildEvent
+    extractor: GradientExtractor  # the model, for the exact section's correction pass
 
 
 def build_folder(
@@ -94,10 +96,19 @@ def build_folder(
         )
         kind = f"shard {shard.index} of {shard.count}"
     else:
-        models.release()  # the model is not needed for whitening and indexing (its weights are most of the memory)
+        if not config.exact.enabled:
+            models.release()  # the model is not needed for whitening and indexing (its weights are most of the memory)
         manifest = finalize_index(
-            out, config, extracted.header, extracted.extraction.curvature, state.chunks, extracted.event, progress
+            out,
+            config,
+            extracted.header,
+            extracted.extraction.curvature,
+            state.chunks,
+            extracted.event,
+            progress,
+            extracted.extractor if config.exact.enabled else None,
         )
+        models.release()
         kind = "index"
     indexed = isinstance(manifest, IndexManifest)
     return BuildSummary(
@@ -151,6 +162,10 @@ def _extract_rows(
     )
     projections.save(out / layout.PROJECTIONS)
     extractor = GradientExtractor(lm, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
+    exact = None
+    if config.exact.enabled:
+        exact = ExactFactors(extractor, config.exact)
+        check_exact_memory(config.exact, exact.shapes)
     extraction = extract(
         corpus,
         extractor,
@@ -163,11 +178,12 @@ def _extract_rows(
         config.hessian.kind,
         label,
         position,
+        exact=exact,
     )
     header = _header(config, request, corpus, lm, tokenizer, projections, optimizer, extraction, started)
     resumed = ResumedRecord(rows=extraction.resumed_rows, time=now()) if extraction.resumed_rows else None
     event = BuildEvent(rows=extraction.state.rows, time=started, resumed=resumed)
-    return _Extracted(extraction, header, event)
+    return _Extracted(extraction, header, event, extractor)
 
 
 def _header(

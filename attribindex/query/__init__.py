@@ -1,16 +1,27 @@
 """Answering attribution queries: open an index with its model, search, typed results."""
 
+from attribindex.query._exact import MAX_EXACT_CANDIDATES, check_exact
 from attribindex.query._index import AttributionIndex, QueryVectors, as_queries, check_count
-from attribindex.query._results import Attribution, Attributions, QueryResult, attributions_from_dict, one_line
+from attribindex.query._results import (
+    Attribution,
+    Attributions,
+    ExactRerank,
+    QueryResult,
+    attributions_from_dict,
+    one_line,
+)
 
 __all__ = [
+    "MAX_EXACT_CANDIDATES",
     "Attribution",
     "AttributionIndex",
     "Attributions",
+    "ExactRerank",
     "QueryResult",
     "QueryVectors",
     "as_queries",
     "attributions_from_dict",
     "check_count",
+    "check_exact",
     "one_line",
 ]

@@ -17,6 +17,7 @@ from attribindex.hessian import Preconditioner, normalize_rows
 from attribindex.index import SegmentedIndex, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
+from attribindex.query._exact import ExactReranker, check_exact
 from attribindex.query._results import Attribution, Attributions, QueryResult, one_line
 from attribindex.store import IndexManifest, RowStore, check_file, layout, read_manifest
 
@@ -86,6 +87,7 @@ class AttributionIndex:
             self.index.configure(nprobe=point.nprobe, ef_search=point.ef_search)
         self._extractor: GradientExtractor | None = None
         self._fingerprint = ""
+        self._reranker: ExactReranker | None = None
 
     @classmethod
     def open(
@@ -270,7 +272,12 @@ class AttributionIndex:
         return self.preconditioner.index_vectors(self.store.raw_rows(rows), self.mode)
 
     def attribute(
-        self, queries: Sequence[Query] | Query, k: int = 10, bottom: int = 0, batch_size: int | None = None
+        self,
+        queries: Sequence[Query] | Query,
+        k: int = 10,
+        bottom: int = 0,
+        batch_size: int | None = None,
+        exact: int | None = None,
     ) -> Attributions:
         """The k most (and `bottom` least) influential training examples for each query.
 
@@ -278,13 +285,30 @@ class AttributionIndex:
             queries: texts, PromptCompletion pairs (only completion tokens count), or one of either.
             k: number of proponents per query (1 ≤ k ≤ rows).
             bottom: number of opponents per query (0 = none).
+            exact: re-rank: take the index's top-`exact` (and, with `bottom`, bottom-`exact`) candidates and
+                score them with exact, unprojected KFAC / EK-FAC influence (the index must be built with the
+                config's `exact` section). Costs one forward + backward per candidate; see docs/quality.md for
+                how the final top-k's fidelity grows with it.
+
+        Example:
+            >>> index.attribute("To be, or not to be", k=10, exact=200).rerank  # doctest: +SKIP
+            ExactRerank(method='ekfac, unprojected, empirical Fisher, damping 0.1', candidates=200, rerank_ms=…)
         """
         started = time.perf_counter()
         queries = as_queries(queries)
         check_count("k", k, self.rows, minimum=1)
         check_count("bottom", bottom, self.rows, minimum=0)
+        if exact is not None:
+            check_exact(self.manifest, exact, k, bottom)
         vectors = self.query_vectors(queries, batch_size)
-        found = self.search(vectors, k, bottom)
+        rerank = None
+        if exact is None:
+            found = self.search(vectors, k, bottom)
+        else:
+            candidates = min(exact, self.rows)
+            first_stage = self.search(vectors, candidates, candidates if bottom else 0)
+            reranked, rerank = self.reranker.rerank(queries, first_stage, k, bottom)
+            found = [(r.top, r.bottom) for r in reranked]
         results = [
             QueryResult(query=q, top=top, bottom=low, loss=float(loss))
             for q, (top, low), loss in zip(queries, found, vectors.losses)
@@ -294,11 +318,34 @@ class AttributionIndex:
             index_id=self.index_id,
             index_version=self.version,
             latency_ms=latency,
-            exact=self.index.exact,
+            exact=self.index.exact or rerank is not None,
             mode=self.mode,
             search=self.search_description,
             results=results,
+            rerank=rerank,
         )
+
+    def exact_scores(self, queries: Sequence[Query] | Query, rows: Sequence[int] | None = None) -> np.ndarray:
+        """(Q, n) exact, unprojected influence of the stored rows `rows` (default: every live row, in row order)
+        on each query: the method of `attribute(..., exact=C)` applied to all of them, with no index at all.
+
+        Example:
+            >>> scores = index.exact_scores(["To be, or not to be"])  # doctest: +SKIP
+            >>> scores.shape  # (queries, live rows)  # doctest: +SKIP
+            (1, 4096)
+        """
+        check_exact(self.manifest, 1, 1, 0)
+        if rows is None:
+            deleted = self.manifest.deleted_rows(self.root)
+            rows = np.setdiff1d(np.arange(self.manifest.rows), deleted)
+        return self.reranker.scores(as_queries(queries), [int(r) for r in rows]).T.numpy()
+
+    @property
+    def reranker(self) -> ExactReranker:
+        """The second stage (`attribute(..., exact=C)`), loaded on first use."""
+        if self._reranker is None:
+            self._reranker = ExactReranker(self.root, self.manifest, self.extractor, self.store)
+        return self._reranker
 
     def _attributions(self, scores: np.ndarray, rows: np.ndarray) -> list[Attribution]:
         valid = [(float(s), int(r)) for s, r in zip(scores, rows) if r >= 0]

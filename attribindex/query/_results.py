@@ -48,6 +48,21 @@ class QueryResult:
 
 
 @dataclass(frozen=True)
+class ExactRerank:
+    """How the second stage re-ranked: the exact method, the candidates it re-scored per query (top-C and
+    bottom-C together, at most), and its time over all queries.
+
+    Example:
+        >>> ExactRerank(method="ekfac, unprojected, empirical Fisher, damping 0.1", candidates=200, rerank_ms=812.0)
+        ExactRerank(method='ekfac, unprojected, empirical Fisher, damping 0.1', candidates=200, rerank_ms=812.0)
+    """
+
+    method: str
+    candidates: int
+    rerank_ms: float
+
+
+@dataclass(frozen=True)
 class Attributions:
     """The answer to one `attribute` call.
 
@@ -63,6 +78,7 @@ class Attributions:
     mode: str
     results: list[QueryResult]
     search: str = "flat"  # how it was searched, e.g. "IVF64,PQ16 nprobe=8, 4 × k re-scored exactly"
+    rerank: ExactRerank | None = None  # set when the candidates were re-scored with exact, unprojected influence
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the CLI's --json output)."""
@@ -89,4 +105,5 @@ def attributions_from_dict(data: dict) -> Attributions:
         for r in data["results"]
     ]
     fields = {k: data[k] for k in ("index_id", "index_version", "latency_ms", "exact", "mode", "search") if k in data}
-    return Attributions(**fields, results=results)
+    rerank = ExactRerank(**data["rerank"]) if data.get("rerank") else None
+    return Attributions(**fields, results=results, rerank=rerank)

@@ -6,15 +6,17 @@ from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
 SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
-FORMAT_VERSION = 4  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
-# 4: kfac/ekfac curvature and preconditioner tensors, optimizer-aware projections
-READABLE_VERSIONS = (1, 2, 3, 4)  # 1 is read as one segment; 2 has flat segments only
+FORMAT_VERSION = 5  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
+# 4: kfac/ekfac curvature and preconditioner tensors, optimizer-aware projections; 5: the `exact` section
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 1 is read as one segment; 2 has flat segments only
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
 BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete
 PROJECTIONS = "projections.safetensors"
 CURVATURE = "curvature.safetensors"
 PRECONDITIONER = "preconditioner.safetensors"
+EXACT_PRECONDITIONER = "exact_preconditioner.safetensors"  # unprojected KFAC / EK-FAC eigenbases and eigenvalues
+EXACT_CORRECTION = "exact_correction.safetensors"  # EK-FAC correction sums while a build runs (its checkpoint)
 ROWS_DIR = "rows"
 INDEX_DIR = "index"
 FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"  # the segment of a build; compaction and refresh write flat.vN.faiss

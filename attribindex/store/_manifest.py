@@ -136,6 +136,22 @@ class HessianRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExactRecord:
+    """The unprojected curvature of the config's `exact` section, for exact re-ranking at query time."""
+
+    kind: Literal["kfac", "ekfac"]
+    fisher: Literal["empirical", "true"]  # labels of the factors: the data's, or sampled from the model
+    damping: float  # α
+    examples: int  # examples in the factor sums
+    sample: int  # examples of the EK-FAC correction pass (0 for kfac)
+    factor_bytes: int  # Σ (n_in'² + n_out²) × 8 over the layers: the sums in the curvature file
+    file: str  # the exact preconditioner
+    preconditioner_hash: str
+    biased: tuple[str, ...]  # layers whose bias is a column of the gradient
+    modules: dict[str, ModuleStats]
+
+
+@dataclass(frozen=True, kw_only=True)
 class OperatingPoint:
     """The search setting `attribindex eval recall` chose, and what it measured."""
 
@@ -394,6 +410,7 @@ class IndexManifest(ManifestHeader):
     version: int  # 1 after a build or merge; each mutation adds 1
     files: dict[str, FileRecord]  # every file that is not a chunk's
     log: tuple[LogEvent, ...]
+    exact: ExactRecord | None = omitted_when_default()  # with the config's `exact` section
 
     def recorded_files(self) -> Iterator[tuple[str, FileRecord]]:
         """(relative path, record) for every file the manifest records: chunk files, then the others."""

@@ -1,0 +1,175 @@
+"""Exact influence of training examples on queries, from one forward + backward of the examples.
+
+Per layer, with Q̂ = U_S [(U_Sᵀ G_q U_A) ⊘ (Λ + λ)] U_Aᵀ the preconditioned query gradient, the score of an
+example is ⟨G, Q̂⟩ = Σ_t δ_tᵀ Q̂ x̄_t: contracted token by token (`ContractedScores`), the example's n_out × n_in'
+gradient is never formed. Cosine mode also needs the example's self-influence Σ (U_Sᵀ G U_A)² ⊘ (Λ + λ), which
+does need its gradient: `RotatedGradients` forms it in the eigenbasis, one layer at a time, for a batch whose
+size a memory bound sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from attribindex.data import TokenizedExample
+from attribindex.exact._factors import LayerShape, with_bias
+from attribindex.exact._whitening import ExactPreconditioner
+from attribindex.logra import GradientExtractor, LayerHooks, masked_tokens
+
+
+class RotatedGradients:
+    """A `TokenListener` that forms each example's full gradient G = Σ_t δ_t x̄_tᵀ (B, n_out, n_in') of each layer,
+    in the eigenbasis of `preconditioner` when one is given (U_Sᵀ G U_A, rotating the tokens first), and hands it
+    to `consume(name, gradients)`."""
+
+    def __init__(
+        self,
+        shapes: dict[str, LayerShape],
+        preconditioner: ExactPreconditioner | None,
+        consume: Callable[[str, torch.Tensor], None],
+    ):
+        self.shapes, self.preconditioner, self.consume = shapes, preconditioner, consume
+        self._inputs: dict[str, torch.Tensor] = {}
+
+    def on_input(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        x = masked_tokens(with_bias(x, self.shapes[name]), mask)  # (B, T, n_in')
+        if self.preconditioner is not None:
+            x = x @ self.preconditioner.layers[name].u_in.to(x.dtype)  # (B, T, n_in') in U_A's basis
+        self._inputs[name] = x
+
+    def on_output_grad(self, name: str, delta: torch.Tensor, mask: torch.Tensor | None) -> None:
+        x = self._inputs.pop(name)
+        if self.preconditioner is not None:
+            delta = delta @ self.preconditioner.layers[name].u_out.to(delta.dtype)  # (B, T, n_out) in U_S's basis
+        self.consume(name, delta.transpose(1, 2) @ x)  # (B, n_out, n_in')
+
+
+class ContractedScores:
+    """A `TokenListener` that adds Σ_t δ_tᵀ Q̂ x̄_t of each layer to `scores` (B, Q), for the preconditioned query
+    gradients `preconditioned[name]` (Q, n_out, n_in')."""
+
+    def __init__(self, shapes: dict[str, LayerShape], preconditioned: dict[str, torch.Tensor]):
+        self.shapes, self.preconditioned = shapes, preconditioned
+        self._projected: dict[str, torch.Tensor] = {}
+        self.scores: torch.Tensor | None = None
+
+    def on_input(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        x = masked_tokens(with_bias(x, self.shapes[name]), mask)  # (B, T, n_in')
+        self._projected[name] = torch.einsum("bti,qoi->btqo", x, self.preconditioned[name].to(x.dtype))
+
+    def on_output_grad(self, name: str, delta: torch.Tensor, mask: torch.Tensor | None) -> None:
+        layer = torch.einsum("btqo,bto->bq", self._projected.pop(name), delta)  # (B, Q)
+        self.scores = layer if self.scores is None else self.scores + layer
+
+
+@dataclass
+class PreparedQueries:
+    """Query gradients ready for exact scoring: per layer (U_Sᵀ G_q U_A) ⊘ (Λ + λ) (Q, n_out, n_in'), the
+    queries' self-influence (Q,) and their losses (Q,)."""
+
+    rotated: dict[str, torch.Tensor]
+    self_influence: torch.Tensor
+    losses: torch.Tensor
+
+
+class ExactScorer:
+    """Exact (unprojected) KFAC / EK-FAC influence of training examples on queries, with a model.
+
+    `memory_bytes` bounds what one batch of examples holds at once (rotated gradients of the largest layer in
+    cosine mode; token-by-query products in dot mode); batches are also at most `batch_size` examples.
+
+    Example:
+        >>> scorer = ExactScorer(index.extractor, ExactPreconditioner.load(path), batch_size=8)  # doctest: +SKIP
+        >>> queries = scorer.prepare(index.extractor.tokenize(["To be, or not to be"]))  # doctest: +SKIP
+        >>> scorer.scores(queries, candidates, mode="dot").shape  # (examples, queries)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        extractor: GradientExtractor,
+        preconditioner: ExactPreconditioner,
+        batch_size: int,
+        memory_bytes: int = 1 << 30,
+    ):
+        self.extractor = extractor
+        self.preconditioner = preconditioner
+        self.shapes = preconditioner.shapes
+        self.names = list(preconditioner.layers)
+        self.batch_size = batch_size
+        self.memory_bytes = memory_bytes
+        self._inverse = {
+            n: layer.inverse.to(extractor.device, extractor.dtype) for n, layer in preconditioner.layers.items()
+        }
+
+    def prepare(self, examples: list[TokenizedExample]) -> PreparedQueries:
+        """Preconditioned gradients of the query `examples` (data labels: a query is a real text)."""
+        rotated: dict[str, torch.Tensor] = {}
+        self_influence = torch.zeros(len(examples), dtype=torch.float64)
+
+        def keep(name: str, gradients: torch.Tensor) -> None:  # (Q, n_out, n_in') in the eigenbasis
+            weighted = gradients * self._inverse[name]
+            rotated[name] = weighted
+            self_influence.add_((weighted * gradients).sum(dim=(1, 2)).double().cpu())
+
+        hooks = LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [])
+        hooks.listeners = [RotatedGradients(self.shapes, self.preconditioner, keep)]
+        losses = self.extractor.run(hooks, examples)
+        return PreparedQueries(rotated, self_influence, losses.double().cpu())
+
+    def scores(self, queries: PreparedQueries, examples: list[TokenizedExample], mode: str) -> torch.Tensor:
+        """(N, Q) float64 influence of each example on each query: ⟨G_q, (H + λ)⁻¹ G⟩, divided by both
+        self-influences' square roots in cosine mode (0 for a zero gradient)."""
+        out = torch.zeros(len(examples), len(queries.losses), dtype=torch.float64)
+        for group in self._batches(examples, len(queries.losses), mode):
+            batch = [examples[i] for i in group]
+            if mode == "cosine":
+                dot, self_influence = self._rotated_scores(queries, batch)
+                norms = torch.sqrt(self_influence[:, None] * queries.self_influence[None, :])  # (B, Q)
+                out[group] = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
+            else:
+                out[group] = self._contracted_scores(queries, batch)
+        return out
+
+    def _contracted_scores(self, queries: PreparedQueries, batch: list[TokenizedExample]) -> torch.Tensor:
+        layers = self.preconditioner.layers
+        preconditioned = {n: layers[n].unrotate(queries.rotated[n]) for n in self.names}  # (Q, n_out, n_in')
+        listener = ContractedScores(self.shapes, preconditioned)
+        self.extractor.run(LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [listener]), batch)
+        return listener.scores.double().cpu()  # (B, Q)
+
+    def _rotated_scores(
+        self, queries: PreparedQueries, batch: list[TokenizedExample]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dot = torch.zeros(len(batch), len(queries.losses), dtype=torch.float64)
+        self_influence = torch.zeros(len(batch), dtype=torch.float64)
+
+        def accumulate(name: str, gradients: torch.Tensor) -> None:  # (B, n_out, n_in') in the eigenbasis
+            dot.add_(torch.einsum("boi,qoi->bq", gradients, queries.rotated[name]).double().cpu())
+            self_influence.add_((gradients.square() * self._inverse[name]).sum(dim=(1, 2)).double().cpu())
+
+        listener = RotatedGradients(self.shapes, self.preconditioner, accumulate)
+        self.extractor.run(LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [listener]), batch)
+        return dot, self_influence
+
+    def _batches(self, examples: list[TokenizedExample], queries: int, mode: str) -> Iterator[list[int]]:
+        """Example positions in batches, longest first, each within `batch_size` and `memory_bytes`."""
+        itemsize = torch.finfo(self.extractor.dtype).bits // 8
+        widest = max(max(s.gradient_shape) for s in self.shapes.values())
+        largest = max(s.gradient_shape[0] * s.gradient_shape[1] for s in self.shapes.values())
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+        group: list[int] = []
+        for i in order:
+            tokens = len(examples[group[0] if group else i].input_ids)  # the group's longest
+            if mode == "cosine":
+                per_example = (3 * largest + 2 * tokens * widest) * itemsize
+            else:
+                per_example = (queries + 2) * tokens * widest * itemsize
+            if group and (len(group) >= self.batch_size or (len(group) + 1) * per_example > self.memory_bytes):
+                yield group
+                group = []
+            group.append(i)
+        if group:
+            yield group

@@ -1,0 +1,102 @@
+"""The second stage of a query: re-score the index's top-C (and bottom-C) candidates with exact, unprojected
+KFAC / EK-FAC influence (`attribindex.exact`), and rank them by it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attribindex.errors import AttribIndexError
+from attribindex.exact import ExactPreconditioner, ExactScorer
+from attribindex.logra import GradientExtractor
+from attribindex.query._results import Attribution, ExactRerank
+from attribindex.store import IndexManifest, RowStore
+
+MAX_EXACT_CANDIDATES = 10_000  # each candidate costs one forward + backward of the model
+EXACT_MEMORY_BYTES = 1 << 30  # what one batch of candidates may hold (see `ExactScorer`)
+
+
+def check_exact(manifest: IndexManifest, exact: int, k: int, bottom: int, limit: int = MAX_EXACT_CANDIDATES) -> None:
+    """Refuse a re-rank request the index or the numbers cannot serve, saying what to change."""
+    if manifest.exact is None:
+        raise AttribIndexError(
+            f"index {manifest.index_id} was built without the `exact` section, so it has no unprojected curvature to "
+            f"re-rank with. Add `exact: {{enabled: true}}` to the build config (YAML key exact.enabled; see "
+            f"docs/format.md) and rebuild the index: the factors are summed during the build's pass over the corpus."
+        )
+    if isinstance(exact, bool) or not isinstance(exact, int) or exact < 1:
+        raise AttribIndexError(f"exact (candidates to re-score) must be a positive integer, got {exact!r}.")
+    if exact > limit:
+        raise AttribIndexError(
+            f"exact={exact} is above the limit of {limit} candidates (each is one forward and backward pass of the "
+            f"model). Ask for fewer."
+        )
+    if exact < max(k, bottom):
+        raise AttribIndexError(
+            f"exact={exact} candidates cannot fill k={k}{f' and bottom={bottom}' if bottom else ''}: re-score at "
+            f"least as many candidates as results (exact >= {max(k, bottom)})."
+        )
+
+
+@dataclass(frozen=True)
+class Reranked:
+    top: list[Attribution]
+    bottom: list[Attribution]
+
+
+class ExactReranker:
+    """Exact scores for an index's candidates, with the index's model and its exact preconditioner.
+
+    Example:
+        >>> reranker = ExactReranker(index.root, index.manifest, index.extractor, index.store)  # doctest: +SKIP
+        >>> reranker.rerank(["To be, or not to be"], [(top, low)], k=10, bottom=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, root, manifest: IndexManifest, extractor: GradientExtractor, store: RowStore):
+        record = manifest.exact
+        preconditioner = ExactPreconditioner.load(root / record.file)
+        if preconditioner.hash() != record.preconditioner_hash:
+            raise AttribIndexError(
+                f"{root / record.file} does not match the manifest's exact preconditioner hash; rebuild the index."
+            )
+        self.scorer = ExactScorer(
+            extractor, preconditioner, manifest.config.extract.batch_size, memory_bytes=EXACT_MEMORY_BYTES
+        )
+        self.extractor, self.store, self.mode = extractor, store, manifest.normalization
+        self.method = f"{record.kind}, unprojected, {record.fisher} Fisher, damping {record.damping:g}"
+
+    def scores(self, queries: list, rows: list[int]) -> torch.Tensor:
+        """(n, Q) float64 exact scores of stored rows `rows` on `queries`."""
+        documents = self.store.documents(rows)
+        examples = self.extractor.tokenize([d.text for d in documents], [f"document {d.id!r}" for d in documents])
+        return self.scorer.scores(self.scorer.prepare(self.extractor.tokenize(queries)), examples, self.mode)
+
+    def rerank(
+        self, queries: list, candidates: list[tuple[list[Attribution], list[Attribution]]], k: int, bottom: int
+    ) -> tuple[list[Reranked], ExactRerank]:
+        """Per query, its candidates (top-C and bottom-C attributions of the first stage) re-scored exactly:
+        the k highest and `bottom` lowest of them."""
+        started = time.perf_counter()
+        out = []
+        count = 0
+        for query, (top, low) in zip(queries, candidates):
+            pool = {a.row: a for a in [*top, *low]}  # a row in both lists is scored once
+            rows = sorted(pool)
+            count = max(count, len(rows))
+            examples = self.extractor.tokenize([pool[r].text for r in rows], [f"document {pool[r].id!r}" for r in rows])
+            prepared = self.scorer.prepare(self.extractor.tokenize([query]))
+            scores = self.scorer.scores(prepared, examples, self.mode)[:, 0].numpy()  # (n,)
+            order = np.lexsort((np.array(rows), -scores))  # highest first; ties by row, so answers repeat exactly
+            ranked = [_rescored(pool[rows[i]], scores[i]) for i in order]
+            out.append(Reranked(top=ranked[:k], bottom=ranked[::-1][:bottom] if bottom else []))
+        seconds = time.perf_counter() - started
+        return out, ExactRerank(method=self.method, candidates=count, rerank_ms=seconds * 1000)
+
+
+def _rescored(attribution: Attribution, score: float) -> Attribution:
+    return Attribution(
+        id=attribution.id, score=float(score), text=attribution.text, source=attribution.source, row=attribution.row
+    )
