@@ -150,3 +150,76 @@ def stamped_queries(index, vectors):
         preconditioner_hash=manifest.hessian.preconditioner_hash,
         normalization=manifest.normalization,
     )
+
+
+def _full_gradients(model, tokenizer, item, name: str, layers: list[str], max_length: int) -> dict:
+    """One unpadded example through plain autograd, float64: per layer (G, Σ_t x̄x̄ᵀ, Σ_t δδᵀ), where G (n_out, n_in')
+    is the weight gradient (out × in) with the bias gradient as one more column when the layer has a bias."""
+    modules = dict(model.named_modules())
+    batch = collate([tokenize(tokenizer, item, max_length, name)], tokenizer.pad_token_id)
+    seen = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        seen[module] = (args[0], output)
+
+    handles = [modules[n].register_forward_hook(keep) for n in layers]
+    model.zero_grad()
+    with torch.enable_grad():
+        for n in layers:
+            modules[n].requires_grad_(True)
+        loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
+        loss.sum().backward()
+    for handle in handles:
+        handle.remove()
+    out = {}
+    for n in layers:
+        module = modules[n]
+        weight = module.weight.grad if isinstance(module, torch.nn.Linear) else module.weight.grad.T  # (out, in)
+        inputs, outputs = seen[module]
+        x, delta = inputs[0], outputs.grad[0]  # (T, n_in), (T, n_out)
+        if module.bias is not None:
+            weight = torch.cat([weight, module.bias.grad[:, None]], dim=1)
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        out[n] = (weight.clone(), x.T @ x, delta.T @ delta)
+    model.requires_grad_(False)
+    return out
+
+
+def explicit_exact_scores(
+    model, tokenizer, train_items, query_items, layers: list[str], kind: str, alpha: float, mode: str, max_length: int
+) -> torch.Tensor:
+    """(Q, N) unprojected KFAC / EK-FAC influence Σ_layers vec(G_q)ᵀ (H + λI)⁻¹ vec(G_n), with H formed as an
+    explicit d × d matrix from `torch.kron` of the eigenbases of the mean factors: KFAC eigenvalues s_i·a_j
+    rescaled to E‖G‖², EK-FAC eigenvalues E[(Kᵀ vec G)²] over all training items; λ = α · mean eigenvalue.
+    Cosine divides by both self-influences' square roots. Autograd gradients, float64, one example at a time."""
+    model = model.double()
+    train = [
+        _full_gradients(model, tokenizer, item, f"item {i}", layers, max_length) for i, item in enumerate(train_items)
+    ]
+    queries = [
+        _full_gradients(model, tokenizer, item, f"query {i}", layers, max_length) for i, item in enumerate(query_items)
+    ]
+    count = len(train)
+    scores = torch.zeros(len(queries), count, dtype=torch.float64)
+    self_q = torch.zeros(len(queries), dtype=torch.float64)
+    self_t = torch.zeros(count, dtype=torch.float64)
+    for n in layers:
+        g_train = torch.stack([t[n][0].reshape(-1) for t in train])  # (N, d), row-major vec
+        g_query = torch.stack([q[n][0].reshape(-1) for q in queries])  # (Q, d)
+        a, u_a = torch.linalg.eigh(sum(t[n][1] for t in train) / count)
+        s, u_s = torch.linalg.eigh(sum(t[n][2] for t in train) / count)
+        basis = torch.kron(u_s, u_a)  # (d, d): eigenvectors of S ⊗ A, row-major like vec(G)
+        if kind == "kfac":
+            eigenvalues = torch.kron(s.clamp_min(0), a.clamp_min(0))
+            eigenvalues = eigenvalues * (g_train.square().sum(1).mean() / eigenvalues.sum())
+        else:
+            eigenvalues = ((g_train @ basis) ** 2).mean(0)
+        eigenvalues = eigenvalues.clamp_min(0)
+        inverse = (basis / (eigenvalues + alpha * eigenvalues.mean())) @ basis.T  # (H + λI)⁻¹
+        scores += g_query @ inverse @ g_train.T
+        self_q += ((g_query @ inverse) * g_query).sum(1)
+        self_t += ((g_train @ inverse) * g_train).sum(1)
+    if mode == "cosine":
+        scores = scores / (self_q.sqrt()[:, None] * self_t.sqrt()[None, :])
+    return scores

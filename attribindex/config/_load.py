@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,7 @@ from attribindex.errors import AttribIndexError
 T = TypeVar("T")
 
 SPEED_SETTINGS = ("batch_size", "device")  # `extract` settings that change how fast rows come, never what they are
+EXACT_RESOURCE_SETTINGS = ("memory_gb",)  # `exact` settings that bound the machine, never change the sums
 
 
 def config_from_dict(cls: type[T], data: Any, where: str = "config") -> T:
@@ -34,8 +36,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def rows_settings(config: BuildConfig) -> dict[str, Any]:
-    """The config as a dict without its speed settings (batch size, device): what decides the rows, so an
-    interrupted build may resume, and shards from different machines merge, with other speed settings.
+    """The config as a dict without its speed and memory settings (batch size, device, exact.memory_gb): what
+    decides the rows, so an interrupted build may resume, and shards from different machines merge, with others.
 
     Example:
         >>> "batch_size" in rows_settings(BuildConfig())["extract"]
@@ -43,10 +45,23 @@ def rows_settings(config: BuildConfig) -> dict[str, Any]:
     """
     settings = config_to_dict(config)
     settings["extract"] = {k: v for k, v in settings["extract"].items() if k not in SPEED_SETTINGS}
+    if "exact" in settings:
+        settings["exact"] = {k: v for k, v in settings["exact"].items() if k not in EXACT_RESOURCE_SETTINGS}
     return settings
 
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "index_configs"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-8` (no dot) as a string; configs mean a number, as YAML 1.2 and JSON do."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_config(source: str | Path | None) -> BuildConfig:
@@ -68,7 +83,7 @@ def load_config(source: str | Path | None) -> BuildConfig:
             f"Presets: {', '.join(presets) or '(none found)'}."
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         raise AttribIndexError(f"config {path} is not valid YAML: {err}") from None
     return config_from_dict(BuildConfig, data, where=path.name)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from attribindex.data import Corpus, Document, open_corpus
 from attribindex.errors import AttribIndexError
+from attribindex.pipeline._exact import ExactFactors
 from attribindex.pipeline._extract import Checkpoint, extract, read_checkpoint
 from attribindex.pipeline._mutation import DRIFT_SAMPLE_ROWS, Mutation, commit, mutation, whitening_drift
 from attribindex.pipeline._write_segments import write_flat_segment
@@ -137,6 +138,7 @@ def append_documents(
             label="append",
             checkpoint=layout.APPEND_CHECKPOINT,
             first_chunk=first_chunk,
+            exact=ExactFactors(index.extractor, manifest.config.exact) if manifest.config.exact.enabled else None,
         )
         state = extraction.state
         drift = _add_rows(change, index, extraction.curvature, state.chunks, progress)

@@ -32,7 +32,7 @@ from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.store import ExactRecord, ManifestHeader, RowStore, atomic_path, layout
 
 SUM_COPIES = 4  # factor sums held at once while building: committed, pending, and the window's slices (usually 2)
-CORRECTION_COMMIT_EXAMPLES = 256  # the correction pass saves its sums at least this often
+CORRECTION_CHECKPOINTS = 8  # the correction pass saves its sums (a model's worth of fp64) this often per pass
 
 
 def factor_bytes(shapes: dict[str, LayerShape]) -> int:
@@ -172,7 +172,7 @@ def _corrected_eigenvalues(
 
     hooks = LayerHooks(extractor.model, list(bases), extractor.dtype, [RotatedGradients(shapes, curvature, add)])
     labels = "sampled" if config.fisher == "true" else "data"
-    since_commit = 0
+    since_commit, commit_every = 0, max(1, len(rows) // CORRECTION_CHECKPOINTS)
     with progress_bar(total=len(rows), initial=done, desc="ekfac (exact)", unit="doc", enabled=progress) as bar:
         for group in batched(rows[done:].tolist(), batch_size):
             documents = store.documents(group)
@@ -181,9 +181,9 @@ def _corrected_eigenvalues(
             done += len(group)
             since_commit += len(group)
             bar.update(len(group))
-            if since_commit >= CORRECTION_COMMIT_EXAMPLES:
+            if since_commit >= commit_every and done < len(rows):
                 _write_correction(out / layout.EXACT_CORRECTION, basis, totals, done)
-                since_commit = 0
+                since_commit, commit_every = 0, max(1, len(rows) // CORRECTION_CHECKPOINTS)
     return {name: total / len(rows) for name, total in totals.items()}
 
 

@@ -62,3 +62,11 @@ def test_bad_values_are_refused(tmp_path, yaml_text, message):
 def test_unknown_preset_lists_presets():
     with pytest.raises(AttribIndexError, match="Presets: .*tiny"):
         load_config("no-such-preset")
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) would read `1e-8` as the string '1e-8'."""
+    path = tmp_path / "config.yaml"
+    path.write_text("projection:\n  optimizer_eps: 1e-8\nhessian:\n  damping: 5E-2\nexact:\n  enabled: true\n")
+    config = load_config(path)
+    assert config.projection.optimizer_eps == 1e-8 and config.hessian.damping == 0.05 and config.exact.enabled

@@ -75,10 +75,12 @@ def test_the_fixtures_hold_every_optional_part():
     assert any(m.index.operating_point for m in indexes) and any(s.plan for m in indexes for s in m.index.segments)
     assert any(m.hessian.drift for m in indexes) and any(m.hessian.retained_deleted for m in indexes)
     assert any(m.deleted.file for m in indexes) and any(isinstance(m, ShardManifest) for m in current)
+    exact = [m.exact for m in indexes if m.exact is not None]
+    assert {e.kind for e in exact} == {"kfac", "ekfac"} and {e.fisher for e in exact} == {"empirical", "true"}
 
 
 def test_the_build_marker_round_trips(tmp_path):
-    text = (FIXTURES / "v4-building.json").read_text()
+    text = (FIXTURES / "v5-building.json").read_text()
     (tmp_path / layout.BUILD_MARKER).write_text(text)
     marker = read_marker(tmp_path)
     assert isinstance(marker, BuildMarker) and isinstance(marker.request, BuildRequest)
@@ -96,7 +98,7 @@ def test_the_build_marker_round_trips(tmp_path):
     ],
 )
 def test_a_damaged_manifest_is_refused_saying_where(edit, message, tmp_path):
-    data = json.loads((FIXTURES / "v4-index.manifest.json").read_text())
+    data = json.loads((FIXTURES / "v5-index.manifest.json").read_text())
     edit(data)
     (tmp_path / layout.MANIFEST).write_text(json.dumps(data))
     with pytest.raises(AttribIndexError, match=message) as caught:
@@ -105,7 +107,7 @@ def test_a_damaged_manifest_is_refused_saying_where(edit, message, tmp_path):
 
 
 def test_an_unknown_version_is_refused_with_the_readable_ones(tmp_path):
-    data = json.loads((FIXTURES / "v4-index.manifest.json").read_text()) | {"format_version": 99}
+    data = json.loads((FIXTURES / "v5-index.manifest.json").read_text()) | {"format_version": 99}
     (tmp_path / layout.MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(AttribIndexError, match=r"format version 99; this attribindex reads versions 1, 2, 3, 4"):
+    with pytest.raises(AttribIndexError, match=r"format version 99; this attribindex reads versions 1, 2, 3, 4, 5"):
         read_manifest(tmp_path)
