@@ -285,11 +285,30 @@ def refresh(index_dir):
 @click.option("--max-queries", type=int, default=64, show_default=True, help="Queries per request.")
 @click.option("--max-tokens", type=int, default=2048, show_default=True, help="Tokens per query.")
 @click.option("--max-k", type=int, default=1000, show_default=True, help="Largest k and bottom.")
+@click.option(
+    "--max-exact",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Most candidates an exact re-rank (query --exact C) may re-score; 0 = refuse exact re-ranks.",
+)
 @click.option("--max-body-kb", type=int, default=1024, show_default=True, help="Request body size.")
 @click.option("--batch-window-ms", type=float, default=5.0, show_default=True, help="Micro-batching wait; 0 = none.")
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Queries per model pass (1 = no batching).")
 def serve(
-    index_dir, host, port, token, model, device, max_queries, max_tokens, max_k, max_body_kb, batch_window_ms, max_batch
+    index_dir,
+    host,
+    port,
+    token,
+    model,
+    device,
+    max_queries,
+    max_tokens,
+    max_k,
+    max_exact,
+    max_body_kb,
+    batch_window_ms,
+    max_batch,
 ):
     """Serve an index over HTTP/JSON: load the model and index once, answer many requests.
 
@@ -307,6 +326,7 @@ def serve(
         max_queries=max_queries,
         max_tokens=max_tokens,
         max_k=max_k,
+        max_exact=max_exact,
         batch_window_ms=batch_window_ms,
         max_batch_queries=max_batch,
     )
@@ -358,6 +378,16 @@ def _replace_checked(section, overrides: dict):
 @click.option("--completion", default=None, help="Completion of a (prompt, completion) query.")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Number of most influential examples.")
 @click.option("--bottom", type=int, default=0, show_default=True, help="Number of least influential examples.")
+# named apart from `exact`: library messages that say "the `exact` section" mean the config key, not this flag
+@click.option(
+    "--exact",
+    "exact_candidates",
+    type=int,
+    default=None,
+    metavar="C",
+    help="Re-score the index's top-C (and bottom-C) candidates with exact unprojected influence; needs an index "
+    "built with the `exact` config section.",
+)
 @click.option("--model", default=None, help="Use this model folder instead of the one recorded in the index.")
 @click.option(
     "--device",
@@ -371,7 +401,21 @@ def _replace_checked(section, overrides: dict):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--width", type=int, default=100, show_default=True, help="Characters of text shown per result.")
 def query(
-    index_dir, server, token, texts, prompt, completion, k, bottom, model, device, nprobe, ef_search, as_json, width
+    index_dir,
+    server,
+    token,
+    texts,
+    prompt,
+    completion,
+    k,
+    bottom,
+    exact_candidates,
+    model,
+    device,
+    nprobe,
+    ef_search,
+    as_json,
+    width,
 ):
     """Find the training examples that most influenced a text.
 
@@ -381,6 +425,9 @@ def query(
       attribindex query my-index --prompt "Q: Who killed Duncan?\\nA:" --completion " Macbeth" --bottom 3
       attribindex query my-index --text "first" --text "second" --json
       attribindex query --server http://127.0.0.1:8000 --text "Friends, Romans, countrymen"
+    \b
+      # re-rank the top 200 candidates with exact, unprojected influence (index built with `exact`)
+      attribindex query my-index --text "Now is the winter of our discontent" -k 10 --exact 200
     """
     from attribindex.data import PromptCompletion
     from attribindex.query import AttributionIndex, one_line
@@ -398,11 +445,11 @@ def query(
         from attribindex.serve import Client
 
         with Client(server, token=token) as remote:
-            answer = remote.attribute(queries, k=k, bottom=bottom)
+            answer = remote.attribute(queries, k=k, bottom=bottom, exact=exact_candidates)
     else:
         index = AttributionIndex.open(index_dir, model=model, device=device)
         index.configure_search(nprobe=nprobe, ef_search=ef_search)
-        answer = index.attribute(queries, k=k, bottom=bottom)
+        answer = index.attribute(queries, k=k, bottom=bottom, exact=exact_candidates)
     if as_json:
         click.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
         return
@@ -418,6 +465,12 @@ def query(
         f"\n{answer.index_id} v{answer.index_version}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms "
         f"({answer.mode}, {'exact' if answer.exact else 'approximate: ' + answer.search})"
     )
+    if answer.rerank is not None:
+        rerank = answer.rerank
+        click.echo(
+            f"re-ranked the top-{rerank.candidates}{' and bottom-' + str(rerank.candidates) if bottom else ''} "
+            f"candidates per query exactly ({rerank.method}) in {rerank.rerank_ms:.0f} ms"
+        )
 
 
 @main.group(name="eval")

@@ -19,7 +19,14 @@ MAX_EXACT_CANDIDATES = 10_000  # each candidate costs one forward + backward of 
 EXACT_MEMORY_BYTES = 1 << 30  # what one batch of candidates may hold (see `ExactScorer`)
 
 
-def check_exact(manifest: IndexManifest, exact: int, k: int, bottom: int, limit: int = MAX_EXACT_CANDIDATES) -> None:
+def check_exact(
+    manifest: IndexManifest,
+    exact: int,
+    k: int,
+    bottom: int,
+    limit: int = MAX_EXACT_CANDIDATES,
+    limit_source: str = "attribindex.query.MAX_EXACT_CANDIDATES",
+) -> None:
     """Refuse a re-rank request the index or the numbers cannot serve, saying what to change."""
     if manifest.exact is None:
         raise AttribIndexError(
@@ -31,8 +38,8 @@ def check_exact(manifest: IndexManifest, exact: int, k: int, bottom: int, limit:
         raise AttribIndexError(f"exact (candidates to re-score) must be a positive integer, got {exact!r}.")
     if exact > limit:
         raise AttribIndexError(
-            f"exact={exact} is above the limit of {limit} candidates (each is one forward and backward pass of the "
-            f"model). Ask for fewer."
+            f"exact={exact} is above the limit of {limit} candidates ({limit_source}; each candidate is one forward "
+            f"and backward pass of the model). Ask for fewer."
         )
     if exact < max(k, bottom):
         raise AttribIndexError(
@@ -75,17 +82,22 @@ class ExactReranker:
         return self.scorer.scores(self.scorer.prepare(self.extractor.tokenize(queries)), examples, self.mode)
 
     def rerank(
-        self, queries: list, candidates: list[tuple[list[Attribution], list[Attribution]]], k: int, bottom: int
+        self,
+        queries: list,
+        candidates: list[tuple[list[Attribution], list[Attribution]]],
+        k: int,
+        bottom: int,
+        count: int,
     ) -> tuple[list[Reranked], ExactRerank]:
-        """Per query, its candidates (top-C and bottom-C attributions of the first stage) re-scored exactly:
-        the k highest and `bottom` lowest of them."""
+        """Per query, its candidates (the first stage's top-`count` and bottom-`count` attributions) re-scored
+        exactly: the k highest and `bottom` lowest of them."""
         started = time.perf_counter()
         out = []
-        count = 0
+        scored = 0
         for query, (top, low) in zip(queries, candidates):
             pool = {a.row: a for a in [*top, *low]}  # a row in both lists is scored once
             rows = sorted(pool)
-            count = max(count, len(rows))
+            scored = max(scored, len(rows))
             examples = self.extractor.tokenize([pool[r].text for r in rows], [f"document {pool[r].id!r}" for r in rows])
             prepared = self.scorer.prepare(self.extractor.tokenize([query]))
             scores = self.scorer.scores(prepared, examples, self.mode)[:, 0].numpy()  # (n,)
@@ -93,7 +105,7 @@ class ExactReranker:
             ranked = [_rescored(pool[rows[i]], scores[i]) for i in order]
             out.append(Reranked(top=ranked[:k], bottom=ranked[::-1][:bottom] if bottom else []))
         seconds = time.perf_counter() - started
-        return out, ExactRerank(method=self.method, candidates=count, rerank_ms=seconds * 1000)
+        return out, ExactRerank(method=self.method, candidates=count, scored=scored, rerank_ms=seconds * 1000)
 
 
 def _rescored(attribution: Attribution, score: float) -> Attribution:

@@ -307,7 +307,7 @@ class AttributionIndex:
         else:
             candidates = min(exact, self.rows)
             first_stage = self.search(vectors, candidates, candidates if bottom else 0)
-            reranked, rerank = self.reranker.rerank(queries, first_stage, k, bottom)
+            reranked, rerank = self.reranker.rerank(queries, first_stage, k, bottom, candidates)
             found = [(r.top, r.bottom) for r in reranked]
         results = [
             QueryResult(query=q, top=top, bottom=low, loss=float(loss))

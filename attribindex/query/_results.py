@@ -49,16 +49,18 @@ class QueryResult:
 
 @dataclass(frozen=True)
 class ExactRerank:
-    """How the second stage re-ranked: the exact method, the candidates it re-scored per query (top-C and
-    bottom-C together, at most), and its time over all queries.
+    """How the second stage re-ranked: the exact method, C (the index's top-C, and bottom-C when opponents were
+    asked for, were re-scored), the most distinct examples one query re-scored (top and bottom together), and
+    the time of the stage over all queries.
 
     Example:
-        >>> ExactRerank(method="ekfac, unprojected, empirical Fisher, damping 0.1", candidates=200, rerank_ms=812.0)
-        ExactRerank(method='ekfac, unprojected, empirical Fisher, damping 0.1', candidates=200, rerank_ms=812.0)
+        >>> ExactRerank(method="ekfac, unprojected, empirical Fisher, damping 0.1", candidates=200, scored=200, rerank_ms=812.0)
+        ExactRerank(method='ekfac, unprojected, empirical Fisher, damping 0.1', candidates=200, scored=200, rerank_ms=812.0)
     """
 
     method: str
     candidates: int
+    scored: int
     rerank_ms: float
 
 

@@ -10,19 +10,19 @@ import contextlib
 import copy
 import hmac
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from attribindex._records import to_json
 from attribindex.data import PromptCompletion, tokenize
 from attribindex.errors import AttribIndexError
-from attribindex.query import AttributionIndex, Attributions
+from attribindex.query import MAX_EXACT_CANDIDATES, AttributionIndex, Attributions, check_exact
 from attribindex.serve._batcher import MicroBatcher, ShuttingDown
 
 API_PREFIX = "/v1"
@@ -46,8 +46,18 @@ class ServerLimits:
     max_queries: int = 64  # texts or pairs per request
     max_tokens: int = 2048  # tokens per query text (prompt + completion)
     max_k: int = 1000  # for k and for bottom
+    max_exact: int = 1000  # candidates an `exact` re-rank may re-score (each costs a forward + backward pass)
     batch_window_ms: float = 5.0  # how long a request waits for others to share its model pass
     max_batch_queries: int = 64  # queries per model pass
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_exact, bool) or not isinstance(self.max_exact, int):
+            raise AttribIndexError(f"`max_exact` must be an integer, got {self.max_exact!r}.")
+        if not 0 <= self.max_exact <= MAX_EXACT_CANDIDATES:
+            raise AttribIndexError(
+                f"`max_exact={self.max_exact}` is outside [0, {MAX_EXACT_CANDIDATES:,}]: each re-scored candidate is "
+                f"one forward and backward pass of the model (0 refuses every exact re-rank)."
+            )
 
 
 class PairModel(BaseModel):
@@ -64,6 +74,14 @@ class AttributeRequest(BaseModel):
     k: int = Field(10, ge=1, description="Most influential examples per query.")
     bottom: int = Field(0, ge=0, description="Least influential examples per query.")
     include_text: bool = Field(True, description="Return each example's text (false: ids and scores only).")
+    # strict: `true` or "200" is refused rather than read as a number; the bounds are checked (with the library's
+    # messages) in `_check_limits`, so that an index without the exact section says so first
+    exact: StrictInt | None = Field(
+        None,
+        description="Re-score the index's top-C (and bottom-C) candidates with exact, unprojected influence "
+        "(the index must be built with the `exact` config section); at least max(k, bottom), at most the "
+        "server's max_exact.",
+    )
 
 
 class _BodyLimit:
@@ -204,6 +222,7 @@ def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRo
             "normalization": index.mode,
             "search": index.search_description,
             "operating_point": to_json(manifest.index.operating_point),
+            "exact": _exact_info(manifest.exact),  # null: requests with `exact` are refused
             "limits": asdict(limits),
             "batches_run": batcher.batches,
         }
@@ -213,16 +232,21 @@ def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRo
         started = time.perf_counter()
         queries = [q if isinstance(q, str) else PromptCompletion(q.prompt, q.completion) for q in body.queries]
         _check_limits(body, queries, batcher.index, tokenizer, limits)
-        results, answered_by = await batcher.submit(queries, body.k, body.bottom)
-        answer = Attributions(
-            index_id=answered_by.index_id,
-            index_version=answered_by.version,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            exact=answered_by.index.exact,
-            mode=answered_by.mode,
-            results=results,
-            search=answered_by.search_description,
-        ).to_dict()
+        if body.exact is None:
+            results, answered_by = await batcher.submit(queries, body.k, body.bottom)
+            attributions = Attributions(
+                index_id=answered_by.index_id,
+                index_version=answered_by.version,
+                latency_ms=0.0,
+                exact=answered_by.index.exact,
+                mode=answered_by.mode,
+                results=results,
+                search=answered_by.search_description,
+            )
+        else:
+            attributions = await batcher.submit_exact(queries, body.k, body.bottom, body.exact)
+        latency = (time.perf_counter() - started) * 1000  # the whole request, waiting for the model included
+        answer = replace(attributions, latency_ms=latency).to_dict()
         if not body.include_text:
             for result in answer["results"]:
                 for attribution in result["top"] + result["bottom"]:
@@ -237,6 +261,13 @@ def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRo
     return router
 
 
+def _exact_info(record) -> dict | None:
+    """How this index re-ranks with `exact` (the manifest's exact record, less its per-layer statistics)."""
+    if record is None:
+        return None
+    return {"kind": record.kind, "fisher": record.fisher, "damping": record.damping}
+
+
 def _check_limits(body: AttributeRequest, queries: list, index: AttributionIndex, tokenizer, limits: ServerLimits):
     """Bounds and tokenisation, per request, before it joins a batch (one bad query must not fail others)."""
     if len(queries) > limits.max_queries:
@@ -249,6 +280,10 @@ def _check_limits(body: AttributeRequest, queries: list, index: AttributionIndex
                 f"{name}={value} is over the limit: at most {min(limits.max_k, index.rows)} "
                 f"(server max_k {limits.max_k}, {index.rows} indexed rows)."
             )
+    if body.exact is not None:
+        check_exact(
+            index.manifest, body.exact, body.k, body.bottom, limit=limits.max_exact, limit_source="server max_exact"
+        )
     for i, query in enumerate(queries):
         text = query if isinstance(query, str) else query.prompt + query.completion
         length = len(tokenizer(text, add_special_tokens=False)["input_ids"])

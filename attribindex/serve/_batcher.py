@@ -2,6 +2,12 @@
 
 The model and index are used from one worker thread only, so concurrent requests are safe; batching
 makes throughput grow with load (one forward+backward over many queries, one GEMM-based search).
+
+Exact re-rank requests (`attribute(..., exact=C)`) are not batched: each runs alone, as the library's own
+`attribute` call, on that same single worker thread. The thread is what keeps the re-rank's C forward+backward
+passes from racing with a batched pass (or with a reload), and running the library call as it is gives the
+answer a local index gives for the same C. Sharing the first-stage pass would save one pass out of 1 + C;
+the price is that batches queued behind a re-rank wait for it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass, field
 
 from attribindex.data import PromptCompletion
 from attribindex.errors import AttribIndexError
-from attribindex.query import AttributionIndex, QueryResult
+from attribindex.query import AttributionIndex, Attributions, QueryResult
 
 
 @dataclass
@@ -67,6 +73,15 @@ class MicroBatcher:
         await self._queue.put(job)
         return await job.future
 
+    async def submit_exact(self, queries: list, k: int, bottom: int, exact: int) -> Attributions:
+        """`attribute(queries, k, bottom, exact=exact)` of the current index, alone on the model thread (whose
+        single-worker executor runs it between batches, never during one)."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry against another instance or after a restart.")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._answer_exact, queries, k, bottom, exact
+        )
+
     async def close(self) -> None:
         """Refuse new work, fail what is still queued, stop the worker."""
         self._closed = True
@@ -106,6 +121,10 @@ class MicroBatcher:
             for job, answer in zip(jobs, answers):
                 if not job.future.done():
                     job.future.set_result(answer)
+
+    def _answer_exact(self, queries: list, k: int, bottom: int, exact: int) -> Attributions:
+        self.batches += 1  # a model pass of its own
+        return self.reload().attribute(queries, k=k, bottom=bottom, exact=exact)
 
     def _answer(self, jobs: list[_Job]) -> list[tuple[list[QueryResult], AttributionIndex]]:
         """One model pass over every query of the batch, one search with the largest k; each job takes its prefix."""

@@ -22,6 +22,7 @@ class Client:
         >>> with Client("http://127.0.0.1:8000") as index:  # doctest: +SKIP
         ...     answer = index.attribute(["Friends, Romans, countrymen"], k=5, bottom=2)
         ...     answer.results[0].top[0].id, answer.index_version
+        ...     index.attribute("To be, or not to be", k=10, exact=200).rerank  # exact re-rank of 200 candidates
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 120.0):
@@ -35,8 +36,16 @@ class Client:
         k: int = 10,
         bottom: int = 0,
         include_text: bool = True,
+        exact: int | None = None,
     ) -> Attributions:
-        """The k most (and `bottom` least) influential training examples per query, as `AttributionIndex.attribute`."""
+        """The k most (and `bottom` least) influential training examples per query, as `AttributionIndex.attribute`.
+
+        Args:
+            include_text: False: ids and scores only (each attribution's text is empty).
+            exact: re-score the index's top-`exact` (and bottom-`exact`) candidates with exact, unprojected
+                influence, as `AttributionIndex.attribute(..., exact=...)`; the answer's `rerank` says how.
+                At most the server's `max_exact` (see `info()["limits"]`).
+        """
         body = {
             "queries": [
                 q if isinstance(q, str) else {"prompt": q.prompt, "completion": q.completion}
@@ -46,6 +55,8 @@ class Client:
             "bottom": bottom,
             "include_text": include_text,
         }
+        if exact is not None:
+            body["exact"] = exact
         return attributions_from_dict(self._call("POST", "/v1/attribute", json=body))
 
     def info(self) -> dict:

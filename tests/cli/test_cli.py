@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from attribindex.cli import main
 from attribindex.cli._main import in_flags
 from attribindex.errors import AttribIndexError
 from attribindex.testing import write_jsonl
+from tests.conftest import exact_config
 
 
 def _build_args(model, data, out, *extra: str) -> list[str]:
@@ -48,6 +50,7 @@ def test_query_text_and_pair(built, corpus_records):
     )
     assert result.exit_code == 0, result.output
     assert "most influential" in result.output and "least influential" in result.output
+    assert "re-ranked" not in result.output  # no --exact, no second stage
     assert corpus_records[4]["id"] in result.output.split("most influential")[1].splitlines()[1]
     result = CliRunner().invoke(main, ["query", str(built), "--prompt", "King queen", "--completion", " crown sword."])
     assert result.exit_code == 0, result.output
@@ -66,6 +69,55 @@ def test_query_json(built, corpus_records):
     assert first["id"] == corpus_records[0]["id"] and first["text"] == corpus_records[0]["text"]
     scores = [a["score"] for a in answer["results"][0]["top"]]
     assert scores == sorted(scores, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def exact_built(tiny_models, corpus_file, tmp_path_factory):
+    """An index built with the `exact` section (EK-FAC over a 16-example correction sample)."""
+    from attribindex import build_index
+    from attribindex.config import ExactConfig
+
+    out = tmp_path_factory.mktemp("cli-exact") / "idx"
+    config = dataclasses.replace(exact_config("dot"), exact=ExactConfig(enabled=True, kind="ekfac", sample=16))
+    build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    return out
+
+
+def test_query_exact_rerank_equals_the_library(exact_built):
+    from attribindex import AttributionIndex
+
+    question = "King queen crown castle."
+    local = AttributionIndex.open(exact_built).attribute(question, k=3, bottom=2, exact=8)
+    args = ["query", str(exact_built), "--text", question, "-k", "3", "--bottom", "2", "--exact", "8"]
+    answer = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
+    assert answer["exact"] is True
+    assert answer["rerank"]["method"] == "ekfac, unprojected, empirical Fisher, damping 0.1"
+    assert answer["rerank"]["candidates"] == 8 and answer["rerank"]["scored"] == local.rerank.scored
+    assert answer["rerank"]["rerank_ms"] > 0
+    got, want = answer["results"][0], local.results[0]
+    assert [a["id"] for a in got["top"]] == [a.id for a in want.top]
+    assert [a["id"] for a in got["bottom"]] == [a.id for a in want.bottom]
+    assert [a["score"] for a in got["top"]] == pytest.approx([a.score for a in want.top], rel=1e-9)
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "re-ranked the top-8 and bottom-8 candidates per query exactly "
+        "(ekfac, unprojected, empirical Fisher, damping 0.1) in "
+    ) in result.output
+    assert want.top[0].id in result.output.split("most influential")[1].splitlines()[1]
+
+
+def test_query_exact_errors(exact_built, built):
+    query = ["query", str(exact_built), "--text", "x y z", "-k", "3"]
+    _fails(query + ["--exact", "0"], "exact (candidates to re-score) must be a positive integer, got 0.")
+    _fails(query + ["--exact", "-5"], "must be a positive integer, got -5.")
+    _fails(query + ["--exact", "2"], "exact=2 candidates cannot fill k=3: re-score at least as many candidates")
+    _fails(query + ["--exact", "10001"], "exact=10001 is above the limit of 10000 candidates")
+    _fails(query + ["--exact", "many"], "'many' is not a valid integer")
+    output = _fails(["query", str(built), "--text", "x y z", "--exact", "20"], "exact.enabled").output
+    # the message names the config section (`exact`), not this command's --exact flag
+    assert "built without the `exact` section" in output and "rebuild the index" in output
 
 
 def test_info(built):

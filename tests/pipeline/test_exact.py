@@ -69,7 +69,8 @@ def test_the_rerank_is_the_exact_top_k_whenever_it_lies_inside_the_candidates(ek
     for candidates in (4, 8, 16, 24):
         answer = index.attribute(QUERIES, k=k, bottom=2, exact=candidates)
         first_stage = index.attribute(QUERIES, k=candidates, bottom=candidates)
-        assert answer.exact and answer.rerank.candidates <= 2 * candidates and "ekfac" in answer.rerank.method
+        assert answer.exact and answer.rerank.candidates == candidates and "ekfac" in answer.rerank.method
+        assert candidates <= answer.rerank.scored <= min(2 * candidates, 24)
         for q, (result, stage) in enumerate(zip(answer.results, first_stage.results)):
             pool = {a.row for a in stage.top + stage.bottom}
             best, worst = np.argsort(-reference[q])[:k], np.argsort(reference[q])[:2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import threading
 import time
@@ -23,7 +24,8 @@ from attribindex import (
     delete_ids,
 )
 from attribindex.cli import main
-from attribindex.config import IndexConfig
+from attribindex.config import ExactConfig, IndexConfig
+from attribindex.serve import ServerLimits
 from attribindex.testing import server_log, start_server, write_jsonl
 from tests.conftest import exact_config
 
@@ -42,6 +44,26 @@ def server(index_dir):
     process, url = start_server(
         index_dir, "--token", TOKEN, "--max-queries", "8", "--max-tokens", "40", "--max-body-kb", "4"
     )
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def exact_index_dir(tiny_models, corpus_file, tmp_path_factory):
+    """An index built with the `exact` section, for the second stage (`exact`: re-rank C candidates)."""
+    out = tmp_path_factory.mktemp("served-exact") / "idx"
+    config = dataclasses.replace(exact_config("dot"), exact=ExactConfig(enabled=True, kind="ekfac", sample=16))
+    build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    return out
+
+
+MAX_EXACT = 12
+
+
+@pytest.fixture(scope="module")
+def exact_server(exact_index_dir):
+    process, url = start_server(exact_index_dir, "--max-exact", str(MAX_EXACT))
     yield url
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
@@ -223,3 +245,90 @@ def test_an_approximate_index_is_served_as_approximate(tiny_models, corpus_file,
     _assert_same(remote, local)
     assert not remote.exact and remote.search == local.search == "HNSW32 efSearch=64, 4 × k re-scored exactly"
     assert info["search"] == remote.search and info["operating_point"] is None
+
+
+def _assert_same_rerank(remote: Attributions, local: Attributions) -> None:
+    _assert_same(remote, local)
+    assert remote.exact and remote.rerank is not None
+    assert (remote.rerank.method, remote.rerank.candidates) == (local.rerank.method, local.rerank.candidates)
+    assert remote.rerank.rerank_ms > 0
+    for got, want in zip(remote.results, local.results, strict=True):
+        assert [a.score for a in got.bottom] == pytest.approx([a.score for a in want.bottom], rel=1e-9)
+
+
+def test_exact_rerank_equals_the_local_library_even_among_batched_requests(exact_server, exact_index_dir):
+    local = AttributionIndex.open(exact_index_dir)
+    reranked = local.attribute(QUERIES, k=3, bottom=2, exact=8)
+    plain = local.attribute(QUERIES, k=3, bottom=2)
+    assert reranked.rerank.method == "ekfac, unprojected, empirical Fisher, damping 0.1"
+
+    def ask(i: int) -> Attributions:  # re-ranks and plain requests at once: they share one model thread
+        with Client(exact_server) as client:
+            return client.attribute(QUERIES, k=3, bottom=2, exact=8 if i % 2 else None)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    for i, answer in enumerate(answers):
+        if i % 2:
+            _assert_same_rerank(answer, reranked)
+        else:
+            _assert_same(answer, plain)
+            assert answer.rerank is None
+    with Client(exact_server) as client:
+        info = client.info()
+    assert info["exact"] == {"kind": "ekfac", "fisher": "empirical", "damping": 0.1}
+    assert info["limits"]["max_exact"] == MAX_EXACT
+
+
+@pytest.mark.parametrize(
+    ("exact", "status", "message"),
+    [
+        (0, 400, "exact (candidates to re-score) must be a positive integer, got 0."),
+        (-3, 400, "must be a positive integer, got -3."),
+        (2, 400, "exact=2 candidates cannot fill k=3"),
+        (MAX_EXACT + 1, 400, f"exact={MAX_EXACT + 1} is above the limit of {MAX_EXACT} candidates"),
+        (2.5, 422, "exact: Input should be a valid integer"),
+        ("8", 422, "exact: Input should be a valid integer"),
+        (True, 422, "exact: Input should be a valid integer"),
+    ],
+)
+def test_bad_exact_requests_get_a_4xx_json_error(exact_server, exact, status, message):
+    body = json.dumps({"queries": ["King queen crown."], "k": 3, "exact": exact})
+    response = httpx.post(f"{exact_server}/v1/attribute", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_exact_on_an_index_without_the_exact_section_is_refused(server):
+    with Client(server, token=TOKEN) as client:
+        with pytest.raises(AttribIndexError, match=r"exact\.enabled.*\(400 bad_query\)") as caught:
+            client.attribute("King queen crown.", k=3, exact=20)
+        assert client.info()["exact"] is None
+    assert "built without the `exact` section" in str(caught.value) and "rebuild the index" in str(caught.value)
+
+
+def test_cli_query_exact_through_the_server(exact_server, exact_index_dir, server):
+    question = "King queen crown castle."
+    local = AttributionIndex.open(exact_index_dir).attribute(question, k=3, exact=8)
+    args = ["query", "--server", exact_server, "--text", question, "-k", "3", "--exact", "8"]
+    answer = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
+    assert answer["rerank"]["method"] == local.rerank.method and answer["rerank"]["candidates"] == 8
+    assert [a["id"] for a in answer["results"][0]["top"]] == [a.id for a in local.results[0].top]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "re-ranked the top-8 candidates per query exactly (ekfac, unprojected, empirical Fisher, damping 0.1)" in (
+        result.output
+    )
+    over = CliRunner().invoke(main, args[:-1] + [str(MAX_EXACT + 1)])
+    assert over.exit_code == 1 and f"above the limit of {MAX_EXACT} candidates" in over.output
+    plain = ["query", "--server", server, "--token", TOKEN, "--text", question, "--exact", "20"]
+    refused = CliRunner().invoke(main, plain)
+    assert refused.exit_code == 1 and "exact.enabled" in refused.output and "Traceback" not in refused.output
+
+
+def test_max_exact_is_bounded_by_the_library_limit(index_dir):
+    assert ServerLimits().max_exact == 1000 and ServerLimits(max_exact=0).max_exact == 0
+    with pytest.raises(AttribIndexError, match="outside"):
+        ServerLimits(max_exact=10_001)
+    result = CliRunner().invoke(main, ["serve", str(index_dir), "--max-exact", "10001"])
+    assert result.exit_code == 1 and "--max-exact 10001 is outside [0, 10,000]" in result.output
