@@ -645,7 +645,7 @@ def _index_lines(manifest) -> list[str]:
         f"hessian      {hessian.kind}, damping α={hessian.damping} over {hessian.examples:,} examples"
         + _spectrum(hessian.modules)
         + (
-            f"; its Kronecker factors still count {hessian.retained_deleted:,} deleted examples "
+            f"; its curvature sums still count {hessian.retained_deleted:,} deleted examples "
             f"(token statistics are not stored per row: rebuild to drop them)"
             if hessian.retained_deleted
             else ""
@@ -653,6 +653,14 @@ def _index_lines(manifest) -> list[str]:
         f"scores       {manifest.normalization}  ({len(segments)} segment{'s' if len(segments) > 1 else ''}: "
         f"{manifest.index.description})",
     ]
+    exact = manifest.exact
+    if exact is not None:
+        sample = f", eigenvalues corrected on {exact.sample:,} examples" if exact.kind == "ekfac" else ""
+        lines.append(
+            f"exact        {exact.kind} unprojected, {exact.fisher} Fisher, damping α={exact.damping} over "
+            f"{exact.examples:,} examples{sample}; factors {exact.factor_bytes / 2**20:.1f} MiB; "
+            f"`query --exact C` re-ranks the top-C"
+        )
     point = manifest.index.operating_point
     if point:
         lines.append(

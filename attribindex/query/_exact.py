@@ -62,7 +62,14 @@ class ExactReranker:
         >>> reranker.rerank(["To be, or not to be"], [(top, low)], k=10, bottom=0)  # doctest: +SKIP
     """
 
-    def __init__(self, root, manifest: IndexManifest, extractor: GradientExtractor, store: RowStore):
+    def __init__(
+        self,
+        root,
+        manifest: IndexManifest,
+        extractor: GradientExtractor,
+        store: RowStore,
+        memory_bytes: int = EXACT_MEMORY_BYTES,
+    ):
         record = manifest.exact
         preconditioner = ExactPreconditioner.load(root / record.file)
         if preconditioner.hash() != record.preconditioner_hash:
@@ -70,7 +77,7 @@ class ExactReranker:
                 f"{root / record.file} does not match the manifest's exact preconditioner hash; rebuild the index."
             )
         self.scorer = ExactScorer(
-            extractor, preconditioner, manifest.config.extract.batch_size, memory_bytes=EXACT_MEMORY_BYTES
+            extractor, preconditioner, manifest.config.extract.batch_size, memory_bytes=memory_bytes
         )
         self.extractor, self.store, self.mode = extractor, store, manifest.normalization
         self.method = f"{record.kind}, unprojected, {record.fisher} Fisher, damping {record.damping:g}"

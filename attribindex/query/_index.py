@@ -17,7 +17,7 @@ from attribindex.hessian import Preconditioner, normalize_rows
 from attribindex.index import SegmentedIndex, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
-from attribindex.query._exact import ExactReranker, check_exact
+from attribindex.query._exact import EXACT_MEMORY_BYTES, ExactReranker, check_exact
 from attribindex.query._results import Attribution, Attributions, QueryResult, one_line
 from attribindex.store import IndexManifest, RowStore, check_file, layout, read_manifest
 
@@ -88,6 +88,7 @@ class AttributionIndex:
         self._extractor: GradientExtractor | None = None
         self._fingerprint = ""
         self._reranker: ExactReranker | None = None
+        self.exact_memory_bytes = EXACT_MEMORY_BYTES  # what one batch of re-ranked candidates may hold
 
     @classmethod
     def open(
@@ -131,6 +132,7 @@ class AttributionIndex:
         """The same folder opened again, keeping the loaded model: picks up appends, deletes and refreshes
         committed since this object was opened (a running server does this between batches)."""
         index = type(self)(self.root, read_manifest(self.root), device=self._device)
+        index.exact_memory_bytes = self.exact_memory_bytes
         if self._extractor is not None:
             index._extractor = GradientExtractor(
                 self._extractor.model,
@@ -287,8 +289,9 @@ class AttributionIndex:
             bottom: number of opponents per query (0 = none).
             exact: re-rank: take the index's top-`exact` (and, with `bottom`, bottom-`exact`) candidates and
                 score them with exact, unprojected KFAC / EK-FAC influence (the index must be built with the
-                config's `exact` section). Costs one forward + backward per candidate; see docs/quality.md for
-                how the final top-k's fidelity grows with it.
+                config's `exact` section). Costs one forward + backward per candidate, in batches of at most
+                `extract.batch_size` that hold at most `self.exact_memory_bytes` (1 GiB unless set); see
+                docs/quality.md for how the final top-k's fidelity grows with it.
 
         Example:
             >>> index.attribute("To be, or not to be", k=10, exact=200).rerank  # doctest: +SKIP
@@ -344,7 +347,9 @@ class AttributionIndex:
     def reranker(self) -> ExactReranker:
         """The second stage (`attribute(..., exact=C)`), loaded on first use."""
         if self._reranker is None:
-            self._reranker = ExactReranker(self.root, self.manifest, self.extractor, self.store)
+            self._reranker = ExactReranker(
+                self.root, self.manifest, self.extractor, self.store, self.exact_memory_bytes
+            )
         return self._reranker
 
     def _attributions(self, scores: np.ndarray, rows: np.ndarray) -> list[Attribution]:

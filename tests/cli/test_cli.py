@@ -333,3 +333,11 @@ def test_append_delete_compact_refresh(tiny_models, corpus_file, corpus_records,
     info = CliRunner().invoke(main, ["info", str(out)]).output
     assert "version      5" in info and "deleted" not in info and "1 segment: Flat (22 rows))" in info
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_info_shows_the_exact_section(exact_built):
+    result = CliRunner().invoke(main, ["info", str(exact_built)])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("exact"))
+    assert "ekfac unprojected, empirical Fisher, damping α=0.1 over 24 examples" in line
+    assert "corrected on 16 examples" in line and "`query --exact C`" in line

@@ -208,3 +208,10 @@ def _to_yaml_dict(config) -> dict:
     from attribindex.config import config_to_dict
 
     return config_to_dict(config)
+
+
+def test_a_tight_memory_bound_changes_batches_not_scores(ekfac_index):
+    default = AttributionIndex.open(ekfac_index).exact_scores(QUERIES)
+    tight = AttributionIndex.open(ekfac_index)
+    tight.exact_memory_bytes = 1  # one candidate per batch
+    np.testing.assert_allclose(tight.exact_scores(QUERIES), default, rtol=1e-10)
