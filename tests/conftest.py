@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from attribindex.config import BuildConfig, ExtractConfig, HessianConfig, IndexConfig, ProjectionConfig, StoreConfig
+from attribindex.config import (
+    BuildConfig,
+    ExactConfig,
+    ExtractConfig,
+    HessianConfig,
+    IndexConfig,
+    ProjectionConfig,
+    StoreConfig,
+)
 from attribindex.testing import make_tiny_model, tiny_corpus, write_jsonl
 
 torch.set_num_threads(2)
@@ -30,6 +38,26 @@ def tiny_models(tmp_path_factory, corpus_records) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory, corpus_records) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", corpus_records)
+
+
+@pytest.fixture(scope="session")
+def exact_index(tiny_models, corpus_file, tmp_path_factory) -> Path:
+    """A read-only index with the `exact` section (EK-FAC, 16 of the 24 documents in its correction sample)."""
+    from attribindex import build_index
+
+    out = tmp_path_factory.mktemp("exact-index") / "idx"
+    build_index(exact_section_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    return out
+
+
+def exact_section_config(mode: str = "dot", kind: str = "ekfac", batch_size: int = 4, **exact) -> BuildConfig:
+    """`exact_config(mode)` plus the `exact` section (unprojected `kind`, correction sample 16 unless given)."""
+    config = exact_config(mode)
+    return dataclasses.replace(
+        config,
+        extract=dataclasses.replace(config.extract, batch_size=batch_size),
+        exact=ExactConfig(enabled=True, kind=kind, **({"sample": 16} | exact)),
+    )
 
 
 def exact_config(mode: str = "dot", kind: str = "raw", **projection) -> BuildConfig:

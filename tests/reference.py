@@ -9,9 +9,9 @@ from attribindex.data import collate, tokenize
 from attribindex.logra import ProjectionSet, per_example_loss
 
 
-def _plain_backward(model, tokenizer, item, name: str, projections: ProjectionSet, max_length: int) -> dict:
-    """One unpadded example through plain autograd (full logits, no hooks of ours): the captured layers'
-    weight gradients, and per layer its input and output (the output's `.grad` set). Model in float64."""
+def _plain_backward(model, tokenizer, item, name: str, layers: list[str], max_length: int) -> dict:
+    """One unpadded example through plain autograd (full logits, no hooks of ours), float64: per captured layer
+    (module, its input, its output) with `.grad` set on the module's weight and bias and on the output."""
     modules = dict(model.named_modules())
     batch = collate([tokenize(tokenizer, item, max_length, name)], tokenizer.pad_token_id)
     seen = {}
@@ -20,17 +20,17 @@ def _plain_backward(model, tokenizer, item, name: str, projections: ProjectionSe
         output.retain_grad()
         seen[module] = (args[0], output)
 
-    handles = [modules[spec.name].register_forward_hook(keep) for spec in projections.modules]
+    handles = [modules[n].register_forward_hook(keep) for n in layers]
     model.zero_grad()
     with torch.enable_grad():
-        for spec in projections.modules:
-            modules[spec.name].weight.requires_grad_(True)
+        for n in layers:
+            modules[n].requires_grad_(True)
         loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
         loss.sum().backward()
     for handle in handles:
         handle.remove()
     model.requires_grad_(False)
-    return {spec.name: (modules[spec.name].weight.grad, *seen[modules[spec.name]]) for spec in projections.modules}
+    return {n: (modules[n], *seen[modules[n]]) for n in layers}
 
 
 def explicit_projected_gradients(
@@ -41,10 +41,10 @@ def explicit_projected_gradients(
     model = model.double()
     rows = []
     for i, item in enumerate(items):
-        layers = _plain_backward(model, tokenizer, item, f"item {i}", projections, max_length)
+        layers = _plain_backward(model, tokenizer, item, f"item {i}", _names(projections), max_length)
         blocks = []
         for spec in projections.modules:
-            grad = layers[spec.name][0]  # Linear: (out, in); Conv1D: (in, out)
+            grad = layers[spec.name][0].weight.grad  # Linear: (out, in); Conv1D: (in, out)
             if multipliers is not None:
                 grad = grad * multipliers[spec.name].double()
             grad = grad.T if spec.kind == "conv1d" else grad
@@ -60,7 +60,7 @@ def explicit_factor_rows(model, tokenizer, items, projections: ProjectionSet, ma
     model = model.double()
     rows = []
     for i, item in enumerate(items):
-        layers = _plain_backward(model, tokenizer, item, f"item {i}", projections, max_length)
+        layers = _plain_backward(model, tokenizer, item, f"item {i}", _names(projections), max_length)
         parts = []
         for spec in projections.modules:
             _, inputs, outputs = layers[spec.name]
@@ -152,37 +152,21 @@ def stamped_queries(index, vectors):
     )
 
 
+def _names(projections: ProjectionSet) -> list[str]:
+    return [spec.name for spec in projections.modules]
+
+
 def _full_gradients(model, tokenizer, item, name: str, layers: list[str], max_length: int) -> dict:
-    """One unpadded example through plain autograd, float64: per layer (G, Σ_t x̄x̄ᵀ, Σ_t δδᵀ), where G (n_out, n_in')
-    is the weight gradient (out × in) with the bias gradient as one more column when the layer has a bias."""
-    modules = dict(model.named_modules())
-    batch = collate([tokenize(tokenizer, item, max_length, name)], tokenizer.pad_token_id)
-    seen = {}
-
-    def keep(module, args, output):
-        output.retain_grad()
-        seen[module] = (args[0], output)
-
-    handles = [modules[n].register_forward_hook(keep) for n in layers]
-    model.zero_grad()
-    with torch.enable_grad():
-        for n in layers:
-            modules[n].requires_grad_(True)
-        loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
-        loss.sum().backward()
-    for handle in handles:
-        handle.remove()
+    """Per layer (G, Σ_t x̄x̄ᵀ, Σ_t δδᵀ) of one example, where G (n_out, n_in') is the autograd weight gradient
+    (out × in) with the bias gradient as one more column when the layer has a bias (and x̄ = [x, 1] then)."""
     out = {}
-    for n in layers:
-        module = modules[n]
+    for n, (module, inputs, outputs) in _plain_backward(model, tokenizer, item, name, layers, max_length).items():
         weight = module.weight.grad if isinstance(module, torch.nn.Linear) else module.weight.grad.T  # (out, in)
-        inputs, outputs = seen[module]
         x, delta = inputs[0], outputs.grad[0]  # (T, n_in), (T, n_out)
         if module.bias is not None:
             weight = torch.cat([weight, module.bias.grad[:, None]], dim=1)
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
         out[n] = (weight.clone(), x.T @ x, delta.T @ delta)
-    model.requires_grad_(False)
     return out
 
 

@@ -67,10 +67,12 @@ class ContractedScores:
 
 @dataclass
 class PreparedQueries:
-    """Query gradients ready for exact scoring: per layer (U_Sᵀ G_q U_A) ⊘ (Λ + λ) (Q, n_out, n_in'), the
-    queries' self-influence (Q,) and their losses (Q,)."""
+    """Query gradients ready for exact scoring, per layer: `rotated` = (U_Sᵀ G_q U_A) ⊘ (Λ + λ) and
+    `preconditioned` = U_S [that] U_Aᵀ = (H + λ)⁻¹ G_q, both (Q, n_out, n_in'); the queries' self-influence (Q,)
+    and their losses (Q,)."""
 
     rotated: dict[str, torch.Tensor]
+    preconditioned: dict[str, torch.Tensor]
     self_influence: torch.Tensor
     losses: torch.Tensor
 
@@ -95,7 +97,7 @@ class ExactScorer:
         memory_bytes: int = 1 << 30,
     ):
         self.extractor = extractor
-        self.preconditioner = preconditioner
+        self.preconditioner = preconditioner.to(extractor.device, extractor.dtype)
         self.shapes = preconditioner.shapes
         self.names = list(preconditioner.layers)
         self.batch_size = batch_size
@@ -117,7 +119,9 @@ class ExactScorer:
         hooks = LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [])
         hooks.listeners = [RotatedGradients(self.shapes, self.preconditioner, keep)]
         losses = self.extractor.run(hooks, examples)
-        return PreparedQueries(rotated, self_influence, losses.double().cpu())
+        layers = self.preconditioner.layers
+        preconditioned = {name: layers[name].unrotate(weighted) for name, weighted in rotated.items()}
+        return PreparedQueries(rotated, preconditioned, self_influence, losses.double().cpu())
 
     def scores(self, queries: PreparedQueries, examples: list[TokenizedExample], mode: str) -> torch.Tensor:
         """(N, Q) float64 influence of each example on each query: ⟨G_q, (H + λ)⁻¹ G⟩, divided by both
@@ -134,9 +138,7 @@ class ExactScorer:
         return out
 
     def _contracted_scores(self, queries: PreparedQueries, batch: list[TokenizedExample]) -> torch.Tensor:
-        layers = self.preconditioner.layers
-        preconditioned = {n: layers[n].unrotate(queries.rotated[n]) for n in self.names}  # (Q, n_out, n_in')
-        listener = ContractedScores(self.shapes, preconditioned)
+        listener = ContractedScores(self.shapes, queries.preconditioned)
         self.extractor.run(LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [listener]), batch)
         return listener.scores.double().cpu()  # (B, Q)
 

@@ -78,6 +78,19 @@ class ExactPreconditioner:
     def stats(self) -> dict[str, ModuleStats]:
         return {name: layer.stats() for name, layer in self.layers.items()}
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ExactPreconditioner:
+        """A copy with its tensors on `device` in `dtype` (once, not per batch)."""
+        layers = {
+            name: LayerCurvature(
+                layer.u_out.to(device, dtype),
+                layer.u_in.to(device, dtype),
+                layer.eigenvalues.to(device, dtype),
+                layer.damping,
+            )
+            for name, layer in self.layers.items()
+        }
+        return ExactPreconditioner(self.kind, self.alpha, layers, self.shapes)
+
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for name, layer in self.layers.items():

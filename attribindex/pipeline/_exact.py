@@ -170,7 +170,8 @@ def _corrected_eigenvalues(
     def add(name: str, gradients: torch.Tensor) -> None:  # (B, n_out, n_in') in the eigenbasis
         totals[name] += gradients.double().square().sum(dim=0).cpu()
 
-    hooks = LayerHooks(extractor.model, list(bases), extractor.dtype, [RotatedGradients(shapes, curvature, add)])
+    rotation = curvature.to(extractor.device, extractor.dtype)
+    hooks = LayerHooks(extractor.model, list(bases), extractor.dtype, [RotatedGradients(shapes, rotation, add)])
     labels = "sampled" if config.fisher == "true" else "data"
     since_commit, commit_every = 0, max(1, len(rows) // CORRECTION_CHECKPOINTS)
     with progress_bar(total=len(rows), initial=done, desc="ekfac (exact)", unit="doc", enabled=progress) as bar:

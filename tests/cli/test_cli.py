@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from attribindex.cli import main
 from attribindex.cli._main import in_flags
 from attribindex.errors import AttribIndexError
 from attribindex.testing import write_jsonl
-from tests.conftest import exact_config
 
 
 def _build_args(model, data, out, *extra: str) -> list[str]:
@@ -71,24 +69,12 @@ def test_query_json(built, corpus_records):
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.fixture(scope="module")
-def exact_built(tiny_models, corpus_file, tmp_path_factory):
-    """An index built with the `exact` section (EK-FAC over a 16-example correction sample)."""
-    from attribindex import build_index
-    from attribindex.config import ExactConfig
-
-    out = tmp_path_factory.mktemp("cli-exact") / "idx"
-    config = dataclasses.replace(exact_config("dot"), exact=ExactConfig(enabled=True, kind="ekfac", sample=16))
-    build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    return out
-
-
-def test_query_exact_rerank_equals_the_library(exact_built):
+def test_query_exact_rerank_equals_the_library(exact_index):
     from attribindex import AttributionIndex
 
     question = "King queen crown castle."
-    local = AttributionIndex.open(exact_built).attribute(question, k=3, bottom=2, exact=8)
-    args = ["query", str(exact_built), "--text", question, "-k", "3", "--bottom", "2", "--exact", "8"]
+    local = AttributionIndex.open(exact_index).attribute(question, k=3, bottom=2, exact=8)
+    args = ["query", str(exact_index), "--text", question, "-k", "3", "--bottom", "2", "--exact", "8"]
     answer = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
     assert answer["exact"] is True
     assert answer["rerank"]["method"] == "ekfac, unprojected, empirical Fisher, damping 0.1"
@@ -108,8 +94,8 @@ def test_query_exact_rerank_equals_the_library(exact_built):
     assert want.top[0].id in result.output.split("most influential")[1].splitlines()[1]
 
 
-def test_query_exact_errors(exact_built, built):
-    query = ["query", str(exact_built), "--text", "x y z", "-k", "3"]
+def test_query_exact_errors(exact_index, built):
+    query = ["query", str(exact_index), "--text", "x y z", "-k", "3"]
     _fails(query + ["--exact", "0"], "exact (candidates to re-score) must be a positive integer, got 0.")
     _fails(query + ["--exact", "-5"], "must be a positive integer, got -5.")
     _fails(query + ["--exact", "2"], "exact=2 candidates cannot fill k=3: re-score at least as many candidates")
@@ -335,8 +321,8 @@ def test_append_delete_compact_refresh(tiny_models, corpus_file, corpus_records,
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
 
 
-def test_info_shows_the_exact_section(exact_built):
-    result = CliRunner().invoke(main, ["info", str(exact_built)])
+def test_info_shows_the_exact_section(exact_index):
+    result = CliRunner().invoke(main, ["info", str(exact_index)])
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("exact"))
     assert "ekfac unprojected, empirical Fisher, damping α=0.1 over 24 examples" in line

@@ -24,7 +24,7 @@ from attribindex import (
     delete_ids,
 )
 from attribindex.cli import main
-from attribindex.config import ExactConfig, IndexConfig
+from attribindex.config import IndexConfig
 from attribindex.serve import ServerLimits
 from attribindex.testing import server_log, start_server, write_jsonl
 from tests.conftest import exact_config
@@ -49,21 +49,12 @@ def server(index_dir):
     process.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def exact_index_dir(tiny_models, corpus_file, tmp_path_factory):
-    """An index built with the `exact` section, for the second stage (`exact`: re-rank C candidates)."""
-    out = tmp_path_factory.mktemp("served-exact") / "idx"
-    config = dataclasses.replace(exact_config("dot"), exact=ExactConfig(enabled=True, kind="ekfac", sample=16))
-    build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    return out
-
-
 MAX_EXACT = 12
 
 
 @pytest.fixture(scope="module")
-def exact_server(exact_index_dir):
-    process, url = start_server(exact_index_dir, "--max-exact", str(MAX_EXACT))
+def exact_server(exact_index):
+    process, url = start_server(exact_index, "--max-exact", str(MAX_EXACT))
     yield url
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
@@ -256,8 +247,8 @@ def _assert_same_rerank(remote: Attributions, local: Attributions) -> None:
         assert [a.score for a in got.bottom] == pytest.approx([a.score for a in want.bottom], rel=1e-9)
 
 
-def test_exact_rerank_equals_the_local_library_even_among_batched_requests(exact_server, exact_index_dir):
-    local = AttributionIndex.open(exact_index_dir)
+def test_exact_rerank_equals_the_local_library_even_among_batched_requests(exact_server, exact_index):
+    local = AttributionIndex.open(exact_index)
     reranked = local.attribute(QUERIES, k=3, bottom=2, exact=8)
     plain = local.attribute(QUERIES, k=3, bottom=2)
     assert reranked.rerank.method == "ekfac, unprojected, empirical Fisher, damping 0.1"
@@ -307,9 +298,9 @@ def test_exact_on_an_index_without_the_exact_section_is_refused(server):
     assert "built without the `exact` section" in str(caught.value) and "rebuild the index" in str(caught.value)
 
 
-def test_cli_query_exact_through_the_server(exact_server, exact_index_dir, server):
+def test_cli_query_exact_through_the_server(exact_server, exact_index, server):
     question = "King queen crown castle."
-    local = AttributionIndex.open(exact_index_dir).attribute(question, k=3, exact=8)
+    local = AttributionIndex.open(exact_index).attribute(question, k=3, exact=8)
     args = ["query", "--server", exact_server, "--text", question, "-k", "3", "--exact", "8"]
     answer = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
     assert answer["rerank"]["method"] == local.rerank.method and answer["rerank"]["candidates"] == 8
