@@ -8,9 +8,13 @@ Runs offline in about two minutes here. Every artefact goes under --out; the gro
      for each Hessian kind × damping the library's preconditioner, scores ⟨W g_q, W g_t⟩ and their LDS with a
      95 % bootstrap CI; identity and random-score baselines in the same table;
   5. the same again with optimizer-aware gradients: divided by the full model's AdamW √v (rank-1 factorised,
-     folded into the projections) before projection.
+     folded into the projections) before projection;
+  6. the exact, unprojected method of the index's `exact` section (`attribindex.exact`: full KFAC / EK-FAC factors
+     of both layers, bias columns included, EK-FAC corrected over every training image) × damping: the scores of
+     every training image, no projection and no index.
 
     python tools/lds_digits.py [--train 1000] [--queries 100] [--subsets 100] [--ranks 4,8,16,32,64] [--out DIR]
+    python tools/lds_digits.py --only-exact  # just the exact rows (and the random baseline)
 
 Rank 64 per side is full rank for both layers (64×64 and 10×64): the projection is then an invertible change of
 basis, so `raw` there equals unprojected influence with each layer's full empirical Fisher, the reference the
@@ -32,8 +36,24 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from attribindex.eval import lds_records, lds_table, linear_datamodeling_score, plot_lds, retrain_on_subsets
+from attribindex.exact import (
+    ExactPreconditioner,
+    FactorListener,
+    LayerCurvature,
+    RotatedGradients,
+    fit_exact_preconditioner,
+    kfac_bases,
+    layer_shapes,
+)
 from attribindex.hessian import CurvatureSums, fit_preconditioner
-from attribindex.logra import LoGraCapture, ModuleSpec, ProjectionSet, capture_gradients, load_second_moment_scales
+from attribindex.logra import (
+    LayerHooks,
+    LoGraCapture,
+    ModuleSpec,
+    ProjectionSet,
+    capture_gradients,
+    load_second_moment_scales,
+)
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
 
@@ -75,6 +95,56 @@ def gradients(model, projections, x, y, factors: bool) -> tuple[torch.Tensor, di
     return batch.concatenated(names), batch.factors, names
 
 
+def full_gradients(model, names, shapes, x, y, preconditioner) -> dict[str, torch.Tensor]:
+    """{layer: (n, n_out, n_in')} unprojected per-example gradients of the cross-entropy (float64, bias column
+    included), in the eigenbasis of `preconditioner`."""
+    gradients = {}
+    hooks = LayerHooks(model, names, torch.float64, [RotatedGradients(shapes, preconditioner, gradients.__setitem__)])
+    with hooks:
+        hooks.backward(F.cross_entropy(model.double()(x.double()), y, reduction="none").sum())
+    model.float()
+    return gradients
+
+
+def exact_preconditioners(model, names, x, y, dampings) -> dict[tuple[str, float], ExactPreconditioner]:
+    """{(kind, α): unprojected KFAC / EK-FAC inverse Hessian} from the training images, as an index's `exact`
+    section fits it (factor sums, `kfac_bases`; EK-FAC's correction over every training image)."""
+    shapes = layer_shapes(model, names)
+    listener = FactorListener(shapes)
+    with LayerHooks(model, names, torch.float64, [listener]) as hooks:
+        hooks.backward(F.cross_entropy(model.double()(x.double()), y, reduction="none").sum())
+    model.float()
+    sums = listener.take()
+    bases = kfac_bases(
+        {n: s.activations for n, s in sums.items()},
+        {n: s.gradients for n, s in sums.items()},
+        {n: s.trace for n, s in sums.items()},
+        count=len(x),
+    )
+    basis = ExactPreconditioner(
+        "kfac", 0.0, {n: LayerCurvature(u_out, u_in, values, 0.0) for n, (u_out, u_in, values) in bases.items()}, shapes
+    )
+    corrected = {n: g.square().mean(dim=0) for n, g in full_gradients(model, names, shapes, x, y, basis).items()}
+    return {
+        (kind, alpha): fit_exact_preconditioner(
+            kind, bases, shapes, alpha, corrected if kind == "ekfac" else None, torch.float64
+        )
+        for kind in ("kfac", "ekfac")
+        for alpha in dampings
+    }
+
+
+def exact_scores(model, preconditioner: ExactPreconditioner, x, y, xq, yq) -> np.ndarray:
+    """(Q, N) ⟨G_q, (H + λ)⁻¹ G_t⟩ summed over both layers, unprojected."""
+    names, shapes = list(preconditioner.layers), preconditioner.shapes
+    train = full_gradients(model, names, shapes, x, y, preconditioner)  # {layer: (N, n_out, n_in')}
+    query = full_gradients(model, names, shapes, xq, yq, preconditioner)  # {layer: (Q, n_out, n_in')}
+    scores = sum(
+        torch.einsum("qoi,noi->qn", query[n] * preconditioner.layers[n].inverse, train[n]) for n in names
+    )  # (Q, N)
+    return scores.numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=1000)
@@ -85,6 +155,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--ranks", default="4,8,16,32,64")
     parser.add_argument("--dampings", default="0.001,0.01,0.1,1.0")
+    parser.add_argument("--exact-dampings", default=None, help="dampings of the exact rows (default: --dampings)")
+    parser.add_argument("--no-exact", action="store_true", help="skip the exact, unprojected rows")
+    parser.add_argument("--only-exact", action="store_true", help="skip the projected rows (ground truth is reused)")
     parser.add_argument("--out", type=Path, default=Path("lds-digits"))
     args = parser.parse_args()
     out = args.out
@@ -140,7 +213,7 @@ def main() -> None:
     variants = {"plain": None, "adam √v": load_second_moment_scales(out / "optimizer.pt", full, specs)}
     print(f"Adam v rank-1 factorisation: relative error {variants['adam √v'].record['relative_error']:.3f}")
     for variant, scales in variants.items():
-        for rank in [int(r) for r in args.ranks.split(",")]:
+        for rank in [] if args.only_exact else [int(r) for r in args.ranks.split(",")]:
             projections = ProjectionSet.generate(specs, seed=0, rank_in=rank, rank_out=rank, optimizer=scales)
             dims, shapes = projections.block_dims, projections.block_shapes
             train_grads, factor_rows, names = gradients(full, projections, x, y, factors=True)  # (N, D)
@@ -159,16 +232,29 @@ def main() -> None:
                     rows.append({"gradients": variant, "hessian": kind, "rank": rank, "damping": shown, "lds": result})
                     print(f"{variant:<8} {kind:<9} rank {rank:<3} damping {damping:<6} {result.format()}", flush=True)
 
+    exact_dampings = [float(d) for d in (args.exact_dampings or args.dampings).split(",")]
+    if not args.no_exact:
+        exact = exact_preconditioners(full, [s.name for s in specs], x, y, exact_dampings)
+        for (kind, damping), preconditioner in exact.items():
+            result = linear_datamodeling_score(
+                exact_scores(full, preconditioner, x, y, xq, yq), truth.subsets, truth.losses
+            )
+            rows.append(
+                {"gradients": "plain", "hessian": f"exact {kind}", "rank": "full", "damping": damping, "lds": result}
+            )
+            print(f"exact    {kind:<9} unprojected damping {damping:<6} {result.format()}", flush=True)
+
     print("\n" + lds_table(rows, ["gradients", "hessian", "rank", "damping"]))
-    best = max(rows[1:], key=lambda r: r["lds"].score)
-    plot_lds(
-        best["lds"],
-        truth.losses,
-        out / "lds-scatter.png",
-        title=f"digits MLP: {best['gradients']} {best['hessian']} rank {best['rank']}",
-    )
     (out / "lds.json").write_text(json.dumps(lds_records(rows), indent=2))
-    print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
+    if len(rows) > 1:  # a scatter of the best setting (there is none when only the baseline ran)
+        best = max(rows[1:], key=lambda r: r["lds"].score)
+        plot_lds(
+            best["lds"],
+            truth.losses,
+            out / "lds-scatter.png",
+            title=f"digits MLP: {best['gradients']} {best['hessian']} rank {best['rank']}",
+        )
+        print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ Steps (every artefact goes under --out; the ground truth resumes if interrupted)
   2. the "full" model: the initialisation trained on all training speeches (the model attribution explains);
   3. ground truth: --subsets models trained from the same initialisation on random halves, their query losses;
   4. for each Hessian kind (identity, raw, kfac, ekfac) × rank × damping: an index over the training speeches with the full model, and its
-     LDS (mean Spearman over queries, 95 % bootstrap CI); a random-score baseline in the same table.
+     LDS (mean Spearman over queries, 95 % bootstrap CI); a random-score baseline in the same table;
+  5. the exact, unprojected method (the `exact` section: full KFAC / EK-FAC factors of every captured layer, with
+     bias columns; EK-FAC also on the true Fisher, labels sampled from the model) × damping: the all-N scores of
+     `exact_scores`, no index search at all, and their LDS in the same table.
 
     python tools/lds_shakespeare.py [--train 1000] [--queries 50] [--subsets 50] [--ranks 4,8,16,32,64] [--kinds identity,raw,kfac,ekfac] [--out DIR]
+    python tools/lds_shakespeare.py --only-exact  # just the exact rows (and the random baseline)
 
 The numbers in docs/quality.md come from the defaults.
 """
@@ -23,7 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from attribindex import build_index
-from attribindex.config import BuildConfig, ExtractConfig, HessianConfig, IndexConfig, ProjectionConfig, StoreConfig
+from attribindex.config import (
+    BuildConfig,
+    ExactConfig,
+    ExtractConfig,
+    HessianConfig,
+    IndexConfig,
+    ProjectionConfig,
+    StoreConfig,
+)
 from attribindex.data import Document
 from attribindex.demo._assets import load_shakespeare_speeches
 from attribindex.eval import (
@@ -56,6 +68,13 @@ def main() -> None:
         default="8,16,32",
         help="ranks also run with gradients divided by the full model's AdamW √v",
     )
+    parser.add_argument(
+        "--exact-kinds",
+        default="kfac,ekfac,ekfac-true",
+        help="exact, unprojected rows: kfac, ekfac (empirical Fisher), ekfac-true / kfac-true (true Fisher); '' = none",
+    )
+    parser.add_argument("--exact-dampings", default=None, help="dampings of the exact rows (default: --dampings)")
+    parser.add_argument("--only-exact", action="store_true", help="skip the projected rows (ground truth is reused)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("lds-shakespeare"))
     args = parser.parse_args()
@@ -96,6 +115,7 @@ def main() -> None:
     rows.append({"gradients": "-", "hessian": "random scores", "rank": "-", "damping": "-", "mode": "-", "lds": random})
     runs = [("plain", mode, int(rank)) for mode in args.modes.split(",") for rank in args.ranks.split(",") if rank]
     runs += [("adam √v", "dot", int(rank)) for rank in args.optimizer_ranks.split(",") if rank]
+    runs = [] if args.only_exact else runs
     kinds = [
         (kind, damping)
         for kind in args.kinds.split(",")
@@ -129,16 +149,51 @@ def main() -> None:
                 flush=True,
             )
 
+    exact_dampings = [float(d) for d in (args.exact_dampings or args.dampings).split(",")]
+    for variant in [v for v in args.exact_kinds.split(",") if v]:
+        kind, fisher = variant.removesuffix("-true"), "true" if variant.endswith("-true") else "empirical"
+        for damping in exact_dampings:
+            # The projected part of this index is the cheapest there is; only its exact section is scored.
+            config = BuildConfig(
+                projection=ProjectionConfig(rank_in=4, rank_out=4),
+                hessian=HessianConfig(kind="identity"),
+                extract=ExtractConfig(batch_size=16, max_length=recipe.max_length, dtype="float32", device="cpu"),
+                store=StoreConfig(dtype="float32", chunk_rows=4096),
+                index=IndexConfig(mode="dot", device="cpu"),
+                exact=ExactConfig(enabled=True, kind=kind, damping=damping, fisher=fisher, sample=1024),
+            )
+            folder = out / "indexes" / f"exact-{variant}-d{damping}"
+            started = time.perf_counter()
+            build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
+            seconds = time.perf_counter() - started
+            index = AttributionIndex.open(folder, device="cpu")
+            found = index.store.find_rows(truth.train_ids)
+            started = time.perf_counter()
+            scores = index.exact_scores(queries, [found[i] for i in truth.train_ids])  # (Q, N), all N: no search
+            scoring = time.perf_counter() - started
+            result = linear_datamodeling_score(scores, truth.subsets, truth.losses)
+            hessian = f"exact {kind}" + (" (true Fisher)" if fisher == "true" else "")
+            rows.append(
+                {"gradients": "plain", "hessian": hessian, "rank": "full", "damping": damping, "mode": "dot"}
+                | {"build_s": round(seconds, 1), "score_s": round(scoring, 1), "lds": result}
+            )
+            print(
+                f"exact    dot    {variant:<10} damping {damping:<5} build {seconds:6.1f} s, all-N scores "
+                f"{scoring:6.1f} s  {result.format()}",
+                flush=True,
+            )
+
     print("\n" + lds_table(rows, ["gradients", "hessian", "rank", "damping", "mode", "build_s"]))
-    best = max(rows[1:], key=lambda r: r["lds"].score)
-    plot_lds(
-        best["lds"],
-        truth.losses,
-        out / "lds-scatter.png",
-        title=f"{best['gradients']} {best['mode']} {best['hessian']} rank {best['rank']}",
-    )
     (out / "lds.json").write_text(json.dumps(lds_records(rows), indent=2))
-    print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
+    if len(rows) > 1:  # a scatter of the best setting (there is none when only the baseline ran)
+        best = max(rows[1:], key=lambda r: r["lds"].score)
+        plot_lds(
+            best["lds"],
+            truth.losses,
+            out / "lds-scatter.png",
+            title=f"{best['gradients']} {best['mode']} {best['hessian']} rank {best['rank']}",
+        )
+        print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
 
 
 if __name__ == "__main__":

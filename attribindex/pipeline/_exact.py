@@ -32,6 +32,7 @@ from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.store import ExactRecord, ManifestHeader, RowStore, atomic_path, layout
 
 SUM_COPIES = 4  # factor sums held at once while building: committed, pending, and the window's slices (usually 2)
+WINDOW_BATCHES = 16  # correction batches read at once and sorted by length (less padding)
 CORRECTION_CHECKPOINTS = 8  # the correction pass saves its sums (a model's worth of fp64) this often per pass
 
 
@@ -175,16 +176,19 @@ def _corrected_eigenvalues(
     labels = "sampled" if config.fisher == "true" else "data"
     since_commit, commit_every = 0, max(1, len(rows) // CORRECTION_CHECKPOINTS)
     with progress_bar(total=len(rows), initial=done, desc="ekfac (exact)", unit="doc", enabled=progress) as bar:
-        for group in batched(rows[done:].tolist(), batch_size):
-            documents = store.documents(group)
+        # Windows of rows in sample order (the checkpoint counts whole windows), batched longest first inside.
+        window_rows = max(batch_size, min(batch_size * WINDOW_BATCHES, commit_every))
+        for window in batched(rows[done:].tolist(), window_rows):
+            documents = store.documents(window)
             examples = extractor.tokenize([d.text for d in documents], [f"document {d.id!r}" for d in documents])
-            extractor.run(hooks, examples, labels=labels, seed=config.seed)
-            done += len(group)
-            since_commit += len(group)
-            bar.update(len(group))
+            for group in batched(sorted(examples, key=lambda e: -len(e.input_ids)), batch_size):
+                extractor.run(hooks, group, labels=labels, seed=config.seed)
+                bar.update(len(group))
+            done += len(window)
+            since_commit += len(window)
             if since_commit >= commit_every and done < len(rows):
                 _write_correction(out / layout.EXACT_CORRECTION, basis, totals, done)
-                since_commit, commit_every = 0, max(1, len(rows) // CORRECTION_CHECKPOINTS)
+                since_commit = 0
     return {name: total / len(rows) for name, total in totals.items()}
 
 

@@ -14,7 +14,7 @@ from attribindex.eval import lds_records, lds_table, linear_datamodeling_score
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
-def test_digits_workload_scores_every_kind_with_and_without_the_optimizer_correction(tmp_path):
+def test_digits_workload_scores_every_kind_with_and_without_the_optimizer_correction_and_exactly(tmp_path):
     command = [sys.executable, str(TOOLS / "lds_digits.py"), "--train", "120", "--queries", "12", "--subsets", "5"]
     command += ["--ranks", "4", "--dampings", "0.1", "--epochs", "3", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -22,7 +22,8 @@ def test_digits_workload_scores_every_kind_with_and_without_the_optimizer_correc
     rows = json.loads((tmp_path / "lds.json").read_text())
     settings = {(r["gradients"], r["hessian"]) for r in rows}
     kinds = ("identity", "raw", "kfac", "ekfac")
-    assert settings == {("-", "random scores")} | {(g, k) for g in ("plain", "adam √v") for k in kinds}
+    exact = {("plain", "exact kfac"), ("plain", "exact ekfac")}  # the unprojected method, over all N
+    assert settings == {("-", "random scores")} | {(g, k) for g in ("plain", "adam √v") for k in kinds} | exact
     assert all(np.isfinite(r["lds"]) and r["low"] <= r["lds"] <= r["high"] for r in rows)
     assert (tmp_path / "lds-scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| plain | kfac | 4 | 0.1 |" in done.stdout
