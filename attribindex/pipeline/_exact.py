@@ -114,8 +114,14 @@ def fit_exact(
 ) -> ExactRecord:
     """Fit and save the exact preconditioner from the sums (EK-FAC: plus its correction pass with the model of
     `extractor`); returns the manifest's record."""
-    shapes = layer_shapes(extractor.model, list(curvature.exact_activations))
-    bases = kfac_bases(curvature.exact_activations, curvature.exact_gradients, curvature.exact_traces, curvature.count)
+    names = [spec.name for spec in extractor.projections.modules]  # module order, however the sums were read
+    shapes = layer_shapes(extractor.model, names)
+    bases = kfac_bases(
+        {n: curvature.exact_activations[n] for n in names},
+        {n: curvature.exact_gradients[n] for n in names},
+        {n: curvature.exact_traces[n] for n in names},
+        curvature.count,
+    )
     dtype = torch.float64 if extractor.dtype == torch.float64 else torch.float32
     corrected, sample = None, 0
     if config.kind == "ekfac":

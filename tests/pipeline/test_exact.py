@@ -3,6 +3,7 @@ when it lies inside the candidates, the same across shards, batch sizes and appe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -85,6 +86,9 @@ def test_shards_and_merge_equal_the_single_build(exact_index, tiny_models, corpu
         for part in ("exact_activations", "exact_gradients", "exact_traces"):
             torch.testing.assert_close(getattr(a, part)[name], getattr(b, part)[name], rtol=1e-12, atol=1e-14)
     assert merged.exact.sample == single.exact.sample == 16
+    assert dataclasses.replace(merged.exact, preconditioner_hash="", modules={}) == dataclasses.replace(
+        single.exact, preconditioner_hash="", modules={}
+    )  # the same record (hashes differ by eigenvector signs at most)
     _same_exact_preconditioner(exact_index, tmp_path / "merged")
 
 
