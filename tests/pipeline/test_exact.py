@@ -18,6 +18,7 @@ from attribindex.model import load_model
 from attribindex.store import layout, read_manifest
 from attribindex.testing import write_jsonl
 from tests.conftest import exact_config, exact_section_config
+from tests.killing import build_killed
 from tests.reference import explicit_exact_scores
 
 QUERIES = ["the quick brown fox jumps", "a b c d e f g", "To be, or not to be"]
@@ -137,19 +138,9 @@ def test_appended_documents_add_to_the_exact_factors(tiny_models, corpus_records
 def test_an_extraction_interrupted_resumes_with_the_exact_sums_of_the_written_chunks(
     exact_index, tiny_models, corpus_file, tmp_path
 ):
-    from tests.killing import build_killed
-
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(json.dumps(config_to_dict(exact_section_config())))
-    out = tmp_path / "idx"
-    killed = build_killed(
-        ("attribindex.hessian._curvature", "CurvatureSums.save", 1, "after"),
-        tiny_models["gpt2"],
-        corpus_file,
-        out,
-        config_file,
+    out = _killed_build(
+        ("attribindex.hessian._curvature", "CurvatureSums.save", 1, "after"), tiny_models, corpus_file, tmp_path
     )
-    assert killed.returncode == -9, killed.stderr[-2000:]
     partial, _ = CurvatureSums.load(out / layout.CURVATURE)
     assert partial.tracks_exact and partial.count == 10  # the first chunk's rows only
     summary = _build(tiny_models["gpt2"], corpus_file, out, exact_section_config())
@@ -162,19 +153,9 @@ def test_an_extraction_interrupted_resumes_with_the_exact_sums_of_the_written_ch
 
 
 def test_a_correction_pass_interrupted_resumes_to_the_same_result(exact_index, tiny_models, corpus_file, tmp_path):
-    from tests.killing import build_killed
-
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(json.dumps(config_to_dict(exact_section_config())))
-    out = tmp_path / "idx"
-    killed = build_killed(
-        ("attribindex.pipeline._exact", "_write_correction", 1, "after"),
-        tiny_models["gpt2"],
-        corpus_file,
-        out,
-        config_file,
+    out = _killed_build(
+        ("attribindex.pipeline._exact", "_write_correction", 1, "after"), tiny_models, corpus_file, tmp_path
     )
-    assert killed.returncode == -9, killed.stderr[-2000:]
     assert (out / layout.EXACT_CORRECTION).is_file() and not (out / layout.MANIFEST).exists()
     _build(tiny_models["gpt2"], corpus_file, out, exact_section_config())
     _same_exact_preconditioner(exact_index, out)
@@ -200,6 +181,16 @@ def test_bad_rerank_requests_are_refused_with_the_fix(exact_index, tiny_models, 
     _build(tiny_models["gpt2"], corpus_file, tmp_path / "plain", exact_config("dot"))
     with pytest.raises(AttribIndexError, match=r"without the `exact` section.*exact.enabled.*rebuild"):
         AttributionIndex.open(tmp_path / "plain").attribute(QUERIES[0], k=3, exact=10)
+
+
+def _killed_build(kill_at, tiny_models, corpus_file, tmp_path):
+    """The shared exact build, run in a subprocess SIGKILLed at `kill_at` (tests/killing.py); its folder."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(json.dumps(config_to_dict(exact_section_config())))
+    out = tmp_path / "idx"
+    killed = build_killed(kill_at, tiny_models["gpt2"], corpus_file, out, config_file)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    return out
 
 
 def _same_exact_preconditioner(root_a, root_b) -> None:
