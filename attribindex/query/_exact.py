@@ -17,6 +17,7 @@ from attribindex.store import IndexManifest, RowStore
 
 MAX_EXACT_CANDIDATES = 10_000  # each candidate costs one forward + backward of the model
 EXACT_MEMORY_BYTES = 1 << 30  # what one batch of candidates may hold (see `ExactScorer`)
+QUERY_GROUP = 16  # queries re-ranked in one pass over their candidates (each holds a model-sized query gradient)
 
 
 def check_exact(
@@ -97,20 +98,31 @@ class ExactReranker:
         count: int,
     ) -> tuple[list[Reranked], ExactRerank]:
         """Per query, its candidates (the first stage's top-`count` and bottom-`count` attributions) re-scored
-        exactly: the k highest and `bottom` lowest of them."""
+        exactly: the k highest and `bottom` lowest of them.
+
+        Up to QUERY_GROUP queries share one pass over the union of their candidates (each candidate runs through
+        the model once, scored against every query of the group at once).
+        """
         started = time.perf_counter()
-        out = []
-        scored = 0
-        for query, (top, low) in zip(queries, candidates):
-            pool = {a.row: a for a in [*top, *low]}  # a row in both lists is scored once
-            rows = sorted(pool)
-            scored = max(scored, len(rows))
-            examples = self.extractor.tokenize([pool[r].text for r in rows], [f"document {pool[r].id!r}" for r in rows])
-            prepared = self.scorer.prepare(self.extractor.tokenize([query]))
-            scores = self.scorer.scores(prepared, examples, self.mode)[:, 0].numpy()  # (n,)
-            order = np.lexsort((np.array(rows), -scores))  # highest first; ties by row, so answers repeat exactly
-            ranked = [_rescored(pool[rows[i]], scores[i]) for i in order]
-            out.append(Reranked(top=ranked[:k], bottom=ranked[::-1][:bottom] if bottom else []))
+        out, scored = [], 0
+        for first in range(0, len(queries), QUERY_GROUP):
+            group = range(first, min(first + QUERY_GROUP, len(queries)))
+            pools = [{a.row: a for a in [*candidates[q][0], *candidates[q][1]]} for q in group]  # row -> candidate
+            scored = max(scored, *(len(pool) for pool in pools))
+            union = {row: a for pool in pools for row, a in pool.items()}
+            rows = sorted(union)
+            examples = self.extractor.tokenize(
+                [union[r].text for r in rows], [f"document {union[r].id!r}" for r in rows]
+            )
+            prepared = self.scorer.prepare(self.extractor.tokenize([queries[q] for q in group]))
+            scores = self.scorer.scores(prepared, examples, self.mode).numpy()  # (n, group)
+            position = {row: i for i, row in enumerate(rows)}
+            for column, pool in enumerate(pools):
+                mine = np.array(sorted(pool))
+                own = scores[[position[r] for r in mine], column]  # (candidates,)
+                order = np.lexsort((mine, -own))  # highest first; ties by row, so answers repeat exactly
+                ranked = [_rescored(pool[mine[i]], own[i]) for i in order]
+                out.append(Reranked(top=ranked[:k], bottom=ranked[::-1][:bottom] if bottom else []))
         seconds = time.perf_counter() - started
         return out, ExactRerank(method=self.method, candidates=count, scored=scored, rerank_ms=seconds * 1000)
 
