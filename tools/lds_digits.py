@@ -39,7 +39,6 @@ from attribindex.eval import lds_records, lds_table, linear_datamodeling_score, 
 from attribindex.exact import (
     ExactPreconditioner,
     FactorListener,
-    LayerCurvature,
     RotatedGradients,
     fit_exact_preconditioner,
     kfac_bases,
@@ -121,9 +120,7 @@ def exact_preconditioners(model, names, x, y, dampings) -> dict[tuple[str, float
         {n: s.trace for n, s in sums.items()},
         count=len(x),
     )
-    basis = ExactPreconditioner(
-        "kfac", 0.0, {n: LayerCurvature(u_out, u_in, values, 0.0) for n, (u_out, u_in, values) in bases.items()}, shapes
-    )
+    basis = ExactPreconditioner.eigenbases(bases, shapes)
     corrected = {n: g.square().mean(dim=0) for n, g in full_gradients(model, names, shapes, x, y, basis).items()}
     return {
         (kind, alpha): fit_exact_preconditioner(

@@ -6,7 +6,6 @@ from attribindex.exact._scores import ContractedScores, ExactScorer, PreparedQue
 from attribindex.exact._whitening import (
     ExactPreconditioner,
     LayerCurvature,
-    damped,
     fit_exact_preconditioner,
     kfac_bases,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "LayerShape",
     "PreparedQueries",
     "RotatedGradients",
-    "damped",
     "fit_exact_preconditioner",
     "kfac_bases",
     "layer_shapes",

@@ -73,6 +73,12 @@ class FactorBatch:
     gradients: torch.Tensor  # (n_out, n_out)
     trace: torch.Tensor  # () Σ_n ‖G_n‖²
 
+    def add_(self, other: FactorBatch) -> None:
+        """Add the sums of other examples (of the same layer) in place."""
+        self.activations.add_(other.activations)
+        self.gradients.add_(other.gradients)
+        self.trace.add_(other.trace)
+
 
 class FactorListener:
     """A `TokenListener` that sums the unprojected Kronecker factors of each layer over a batch (`take`).

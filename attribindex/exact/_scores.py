@@ -17,7 +17,7 @@ import torch
 from attribindex.data import TokenizedExample
 from attribindex.exact._factors import LayerShape, with_bias
 from attribindex.exact._whitening import ExactPreconditioner
-from attribindex.logra import GradientExtractor, LayerHooks, masked_tokens
+from attribindex.logra import GradientExtractor, LayerHooks, TokenListener, masked_tokens
 
 
 class RotatedGradients:
@@ -102,9 +102,7 @@ class ExactScorer:
         self.names = list(preconditioner.layers)
         self.batch_size = batch_size
         self.memory_bytes = memory_bytes
-        self._inverse = {
-            n: layer.inverse.to(extractor.device, extractor.dtype) for n, layer in preconditioner.layers.items()
-        }
+        self._inverse = {n: layer.inverse for n, layer in self.preconditioner.layers.items()}
 
     def prepare(self, examples: list[TokenizedExample]) -> PreparedQueries:
         """Preconditioned gradients of the query `examples` (data labels: a query is a real text)."""
@@ -116,9 +114,7 @@ class ExactScorer:
             rotated[name] = weighted
             self_influence.add_((weighted * gradients).sum(dim=(1, 2)).double().cpu())
 
-        hooks = LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [])
-        hooks.listeners = [RotatedGradients(self.shapes, self.preconditioner, keep)]
-        losses = self.extractor.run(hooks, examples)
+        losses = self._run(RotatedGradients(self.shapes, self.preconditioner, keep), examples)
         layers = self.preconditioner.layers
         preconditioned = {name: layers[name].unrotate(weighted) for name, weighted in rotated.items()}
         return PreparedQueries(rotated, preconditioned, self_influence, losses.double().cpu())
@@ -139,7 +135,7 @@ class ExactScorer:
 
     def _contracted_scores(self, queries: PreparedQueries, batch: list[TokenizedExample]) -> torch.Tensor:
         listener = ContractedScores(self.shapes, queries.preconditioned)
-        self.extractor.run(LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [listener]), batch)
+        self._run(listener, batch)
         return listener.scores.double().cpu()  # (B, Q)
 
     def _rotated_scores(
@@ -152,9 +148,13 @@ class ExactScorer:
             dot.add_(torch.einsum("boi,qoi->bq", gradients, queries.rotated[name]).double().cpu())
             self_influence.add_((gradients.square() * self._inverse[name]).sum(dim=(1, 2)).double().cpu())
 
-        listener = RotatedGradients(self.shapes, self.preconditioner, accumulate)
-        self.extractor.run(LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [listener]), batch)
+        self._run(RotatedGradients(self.shapes, self.preconditioner, accumulate), batch)
         return dot, self_influence
+
+    def _run(self, listener: TokenListener, examples: list[TokenizedExample]) -> torch.Tensor:
+        """One forward + backward of `examples` (data labels) with `listener` on the layers; their (B,) losses."""
+        hooks = LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [listener])
+        return self.extractor.run(hooks, examples)
 
     def _batches(self, examples: list[TokenizedExample], queries: int, mode: str) -> Iterator[list[int]]:
         """Example positions in batches, longest first, each within `batch_size` and `memory_bytes`."""

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from attribindex.errors import AttribIndexError
 from attribindex.exact._factors import LayerShape
+from attribindex.hessian import relative_damping
 from attribindex.store import ModuleStats, atomic_path
 
 
@@ -45,20 +46,6 @@ class LayerCurvature:
         u_out, u_in = self.u_out.to(rotated.dtype), self.u_in.to(rotated.dtype)
         return u_out @ rotated @ u_in.T
 
-    def stats(self) -> ModuleStats:
-        top = float(self.eigenvalues.max())
-        mean = float(self.eigenvalues.mean())
-        rank = float(self.eigenvalues.sum()) / top if top > 0 else 0.0
-        return ModuleStats(mean_eigenvalue=mean, damping=self.damping, effective_rank=rank)
-
-
-def damped(u_out: torch.Tensor, u_in: torch.Tensor, eigenvalues: torch.Tensor, alpha: float) -> LayerCurvature:
-    """A layer's curvature with λ = α · mean(Λ) (1 when every eigenvalue is zero: the layer then gets no
-    whitening, only a scale)."""
-    eigenvalues = eigenvalues.clamp_min(0.0)  # round-off can leave tiny negatives
-    mean = float(eigenvalues.mean())
-    return LayerCurvature(u_out, u_in, eigenvalues, alpha * mean if mean > 0 else 1.0)
-
 
 @dataclass
 class ExactPreconditioner:
@@ -76,7 +63,16 @@ class ExactPreconditioner:
     shapes: dict[str, LayerShape]
 
     def stats(self) -> dict[str, ModuleStats]:
-        return {name: layer.stats() for name, layer in self.layers.items()}
+        return {name: relative_damping(layer.eigenvalues, self.alpha)[2] for name, layer in self.layers.items()}
+
+    @classmethod
+    def eigenbases(
+        cls, bases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], shapes: dict[str, LayerShape]
+    ) -> ExactPreconditioner:
+        """Just the eigenbases of `kfac_bases` (no damping): what `RotatedGradients` rotates into for EK-FAC's
+        correction, E[(U_Sᵀ G U_A)²]."""
+        layers = {n: LayerCurvature(u_out, u_in, values, 0.0) for n, (u_out, u_in, values) in bases.items()}
+        return cls("kfac", 0.0, layers, shapes)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> ExactPreconditioner:
         """A copy with its tensors on `device` in `dtype` (once, not per batch)."""
@@ -169,9 +165,6 @@ def fit_exact_preconditioner(
         raise ValueError("ekfac needs the corrected eigenvalues, and kfac takes none.")
     layers = {}
     for name, (u_out, u_in, eigenvalues) in bases.items():
-        values = corrected[name] if corrected is not None else eigenvalues
-        layer = damped(u_out, u_in, values, alpha)
-        layers[name] = LayerCurvature(
-            layer.u_out.to(dtype), layer.u_in.to(dtype), layer.eigenvalues.to(dtype), layer.damping
-        )
-    return ExactPreconditioner(kind, alpha, layers, shapes)
+        clamped, lam, _ = relative_damping(corrected[name] if corrected is not None else eigenvalues, alpha)
+        layers[name] = LayerCurvature(u_out, u_in, clamped, lam)
+    return ExactPreconditioner(kind, alpha, layers, shapes).to("cpu", dtype)

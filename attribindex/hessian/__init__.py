@@ -6,6 +6,7 @@ from attribindex.hessian._precondition import (
     Preconditioner,
     fit_preconditioner,
     normalize_rows,
+    relative_damping,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "factor_width",
     "fit_preconditioner",
     "normalize_rows",
+    "relative_damping",
 ]

@@ -48,15 +48,23 @@ class KroneckerWhitening:
         return float((self.scale.double() * (c_out @ other.scale.double() @ c_in.T)).sum())
 
 
-def _damped(eigenvalues: torch.Tensor, damping: float) -> tuple[torch.Tensor, ModuleStats]:
-    """(e + λ)^{-1/2} with λ = α · mean(e), and the module's statistics."""
+def relative_damping(eigenvalues: torch.Tensor, alpha: float) -> tuple[torch.Tensor, float, ModuleStats]:
+    """(eigenvalues clamped at 0, λ = α · mean of them, the module's statistics); λ = 1 for an all-zero block,
+    which is then only rescaled, not whitened. The one damping rule of projected and exact preconditioners."""
     eigenvalues = eigenvalues.clamp_min(0.0)  # round-off can leave tiny negatives
     mean = float(eigenvalues.mean())
-    lam = damping * mean if mean > 0 else 1.0  # an all-zero block: whitening is then the identity
+    lam = alpha * mean if mean > 0 else 1.0
     top = float(eigenvalues.max())
-    return (eigenvalues + lam).rsqrt(), ModuleStats(
+    stats = ModuleStats(
         mean_eigenvalue=mean, damping=lam, effective_rank=float(eigenvalues.sum()) / top if top > 0 else 0.0
     )
+    return eigenvalues, lam, stats
+
+
+def _damped(eigenvalues: torch.Tensor, damping: float) -> tuple[torch.Tensor, ModuleStats]:
+    """(e + λ)^{-1/2} with λ = α · mean(e), and the module's statistics."""
+    eigenvalues, lam, stats = relative_damping(eigenvalues, damping)
+    return (eigenvalues + lam).rsqrt(), stats
 
 
 class Preconditioner:

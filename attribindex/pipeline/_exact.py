@@ -19,7 +19,6 @@ from attribindex.exact import (
     ExactPreconditioner,
     FactorBatch,
     FactorListener,
-    LayerCurvature,
     LayerShape,
     RotatedGradients,
     fit_exact_preconditioner,
@@ -169,8 +168,7 @@ def _corrected_eigenvalues(
     progress: bool,
 ) -> dict[str, torch.Tensor]:
     """E[(U_Sᵀ G U_A)²] per layer over the sampled rows, resuming from the checkpoint of an interrupted pass."""
-    layers = {n: LayerCurvature(u_out, u_in, values, 0.0) for n, (u_out, u_in, values) in bases.items()}
-    curvature = ExactPreconditioner("kfac", config.damping, layers, shapes)
+    curvature = ExactPreconditioner.eigenbases(bases, shapes)
     basis = curvature.hash()  # the checkpoint holds sums in this basis only
     totals, done = _read_correction(out / layout.EXACT_CORRECTION, basis, bases)
 

@@ -306,7 +306,6 @@ def _batches(order: list[int], batch_size: int, slice_of: np.ndarray | None):
 def _add_exact(total: dict, batch: dict) -> None:
     for name, sums in batch.items():
         if name in total:
-            for part in ("activations", "gradients", "trace"):
-                getattr(total[name], part).add_(getattr(sums, part))
+            total[name].add_(sums)
         else:
             total[name] = sums

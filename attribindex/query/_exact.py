@@ -4,7 +4,7 @@ KFAC / EK-FAC influence (`attribindex.exact`), and rank them by it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -121,13 +121,7 @@ class ExactReranker:
                 mine = np.array(sorted(pool))
                 own = scores[[position[r] for r in mine], column]  # (candidates,)
                 order = np.lexsort((mine, -own))  # highest first; ties by row, so answers repeat exactly
-                ranked = [_rescored(pool[mine[i]], own[i]) for i in order]
+                ranked = [replace(pool[mine[i]], score=float(own[i])) for i in order]
                 out.append(Reranked(top=ranked[:k], bottom=ranked[::-1][:bottom] if bottom else []))
         seconds = time.perf_counter() - started
         return out, ExactRerank(method=self.method, candidates=count, scored=scored, rerank_ms=seconds * 1000)
-
-
-def _rescored(attribution: Attribution, score: float) -> Attribution:
-    return Attribution(
-        id=attribution.id, score=float(score), text=attribution.text, source=attribution.source, row=attribution.row
-    )
