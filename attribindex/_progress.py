@@ -40,3 +40,9 @@ def progress(
         unit_scale=unit_scale,
         unit_divisor=1024 if unit_scale else 1000,
     )
+
+
+def close_open_bars() -> None:
+    """Close every bar still open (an error left it mid-line), so what is printed next starts on its own line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

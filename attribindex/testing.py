@@ -1,6 +1,7 @@
 """Tiny, locally created models, tokenizers and corpora for tests, benchmarks and smoke runs.
 
-Nothing here downloads anything: the tokenizer is a byte-level BPE trained on the generated corpus.
+Nothing here downloads anything: tokenizers (byte-level BPE, or SentencePiece-style Unigram) are trained on
+the given texts.
 
 Example:
     >>> from attribindex.testing import make_tiny_model, tiny_corpus
@@ -110,6 +111,35 @@ def make_tokenizer(texts: list[str], vocab_size: int = 256):
     )
 
 
+def make_sentencepiece_tokenizer(texts: list[str], vocab_size: int = 200):
+    """A Llama-style SentencePiece tokenizer (Unigram model, "▁" word-start marker, BOS added) trained on `texts`.
+
+    It shows what a byte-level BPE hides: a text's first word gets the "▁" marker too, so tokenising a
+    completion on its own adds a token that the joined text does not have.
+
+    Example:
+        >>> tokenizer = make_sentencepiece_tokenizer([d["text"] for d in tiny_corpus(50)])
+        >>> tokenizer.convert_ids_to_tokens(tokenizer("king")["input_ids"])[0]
+        '<s>'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    unigram = Tokenizer(models.Unigram())
+    # prepend_scheme "first": only the text's start gets a "▁" (like Llama/SentencePiece add_dummy_prefix)
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    unigram.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>", shrinking_factor=0.75
+    )
+    unigram.train_from_iterator(texts, trainer=trainer)
+    bos = unigram.token_to_id("<s>")
+    unigram.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=unigram, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+
+
 def make_tiny_model(
     path: str | Path,
     arch: str = "gpt2",
@@ -118,15 +148,29 @@ def make_tiny_model(
     layers: int = 2,
     seed: int = 0,
     vocab_size: int = 256,
+    tokenizer: str = "byte-bpe",
 ) -> Path:
-    """Create and save a randomly initialised causal LM (`gpt2`: Conv1D layers; `llama`: Linear layers)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """Create and save a randomly initialised causal LM (`gpt2`: Conv1D layers; `llama`, `qwen2`, `gpt_neox`: Linear
+    layers) with a tokenizer trained on `texts`: `"byte-bpe"` (GPT-2 style) or `"sentencepiece"` (Llama style,
+    see `make_sentencepiece_tokenizer`).
+
+    Example:
+        >>> make_tiny_model("/tmp/tiny-llama", arch="llama", tokenizer="sentencepiece")  # doctest: +SKIP
+        PosixPath('/tmp/tiny-llama')
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     path = Path(path)
-    tokenizer = make_tokenizer(texts or [d["text"] for d in tiny_corpus(200)], vocab_size)
+    texts = texts or [d["text"] for d in tiny_corpus(200)]
+    if tokenizer == "byte-bpe":
+        made = make_tokenizer(texts, vocab_size)
+    elif tokenizer == "sentencepiece":
+        made = make_sentencepiece_tokenizer(texts, vocab_size)
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; use 'byte-bpe' or 'sentencepiece'")
     torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    eos = tokenizer.eos_token_id
+    vocab = len(made)
+    eos, bos = made.eos_token_id, made.bos_token_id
     if arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab,
@@ -134,32 +178,33 @@ def make_tiny_model(
             n_embd=hidden,
             n_layer=layers,
             n_head=2,
-            bos_token_id=eos,
+            bos_token_id=bos,
             eos_token_id=eos,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
         )
         model = GPT2LMHeadModel(config)
-    elif arch == "llama":
-        config = LlamaConfig(
+    elif arch in ("llama", "qwen2", "gpt_neox"):  # Qwen2: q/k/v biases; GPT-NeoX (Pythia): its head is `embed_out`
+        config = AutoConfig.for_model(
+            arch,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,
             num_attention_heads=2,
-            num_key_value_heads=1,
             max_position_embeddings=128,
-            bos_token_id=eos,
+            bos_token_id=bos,
             eos_token_id=eos,
             pad_token_id=eos,
             tie_word_embeddings=False,
+            **({} if arch == "gpt_neox" else {"num_key_value_heads": 1}),
         )
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     else:
-        raise ValueError(f"unknown arch {arch!r}; use 'gpt2' or 'llama'")
+        raise ValueError(f"unknown arch {arch!r}; use 'gpt2', 'llama', 'qwen2' or 'gpt_neox'")
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    made.save_pretrained(path)
     return path
 
 

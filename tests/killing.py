@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 # Patches `module.attr` so that its call number `nth` SIGKILLs the process just before it starts
-# ("before") or just after it returns ("after"), then runs attribindex.<function>(*args, **kwargs).
+# ("before") or just after it returns ("after"), then runs attribindex.<function>(*args, **kwargs), or with
+# function "cli", the command line `attribindex *args`.
 _DRIVER = """
 import importlib, json, os, signal, sys
 module_name, attr, nth, when, function, arguments = sys.argv[1:]
@@ -28,6 +29,9 @@ def wrapper(*args, **kwargs):
 setattr(owner, name, wrapper)
 import attribindex
 arguments = json.loads(arguments)
+if function == "cli":
+    from attribindex.cli import main
+    main(arguments["args"], prog_name="attribindex")
 if "config" in arguments["kwargs"]:
     arguments["args"].insert(0, attribindex.load_config(arguments["kwargs"].pop("config")))
 getattr(attribindex, function)(*arguments["args"], **arguments["kwargs"])
@@ -41,8 +45,14 @@ def run_killed(kill_at: tuple[str, str, int, str], function: str, *args, **kwarg
     """
     module, attr, nth, when = kill_at
     arguments = json.dumps({"args": [str(a) for a in args], "kwargs": kwargs})
-    command = [sys.executable, "-c", _DRIVER, module, attr, str(nth), when, function, arguments]
+    # -u: what the process printed before it was killed is not lost in a buffer (it shows how far it got)
+    command = [sys.executable, "-u", "-c", _DRIVER, module, attr, str(nth), when, function, arguments]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def cli_killed(kill_at: tuple[str, str, int, str], *args: str) -> subprocess.CompletedProcess:
+    """The command line `attribindex *args` in a subprocess killed at `kill_at` (as `run_killed`)."""
+    return run_killed(kill_at, "cli", *args)
 
 
 def build_killed(kill_at, model, corpus, out, config_file, **kwargs) -> subprocess.CompletedProcess:

@@ -36,18 +36,25 @@ def _plain_backward(model, tokenizer, item, name: str, layers: list[str], max_le
 def explicit_projected_gradients(
     model, tokenizer, items, projections: ProjectionSet, max_length: int, multipliers: dict | None = None
 ) -> torch.Tensor:
-    """(N, D) per-example P_out · G · P_inᵀ from full weight gradients, one example at a time; with
-    `multipliers[name]` (the weight's own shape), G is first multiplied by it elementwise."""
+    """(N, D) per-example P_out · G · P_inᵀ from full weight (and, where captured, bias) gradients, one example at
+    a time: G = [DW Db] for a captured bias. With `multipliers[name]` (the weight's own shape) and
+    `multipliers[name + ".bias"]` (n_out,), G is first multiplied by them elementwise."""
     model = model.double()
     rows = []
     for i, item in enumerate(items):
         layers = _plain_backward(model, tokenizer, item, f"item {i}", _names(projections), max_length)
         blocks = []
         for spec in projections.modules:
-            grad = layers[spec.name][0].weight.grad  # Linear: (out, in); Conv1D: (in, out)
+            module = layers[spec.name][0]
+            grad = module.weight.grad  # Linear: (out, in); Conv1D: (in, out)
             if multipliers is not None:
                 grad = grad * multipliers[spec.name].double()
-            grad = grad.T if spec.kind == "conv1d" else grad
+            grad = grad.T if spec.kind == "conv1d" else grad  # (out, in)
+            if spec.bias:
+                bias_grad = module.bias.grad  # (out,)
+                if multipliers is not None:
+                    bias_grad = bias_grad * multipliers[spec.name + ".bias"].double()
+                grad = torch.cat([grad, bias_grad[:, None]], dim=1)  # (out, in + 1)
             p_in, p_out = projections.p_in[spec.name].double(), projections.p_out[spec.name].double()
             blocks.append((p_out @ grad @ p_in.T).reshape(-1))
         rows.append(torch.cat(blocks))
@@ -64,7 +71,10 @@ def explicit_factor_rows(model, tokenizer, items, projections: ProjectionSet, ma
         parts = []
         for spec in projections.modules:
             _, inputs, outputs = layers[spec.name]
-            x = inputs[0] @ projections.p_in[spec.name].double().T  # (T, k_in)
+            x = inputs[0]  # (T, n_in)
+            if spec.bias:
+                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (T, n_in + 1)
+            x = x @ projections.p_in[spec.name].double().T  # (T, k_in)
             delta = outputs.grad[0] @ projections.p_out[spec.name].double().T  # (T, k_out)
             parts += [(x.T @ x).reshape(-1), (delta.T @ delta).reshape(-1)]
         rows.append(torch.cat(parts))
@@ -166,24 +176,45 @@ def _full_gradients(model, tokenizer, item, name: str, layers: list[str], max_le
         if module.bias is not None:
             weight = torch.cat([weight, module.bias.grad[:, None]], dim=1)
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        out[n] = (weight.clone(), x.T @ x, delta.T @ delta)
+        out[n] = (weight.clone(), (x.T @ x).detach(), (delta.T @ delta).detach())
+    return out
+
+
+def _projected(layers: dict, projections: ProjectionSet) -> dict:
+    """(G, Σ x̄x̄ᵀ, Σ δδᵀ) per layer → (P_out G P_inᵀ, P_in Σ x̄x̄ᵀ P_inᵀ, P_out Σ δδᵀ P_outᵀ)."""
+    out = {}
+    for n, (grad, inputs, outputs) in layers.items():
+        p_in, p_out = projections.p_in[n].double(), projections.p_out[n].double()
+        out[n] = (p_out @ grad @ p_in.T, p_in @ inputs @ p_in.T, p_out @ outputs @ p_out.T)
     return out
 
 
 def explicit_exact_scores(
-    model, tokenizer, train_items, query_items, layers: list[str], kind: str, alpha: float, mode: str, max_length: int
+    model,
+    tokenizer,
+    train_items,
+    query_items,
+    layers: list[str],
+    kind: str,
+    alpha: float,
+    mode: str,
+    max_length: int,
+    projections: ProjectionSet | None = None,
 ) -> torch.Tensor:
     """(Q, N) unprojected KFAC / EK-FAC influence Σ_layers vec(G_q)ᵀ (H + λI)⁻¹ vec(G_n), with H formed as an
     explicit d × d matrix from `torch.kron` of the eigenbases of the mean factors: KFAC eigenvalues s_i·a_j
     rescaled to E‖G‖², EK-FAC eigenvalues E[(Kᵀ vec G)²] over all training items; λ = α · mean eigenvalue.
-    Cosine divides by both self-influences' square roots. Autograd gradients, float64, one example at a time."""
+    Cosine divides by both self-influences' square roots. Autograd gradients, float64, one example at a time.
+
+    With `projections`, the same influence in LoGra's projected space: G → P_out G P_inᵀ, Σ x̄x̄ᵀ → P_in (Σ x̄x̄ᵀ)
+    P_inᵀ and Σ δδᵀ → P_out (Σ δδᵀ) P_outᵀ, each formed explicitly from the autograd quantities."""
     model = model.double()
-    train = [
-        _full_gradients(model, tokenizer, item, f"item {i}", layers, max_length) for i, item in enumerate(train_items)
-    ]
-    queries = [
-        _full_gradients(model, tokenizer, item, f"query {i}", layers, max_length) for i, item in enumerate(query_items)
-    ]
+    train, queries = (
+        [_full_gradients(model, tokenizer, item, f"{what} {i}", layers, max_length) for i, item in enumerate(items)]
+        for what, items in (("item", train_items), ("query", query_items))
+    )
+    if projections is not None:
+        train, queries = ([_projected(g, projections) for g in grads] for grads in (train, queries))
     count = len(train)
     scores = torch.zeros(len(queries), count, dtype=torch.float64)
     self_q = torch.zeros(len(queries), dtype=torch.float64)

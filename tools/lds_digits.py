@@ -15,6 +15,7 @@ Runs offline in about two minutes here. Every artefact goes under --out; the gro
 
     python tools/lds_digits.py [--train 1000] [--queries 100] [--subsets 100] [--ranks 4,8,16,32,64] [--out DIR]
     python tools/lds_digits.py --only-exact  # just the exact rows (and the random baseline)
+    python tools/lds_digits.py --bias --no-exact  # the projected rows with each layer's bias column captured
 
 Rank 64 per side is full rank for both layers (64×64 and 10×64): the projection is then an invertible change of
 basis, so `raw` there equals unprojected influence with each layer's full empirical Fisher, the reference the
@@ -154,6 +155,9 @@ def main() -> None:
     parser.add_argument("--dampings", default="0.001,0.01,0.1,1.0")
     parser.add_argument("--exact-dampings", default=None, help="dampings of the exact rows (default: --dampings)")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact, unprojected rows")
+    parser.add_argument(
+        "--bias", action="store_true", help="projected rows capture each layer's bias too (projection.bias)"
+    )
     parser.add_argument("--only-exact", action="store_true", help="skip the projected rows (ground truth is reused)")
     parser.add_argument("--out", type=Path, default=Path("lds-digits"))
     args = parser.parse_args()
@@ -206,9 +210,16 @@ def main() -> None:
         np.random.default_rng(0).standard_normal((len(query_rows), len(train_rows))), truth.subsets, truth.losses
     )
     rows.append({"gradients": "-", "hessian": "random scores", "rank": "-", "damping": "-", "lds": random})
-    specs = [ModuleSpec("0", "linear", 64, args.hidden), ModuleSpec("2", "linear", args.hidden, 10)]
-    variants = {"plain": None, "adam √v": load_second_moment_scales(out / "optimizer.pt", full, specs)}
-    print(f"Adam v rank-1 factorisation: relative error {variants['adam √v'].record['relative_error']:.3f}")
+    specs = [
+        ModuleSpec("0", "linear", 64, args.hidden, args.bias),
+        ModuleSpec("2", "linear", args.hidden, 10, args.bias),
+    ]
+    suffix = " +bias" if args.bias else ""
+    variants = {
+        f"plain{suffix}": None,
+        f"adam √v{suffix}": load_second_moment_scales(out / "optimizer.pt", full, specs),
+    }
+    print(f"Adam v rank-1 factorisation: relative error {variants[f'adam √v{suffix}'].record['relative_error']:.3f}")
     for variant, scales in variants.items():
         for rank in [] if args.only_exact else [int(r) for r in args.ranks.split(",")]:
             projections = ProjectionSet.generate(specs, seed=0, rank_in=rank, rank_out=rank, optimizer=scales)

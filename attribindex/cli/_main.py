@@ -50,6 +50,9 @@ class _Command(click.Command):
         try:
             return super().invoke(ctx)
         except AttribIndexError as err:
+            from attribindex._progress import close_open_bars
+
+            close_open_bars()  # a bar left open by the failure would share the error's line
             raise click.ClickException(in_flags(str(err), self)) from None
 
 
@@ -355,8 +358,11 @@ def verify(index_dir):
         click.echo(f"DAMAGED  {index_dir / name}: {problem}")
     verdict = "intact" if report.ok else f"{len(report.damaged)} damaged"
     click.echo(f"{index_dir}: {report.files} files, {report.bytes / 2**20:.1f} MiB checked, {verdict}")
-    if not report.ok:
-        raise SystemExit(1)
+    if not report.ok:  # the list is on stdout; stderr says what to do, and the exit status is 1
+        files, them = ("file is", "it") if len(report.damaged) == 1 else ("files are", "them")
+        raise click.ClickException(
+            f"{len(report.damaged)} {files} damaged in {index_dir}. Restore {them} from a copy, or rebuild the index."
+        )
 
 
 def _replace_checked(section, overrides: dict):
@@ -617,7 +623,8 @@ def info(index_dir, as_json):
         + f", created {manifest.created})",
         f"rows         {manifest.live_rows if indexed else manifest.rows:,}  in {len(manifest.store.chunks)} chunks "
         f"({manifest.store.dtype})",
-        f"vector       {manifest.dim:,} dims from {len(modules)} modules, rank {modules[0].rank_out}×{modules[0].rank_in}",
+        f"vector       {manifest.dim:,} dims from {len(modules)} modules, rank {modules[0].rank_out}×{modules[0].rank_in}"
+        f", {sum(m.bias for m in modules)} with their bias",
         f"model        {manifest.model.name_or_path} ({manifest.model.class_name})",
     ]
     lines += _index_lines(manifest) if indexed else _shard_lines(manifest)

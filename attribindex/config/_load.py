@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,7 +51,26 @@ def rows_settings(config: BuildConfig) -> dict[str, Any]:
     return settings
 
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "index_configs"
+def _presets_dir() -> Path:
+    """Where the YAML presets are: `attribindex/presets/` inside an installed wheel (pyproject.toml maps
+    index_configs/ there at build time), else `index_configs/` of the source tree (an editable install)."""
+    packaged = importlib.resources.files("attribindex") / "presets"
+    if isinstance(packaged, Path) and packaged.is_dir():  # a wheel is always unpacked: a Path, never a zip
+        return packaged
+    return Path(__file__).resolve().parents[2] / "index_configs"
+
+
+PRESETS_DIR = _presets_dir()
+
+
+def preset_names() -> list[str]:
+    """The names `load_config` accepts as presets, sorted.
+
+    Example:
+        >>> "tiny" in preset_names()
+        True
+    """
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -65,7 +85,8 @@ _ConfigLoader.add_implicit_resolver(
 
 
 def load_config(source: str | Path | None) -> BuildConfig:
-    """Load a BuildConfig from a YAML file, a preset name from `index_configs/`, or defaults (None).
+    """Load a BuildConfig from a YAML file, a preset name (`index_configs/`, shipped in the package), or defaults
+    (None). A file path wins over a preset of the same name.
 
     Example:
         >>> load_config("tiny").projection.rank_in
@@ -77,13 +98,15 @@ def load_config(source: str | Path | None) -> BuildConfig:
     if not path.exists() and (PRESETS_DIR / f"{source}.yaml").exists():
         path = PRESETS_DIR / f"{source}.yaml"
     if not path.is_file():
-        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
         raise AttribIndexError(
             f"config {str(source)!r} is neither a YAML file nor a preset name. "
-            f"Presets: {', '.join(presets) or '(none found)'}."
+            f"Presets: {', '.join(preset_names()) or f'(none found in {PRESETS_DIR})'}."
         )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as err:
-        raise AttribIndexError(f"config {path} is not valid YAML: {err}") from None
+    except yaml.YAMLError as err:  # its own message spans lines (it quotes the text): keep the one-line cause
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise AttribIndexError(f"config {path} is not valid YAML: {problem}{where}. Fix the YAML there.") from None
     return config_from_dict(BuildConfig, data, where=path.name)

@@ -32,8 +32,14 @@ class ProjectionConfig:
     Args:
         modules: fnmatch patterns on module names (``model.layers.3.mlp.up_proj``); a module is
             captured when it is a Linear / GPT-2 Conv1D and matches one pattern. ``"*"`` = all.
-        exclude: patterns removed after ``modules`` (the LM head is excluded by default: it is as
-            large as the vocabulary and mostly measures token frequency).
+        exclude: patterns removed after ``modules``.
+        include_head: capture the model's output embedding (``get_output_embeddings()``, whatever its
+            name: ``lm_head``, GPT-NeoX's ``embed_out``) when the patterns match it. Off by default: the
+            head is as large as the vocabulary, mostly measures token frequency, and capturing it turns the
+            memory-saving chunked head off.
+        bias: capture the bias of every captured layer that has one (GPT-2's Conv1D, Qwen2's q/k/v), as an
+            extra input column of the layer's gradient (``[x; 1]``); its projection adds one column to
+            ``P_in``.
         last_n_blocks: keep only modules inside the last N transformer blocks (None = all blocks).
         rank_in: rows of ``P_in`` (projected activation dimension) per module.
         rank_out: rows of ``P_out`` (projected output-gradient dimension) per module.
@@ -48,11 +54,13 @@ class ProjectionConfig:
 
     Example:
         >>> ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=4, rank_in=16, rank_out=16)
-        ProjectionConfig(modules=('*.mlp.*',), exclude=('*lm_head*',), last_n_blocks=4, rank_in=16, rank_out=16, seed=0, optimizer_state=None, optimizer_eps=1e-08)
+        ProjectionConfig(modules=('*.mlp.*',), exclude=(), include_head=False, bias=True, last_n_blocks=4, rank_in=16, rank_out=16, seed=0, optimizer_state=None, optimizer_eps=1e-08)
     """
 
     modules: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ("*lm_head*",)
+    exclude: tuple[str, ...] = ()
+    include_head: bool = False
+    bias: bool = True
     last_n_blocks: int | None = None
     rank_in: int = 16
     rank_out: int = 16
@@ -63,7 +71,11 @@ class ProjectionConfig:
     def __post_init__(self) -> None:
         _require(self.optimizer_eps > 0, f"projection.optimizer_eps must be > 0, got {self.optimizer_eps}.")
         _require(len(self.modules) > 0, "projection.modules is empty; use ['*'] to capture all linear layers.")
-        _require(self.rank_in >= 1 and self.rank_out >= 1, "projection.rank_in/rank_out must be >= 1.")
+        _require(
+            self.rank_in >= 1 and self.rank_out >= 1,
+            f"projection.rank_in/rank_out must be >= 1, got rank_in={self.rank_in}, rank_out={self.rank_out}. "
+            f"Set both to a positive rank such as 16.",
+        )
         _require(
             self.last_n_blocks is None or self.last_n_blocks >= 1,
             f"projection.last_n_blocks must be >= 1 or null, got {self.last_n_blocks}.",

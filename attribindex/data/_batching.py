@@ -1,7 +1,8 @@
 """Tokenisation of documents and (prompt, completion) pairs, and right-padded batches.
 
 A token counts in the loss when its `loss_mask` is 1: every token after the first for a plain
-document; only completion tokens for a (prompt, completion) pair. Padding never counts.
+document; for a (prompt, completion) pair, tokenised as the joined text, the tokens holding at least one
+completion character (see `tokenize`). Padding never counts.
 """
 
 from __future__ import annotations
@@ -44,15 +45,29 @@ class Batch:
 def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str) -> TokenizedExample:
     """Tokenise a text or a (prompt, completion) pair, truncated to `max_length` tokens.
 
+    A pair is tokenised as one text, `prompt + completion`, exactly as a model reads it: tokenising the two
+    halves apart would add a spurious word-start marker ("▁" for SentencePiece) and change merges at the
+    boundary. A token carries loss when its character span reaches past the end of the prompt, i.e. it holds at
+    least one completion character: a token straddling the boundary (prompt "A: " + completion "Hamlet" fuse into
+    " Hamlet") counts, so a completion never loses its only token. Special tokens (BOS, EOS) never count.
+
     Raises AttribIndexError when no token is left to carry loss, naming the item `name`.
+
+    Example:
+        >>> from attribindex.testing import make_tokenizer
+        >>> tokenizer = make_tokenizer(["Who is the Dane? Hamlet, the Dane."])
+        >>> example = tokenize(tokenizer, PromptCompletion("Who is the Dane?", " Hamlet"), 64, "query 0")
+        >>> example.input_ids == tokenizer("Who is the Dane? Hamlet")["input_ids"]
+        True
     """
     if isinstance(item, PromptCompletion):
-        prompt_ids = tokenizer(item.prompt, add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(item.completion, add_special_tokens=False)["input_ids"]
-        full = prompt_ids + completion_ids
-        mask = ([0] * len(prompt_ids) + [1] * len(completion_ids))[:max_length]
+        full, mask = _tokenize_joined(tokenizer, item)
+        mask = mask[:max_length]
     else:
-        full = tokenizer(item, add_special_tokens=True)["input_ids"]
+        # Truncation is intended (slicing keeps the ids of a tokenisation of the whole text, with no end-of-text
+        # token put after a cut), so the "longer than the specified maximum sequence length" warning is noise:
+        # `verbose=False` turns off that one warning for this call, not transformers' logging.
+        full = tokenizer(item, add_special_tokens=True, verbose=False)["input_ids"]
         mask = [1] * min(len(full), max_length)
     ids = full[:max_length]
     if mask:
@@ -67,6 +82,32 @@ def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str
             f"{name}: no token carries loss ({what}). Remove it, lengthen it, or raise max_length ({max_length})."
         )
     return TokenizedExample(input_ids=ids, loss_mask=mask, truncated=len(full) > max_length)
+
+
+def _tokenize_joined(tokenizer, item: PromptCompletion) -> tuple[list[int], list[int]]:
+    """Ids of `prompt + completion` and a 0/1 mask of the tokens holding a completion character (see `tokenize`)."""
+    text, boundary = item.prompt + item.completion, len(item.prompt)
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(
+            text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False
+        )
+        ids = encoded["input_ids"]
+        mask = [
+            int(end > boundary and not special)
+            for (_, end), special in zip(encoded["offset_mapping"], encoded["special_tokens_mask"])
+        ]
+        return ids, mask
+    # A slow (pure Python) tokenizer gives no character offsets. The joined tokens usually start with the prompt's
+    # own tokens up to the last one the completion merges with, so the tokens after the longest common prefix are
+    # those holding completion characters, the straddling one included (as above). Should the prompt alone tokenise
+    # differently earlier on, the tokens from there on count as well: never fewer than the completion's.
+    encoded = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True, verbose=False)
+    ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
+    prompt_ids = tokenizer(item.prompt, add_special_tokens=True, verbose=False)["input_ids"] if item.prompt else []
+    common = 0
+    while common < min(len(ids), len(prompt_ids)) and ids[common] == prompt_ids[common]:
+        common += 1
+    return ids, [int(i >= common and not s) for i, s in enumerate(special)]
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> Batch:

@@ -104,7 +104,10 @@ class Corpus:
 
     def _to_document(self, source: str, record: Any, seen: dict[str, int]) -> Document:
         if not isinstance(record, dict):
-            raise AttribIndexError(f"{source}: expected a JSON object per record, got {type(record).__name__}.")
+            raise AttribIndexError(
+                f"{source}: expected a JSON object per record, got {type(record).__name__}. "
+                f'Write one JSON object per line, e.g. {{"{self.text_field}": "...", "id": "..."}}.'
+            )
         if self.text_field not in record:
             fields = ", ".join(sorted(map(str, record))) or "(none)"
             raise AttribIndexError(
@@ -113,17 +116,21 @@ class Corpus:
             )
         text = record[self.text_field]
         if not isinstance(text, str):
-            raise AttribIndexError(f"{source}: field {self.text_field!r} is {type(text).__name__}, not a string.")
+            raise AttribIndexError(
+                f"{source}: field {self.text_field!r} is {type(text).__name__}, not a string. Fix the record, or "
+                f"choose the field that holds the text with `text_field`."
+            )
         if self.id_field is not None:
             if record.get(self.id_field) is None:
                 raise AttribIndexError(
                     f"{source}: no id field {self.id_field!r} in the record. "
                     f"Fix the record, or leave `id_field` out to use content-hash ids."
                 )
-            doc_id = str(record[self.id_field])
+            doc_id = self._checked_id(source, record[self.id_field])
             if doc_id in seen:
                 raise AttribIndexError(
-                    f"{source}: duplicate id {doc_id!r} (first seen at record {seen[doc_id]}). Ids must be unique."
+                    f"{source}: duplicate id {doc_id!r} (first seen at record {seen[doc_id]}). Ids must be unique: "
+                    f"fix the corpus, or leave `id_field` out to use content-hash ids."
                 )
         else:
             doc_id = base_id = content_id(text)
@@ -133,6 +140,18 @@ class Corpus:
                 doc_id = f"{base_id}~{copy}"
         seen[doc_id] = len(seen)
         return Document(id=doc_id, text=text, source=source)
+
+    def _checked_id(self, source: str, value: Any) -> str:
+        """The id as a string. Strings and integers (even mixed: 7 and "b") are ids; a float, bool, list or object
+        is a broken export (an integer column with gaps becomes 3.0, an id "3.0" that matches nothing the user
+        has), refused rather than turned into such a string. 7 next to "7" is a duplicate."""
+        if type(value) not in (str, int):
+            raise AttribIndexError(
+                f"{source}: id field {self.id_field!r} is {type(value).__name__} ({value!r}); ids must be strings or "
+                f'integers. Fix the corpus (e.g. write 3.0 as 3 or "3"), or leave `id_field` out to use '
+                f"content-hash ids."
+            )
+        return str(value)
 
 
 def _jsonl_records(path: Path):

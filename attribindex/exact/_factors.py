@@ -9,6 +9,7 @@ over the examples of a batch, and Σ_n ‖G_n‖², the trace that fixes the fac
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,9 @@ class LayerShape:
         return n_in * n_in + n_out * n_out
 
 
-def layer_shapes(model: nn.Module, names: list[str]) -> dict[str, LayerShape]:
-    """The unprojected gradient shapes of the layers `names` (Linear or GPT-2 Conv1D) of `model`.
+def layer_shapes(model: nn.Module, names: list[str], biased: Collection[str] | None = None) -> dict[str, LayerShape]:
+    """The unprojected gradient shapes of the layers `names` (Linear or GPT-2 Conv1D) of `model`; a bias column
+    for the layers in `biased` that have a bias (None: every layer that has one).
 
     Example:
         >>> layer_shapes(nn.Sequential(nn.Linear(4, 8)), ["0"])
@@ -56,7 +58,8 @@ def layer_shapes(model: nn.Module, names: list[str]) -> dict[str, LayerShape]:
         module = modules[name]
         weight = module.weight
         out_features, in_features = weight.shape if isinstance(module, nn.Linear) else weight.shape[::-1]
-        shapes[name] = LayerShape(int(out_features), int(in_features), getattr(module, "bias", None) is not None)
+        bias = getattr(module, "bias", None) is not None and (biased is None or name in biased)
+        shapes[name] = LayerShape(int(out_features), int(in_features), bias)
     return shapes
 
 

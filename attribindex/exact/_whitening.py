@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from attribindex.errors import AttribIndexError
 from attribindex.exact._factors import LayerShape
 from attribindex.hessian import relative_damping
-from attribindex.store import ModuleStats, atomic_path
+from attribindex.store import ModuleStats, save_safetensors
 
 
 @dataclass
@@ -107,8 +106,7 @@ class ExactPreconditioner:
         metadata |= {
             f"{name}::shape": f"{s.out_features},{s.in_features},{int(s.bias)}" for name, s in self.shapes.items()
         }
-        with atomic_path(path) as tmp:
-            save_file({n: t.contiguous() for n, t in self._tensors().items()}, str(tmp), metadata=metadata)
+        save_safetensors({n: t.contiguous() for n, t in self._tensors().items()}, path, metadata)
 
     @classmethod
     def load(cls, path: Path) -> ExactPreconditioner:

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from attribindex.errors import AttribIndexError
 from attribindex.hessian._curvature import FACTOR_KINDS, CurvatureSums
-from attribindex.store import ModuleStats, atomic_path
+from attribindex.store import ModuleStats, save_safetensors
 
 
 @dataclass
@@ -207,8 +206,7 @@ class Preconditioner:
 
     def save(self, path: Path) -> None:
         tensors = {n: m.contiguous() for n, m in self._tensors().items()} or {"_empty": torch.zeros(0)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"kind": self.kind, "damping": repr(self.damping)})
+        save_safetensors(tensors, path, {"kind": self.kind, "damping": repr(self.damping)})
 
     @classmethod
     def load(cls, path: Path, names: list[str], dims: list[int]) -> Preconditioner:

@@ -1,7 +1,8 @@
 """Per-example projected gradients from forward/backward hooks (LoGra).
 
-For a captured layer y = W x, the per-example gradient is DW = Σ_t δ_t x_tᵀ. We project the
-activations in the forward hook (x̃ = P_in x) and the output gradients in a tensor hook on the
+For a captured layer y = W x (+ b), the per-example gradient is DW = Σ_t δ_t x_tᵀ (and Db = Σ_t δ_t: the
+column of a constant input 1, so a captured bias is [DW Db] = Σ_t δ_t [x_t; 1]ᵀ). We project the
+activations in the forward hook (x̃ = P_in x, or P_in [x; 1]) and the output gradients in a tensor hook on the
 layer's output (δ̃ = P_out δ), then form G̃ = Σ_t δ̃_t x̃_tᵀ with one batched matmul over tokens.
 The full n_out × n_in gradient is never formed and no parameter gets a `.grad`.
 
@@ -55,7 +56,10 @@ class LoGraCapture(LayerHooks):
         self._input_factors.clear()
 
     def on_input(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
-        acts = x @ self._p_in[name].T  # (B, T, k_in)
+        p_in = self._p_in[name]  # (k_in, n_in), or (k_in, n_in + 1) whose last column projects a bias's input 1
+        acts = x @ p_in[:, : x.shape[-1]].T  # (B, T, k_in)
+        if p_in.shape[1] > x.shape[-1]:
+            acts = acts + p_in[:, -1]  # [x; 1] projected: the bias column is added at every position
         self._acts[name] = acts
         if self.track_factors:
             masked = self.masked(acts)

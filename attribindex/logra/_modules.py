@@ -13,26 +13,36 @@ from attribindex.errors import AttribIndexError
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """A captured layer: its name, its kind and its weight's (out, in) sizes.
+    """A captured layer: its name, its kind, its weight's (out, in) sizes and whether its bias is captured.
+
+    A captured bias is the gradient's extra input column: y = W x + b = [W b] [x; 1], so the layer's
+    per-example gradient is Σ_t δ_t [x_t; 1]ᵀ, (out × in+1), and `P_in` gets one more column.
 
     Example:
-        >>> ModuleSpec(name="transformer.h.0.mlp.c_fc", kind="conv1d", in_features=64, out_features=256)
-        ModuleSpec(name='transformer.h.0.mlp.c_fc', kind='conv1d', in_features=64, out_features=256)
+        >>> ModuleSpec(name="transformer.h.0.mlp.c_fc", kind="conv1d", in_features=64, out_features=256, bias=True)
+        ModuleSpec(name='transformer.h.0.mlp.c_fc', kind='conv1d', in_features=64, out_features=256, bias=True)
     """
 
     name: str
     kind: str  # "linear" (weight is out × in) or "conv1d" (GPT-2 style, weight is in × out)
     in_features: int
     out_features: int
+    bias: bool = False
+
+    @property
+    def input_dim(self) -> int:
+        """Columns of the captured gradient: the weight's inputs, plus one for a captured bias."""
+        return self.in_features + int(self.bias)
 
 
-def _spec(name: str, module: nn.Module) -> ModuleSpec | None:
+def _spec(name: str, module: nn.Module, capture_bias: bool) -> ModuleSpec | None:
+    bias = capture_bias and getattr(module, "bias", None) is not None
     if isinstance(module, nn.Linear):
-        return ModuleSpec(name, "linear", module.in_features, module.out_features)
+        return ModuleSpec(name, "linear", module.in_features, module.out_features, bias)
     # transformers' Conv1D (GPT-2 family) is a Linear with a transposed weight (in × out).
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
         n_in, n_out = module.weight.shape
-        return ModuleSpec(name, "conv1d", n_in, n_out)
+        return ModuleSpec(name, "conv1d", n_in, n_out, bias)
     return None
 
 
@@ -46,13 +56,25 @@ def _block_index(name: str, block_lists: list[str]) -> int | None:
 def select_modules(model: nn.Module, config: ProjectionConfig) -> list[ModuleSpec]:
     """The captured layers of `model`, in module order, per the name patterns of `config`.
 
+    The model's output embedding (``get_output_embeddings()``: ``lm_head``, GPT-NeoX's ``embed_out``, ...) is
+    left out whatever its name unless ``config.include_head``; biases are captured where a layer has one
+    and ``config.bias`` is on.
+
     Example:
         >>> select_modules(model, ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=2))  # doctest: +SKIP
         [ModuleSpec(name='transformer.h.2.mlp.c_fc', ...), ...]
     """
-    candidates = [(name, spec) for name, module in model.named_modules() if (spec := _spec(name, module))]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((name for name, module in model.named_modules() if head is not None and module is head), None)
+    left_out = "" if config.include_head or head_name is None else head_name
+    # The head's name differs across families (lm_head, GPT-NeoX's embed_out), so it is left out by identity.
+    candidates = [(name, spec) for name, module in model.named_modules() if (spec := _spec(name, module, config.bias))]
+    candidates = [(name, spec) for name, spec in candidates if name != left_out]
+    head_note = (
+        f" The output embedding {left_out!r} is left out unless projection.include_head: true." if left_out else ""
+    )
     if not candidates:
-        raise AttribIndexError(f"{type(model).__name__} has no Linear or Conv1D layers to capture.")
+        raise AttribIndexError(f"{type(model).__name__} has no Linear or Conv1D layers to capture.{head_note}")
     chosen = [
         spec
         for name, spec in candidates
@@ -71,6 +93,6 @@ def select_modules(model: nn.Module, config: ProjectionConfig) -> list[ModuleSpe
         examples = ", ".join(name for name, _ in candidates[:6])
         raise AttribIndexError(
             f"no layer matches projection.modules={list(config.modules)} (exclude={list(config.exclude)}, "
-            f"last_n_blocks={config.last_n_blocks}). Layer names look like: {examples}, ..."
+            f"last_n_blocks={config.last_n_blocks}). Layer names look like: {examples}, ...{head_note}"
         )
     return chosen

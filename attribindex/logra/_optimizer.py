@@ -26,12 +26,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from attribindex.errors import AttribIndexError
 from attribindex.logra._modules import ModuleSpec
-from attribindex.store import atomic_path, file_sha256
+from attribindex.store import file_sha256, save_safetensors
 
 # Second-moment entries of a parameter's optimizer state. AMSGrad divides by the running max, so
 # `max_exp_avg_sq` wins over `exp_avg_sq` when both are present.
@@ -45,7 +44,10 @@ CHECKPOINT_OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 # Adafactor adds eps1 = 1e-30 to every squared gradient, so a state it wrote never falls below this.
 _ADAFACTOR_FLOOR = 1e-30
 
-_ADAFACTOR_APPROXIMATION = "none (Adafactor's own factorisation)"
+_ADAFACTOR_APPROXIMATION = (
+    "none for weights (Adafactor's own factorisation); a captured bias, whose v Adafactor keeps whole, is "
+    "factored as one more input column of its weight"
+)
 _ADAM_APPROXIMATION = (
     "rank-1 factorisation of Adam's v (Shazeer & Stern 2018): v̂ = r cᵀ / mean(v) with r, c the row and "
     "column means of the bias-corrected v; each factor of √v̂ is clamped at √eps so √v̂ ≥ eps"
@@ -77,7 +79,7 @@ class SecondMomentScales:
 
     optimizer: str  # "adam" or "adafactor"
     out_scale: dict[str, torch.Tensor]  # module name -> (n_out,) float32, > 0
-    in_scale: dict[str, torch.Tensor]  # module name -> (n_in,) float32, > 0
+    in_scale: dict[str, torch.Tensor]  # module name -> (n_in (+1 for a captured bias),) float32, > 0
     record: dict  # JSON-able provenance for the index manifest
 
 
@@ -142,7 +144,8 @@ def load_second_moment_scales(
         raise AttribIndexError(f"eps must be > 0 (it floors √v̂), got {eps}. Pass Adam's eps, e.g. 1e-8.")
     params = dict(model.named_parameters())
     wanted = [_weight_of(spec, params) for spec in modules]
-    file_format, states, mapping = _read_states(path, model, wanted, trust_pickle)
+    biases = {spec.name: f"{spec.name}.bias" for spec in modules if spec.bias}
+    file_format, states, mapping = _read_states(path, model, wanted + list(biases.values()), trust_pickle)
 
     kinds: dict[str, str] = {}
     out_scale: dict[str, torch.Tensor] = {}
@@ -162,16 +165,19 @@ def load_second_moment_scales(
         steps[spec.name] = _as_float(moments.get("step"))
         if "exp_avg_sq_row" in moments and "exp_avg_sq_col" in moments:
             kinds[spec.name] = "adafactor"
-            out_scale[spec.name], in_scale[spec.name] = _adafactor_factors(
-                moments["exp_avg_sq_row"], moments["exp_avg_sq_col"], spec.kind
+            bias_v = _bias_moment(states, biases, spec, path, ("exp_avg_sq",))
+            out_scale[spec.name], in_scale[spec.name], errors[spec.name] = _adafactor_factors(
+                moments["exp_avg_sq_row"], moments["exp_avg_sq_col"], spec.kind, bias_v
             )
-            errors[spec.name] = 0.0
         elif any(key in moments for key in _FULL_KEYS):
             kinds[spec.name] = "adam"
             v = next(moments[key] for key in _FULL_KEYS if key in moments)
             correction, note = _bias_correction(steps[spec.name], _as_float(moments.get("beta2")))
             corrections.add(note)
-            out_scale[spec.name], in_scale[spec.name], errors[spec.name] = _adam_factors(v, spec.kind, correction, eps)
+            bias_v = _bias_moment(states, biases, spec, path, _FULL_KEYS)
+            out_scale[spec.name], in_scale[spec.name], errors[spec.name] = _adam_factors(
+                v, spec.kind, correction, eps, bias_v
+            )
         else:
             raise AttribIndexError(
                 f"the state of {name!r} in {path} has only {sorted(k for k in moments if k in _MOMENT_KEYS)}: "
@@ -241,16 +247,22 @@ def save_named_second_moments(optimizer: torch.optim.Optimizer, model: nn.Module
             "parameters the optimizer updates."
         )
     metadata = {"format": "attribindex.second_moments", "version": "1", "optimizer": type(optimizer).__name__}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(tensors, path, metadata)
     return path
 
 
 # --- the math -----------------------------------------------------------------------------------------
 
 
-def _adafactor_factors(row: torch.Tensor, col: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out_scale, in_scale) exactly as transformers' ``Adafactor._approx_sq_grad`` scales the gradient."""
+def _adafactor_factors(
+    row: torch.Tensor, col: torch.Tensor, kind: str, bias_v: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(out_scale, in_scale, relative error) exactly as transformers' ``Adafactor._approx_sq_grad`` scales the
+    gradient.
+
+    Adafactor keeps a bias's v whole. A captured bias (`bias_v`, (n_out,)) is factored as Adafactor would factor
+    one more input column of the weight: its mean of g² is mean(v_b), scaled like the other input columns. Only
+    that column is approximate; the error is ‖√v̂ − √v‖_F / ‖√v‖_F over weight and bias."""
     # Adafactor's row is the mean of g² over the weight's last dim, its col the mean over the first.
     row = row.to(torch.float64).clamp_min(_ADAFACTOR_FLOOR)  # (weight.shape[0],)
     col = col.to(torch.float64).clamp_min(_ADAFACTOR_FLOOR)  # (weight.shape[1],)
@@ -258,16 +270,30 @@ def _adafactor_factors(row: torch.Tensor, col: torch.Tensor, kind: str) -> tuple
     c_factor = col.rsqrt()  # (weight.shape[1],)
     # A Linear weight is (out, in); a GPT-2 Conv1D weight is (in, out), so its row side is the input.
     out_scale, in_scale = (r_factor, c_factor) if kind == "linear" else (c_factor, r_factor)
-    return out_scale.float(), in_scale.float()
+    if bias_v is None:
+        return out_scale.float(), in_scale.float(), 0.0
+    bias_v = bias_v.to(torch.float64).clamp_min(_ADAFACTOR_FLOOR)  # (n_out,)
+    # The input side is Adafactor's col (Linear: used as is) or its row (Conv1D: divided by the row mean).
+    bias_scale = bias_v.mean().rsqrt() if kind == "linear" else (bias_v.mean() / row.mean()).rsqrt()
+    # ‖√v̂‖_F of the (exact) weight part is ‖1/out‖ · ‖1/in‖.
+    weight_norm_sq = out_scale.reciprocal().square().sum() * in_scale.reciprocal().square().sum()
+    bias_error = torch.linalg.norm((out_scale * bias_scale).reciprocal() - bias_v.sqrt())
+    error = float(bias_error / torch.sqrt(weight_norm_sq + bias_v.sum()))
+    return out_scale.float(), torch.cat([in_scale, bias_scale.reshape(1)]).float(), error
 
 
 def _adam_factors(
-    v: torch.Tensor, kind: str, correction: float, eps: float
+    v: torch.Tensor, kind: str, correction: float, eps: float, bias_v: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(out_scale, in_scale, relative error) of the rank-1 factorisation of Adam's v / correction."""
+    """(out_scale, in_scale, relative error) of the rank-1 factorisation of Adam's v / correction.
+
+    With `bias_v` (n_out,), the bias's second moment is the last column of the factorised matrix (the bias is
+    the gradient's input column of ones), so in_scale has n_in + 1 entries."""
     v = v.float()  # (weight.shape): float32 keeps the full-size temporaries small; means are float64
     if kind != "linear":
         v = v.T  # Conv1D (in, out) -> (n_out, n_in)
+    if bias_v is not None:
+        v = torch.cat([v, bias_v.float().reshape(-1, 1)], dim=1)  # (n_out, n_in + 1)
     r = v.mean(dim=1, dtype=torch.float64) / correction  # (n_out,)
     c = v.mean(dim=0, dtype=torch.float64) / correction  # (n_in,)
     m = (r.mean()).clamp_min(1e-300)  # mean(r) = mean(c) = mean(v); the floor only guards an all-zero state
@@ -500,6 +526,24 @@ def _decay_parameter_names(model: nn.Module, patterns: list[str]) -> set[str]:
 
 
 # --- small helpers ------------------------------------------------------------------------------------
+
+
+def _bias_moment(
+    states: dict[str, dict[str, Any]], biases: dict[str, str], spec: ModuleSpec, path: Path, keys: tuple[str, ...]
+) -> torch.Tensor | None:
+    """The (n_out,) second moment of `spec`'s captured bias, or None when its bias is not captured."""
+    if spec.name not in biases:
+        return None
+    name = biases[spec.name]
+    moments = states.get(name) or {}
+    found = next((moments[key] for key in keys if isinstance(moments.get(key), torch.Tensor)), None)
+    if found is None or found.numel() != spec.out_features:
+        raise AttribIndexError(
+            f"{path} has no second moment of shape ({spec.out_features},) for the bias {name!r} (captured module "
+            f"{spec.name!r}); the bias was frozen during training or the file belongs to another model. Fix: set "
+            "projection.bias: false to leave biases out, or supply the optimizer state of the run that trained it."
+        )
+    return found.reshape(-1)
 
 
 def _weight_of(spec: ModuleSpec, params: dict[str, nn.Parameter]) -> str:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from attribindex.logra._modules import ModuleSpec
 from attribindex.logra._optimizer import SecondMomentScales
-from attribindex.store import atomic_path
+from attribindex.store import save_safetensors
 
-_SIDES = {"in": 0, "out": 1}
+_SIDES = {"in": 0, "out": 1, "bias": 2}
 
 
 def gaussian_projection(seed: int, module_name: str, side: str, rank: int, dim: int) -> torch.Tensor:
@@ -35,12 +35,22 @@ def gaussian_projection(seed: int, module_name: str, side: str, rank: int, dim: 
     return torch.from_numpy(matrix)
 
 
+def _input_projection(seed: int, module: ModuleSpec, rank_in: int) -> torch.Tensor:
+    """P_in (k_in × input_dim); a captured bias's column has its own stream, so the weight columns are the
+    same with or without it."""
+    rank = min(rank_in, module.input_dim)
+    weight_columns = gaussian_projection(seed, module.name, "in", rank, module.in_features)  # (k_in, n_in)
+    if not module.bias:
+        return weight_columns
+    return torch.cat([weight_columns, gaussian_projection(seed, module.name, "bias", rank, 1)], dim=1)
+
+
 @dataclass
 class ProjectionSet:
     """The projections of all captured modules, with a content hash.
 
-    `p_in[name]` is (k_in × n_in), `p_out[name]` is (k_out × n_out); module `name`'s projected
-    gradient `P_out · DW · P_inᵀ` is flattened row-major into k_out·k_in numbers.
+    `p_in[name]` is (k_in × n_in, or n_in + 1 with a captured bias), `p_out[name]` is (k_out × n_out); module
+    `name`'s projected gradient `P_out · [DW Db] · P_inᵀ` is flattened row-major into k_out·k_in numbers.
 
     Example:
         >>> specs = [ModuleSpec("fc", "linear", in_features=8, out_features=6)]
@@ -66,9 +76,7 @@ class ProjectionSet:
         With v̂ factorised as 1/√v̂ = out_scale ⊗ in_scale, P_out (g ⊘ √v̂) P_inᵀ = (P_out diag(out_scale)) g
         (P_in diag(in_scale))ᵀ: the correction folds into the projections and costs nothing per example.
         """
-        p_in = {
-            m.name: gaussian_projection(seed, m.name, "in", min(rank_in, m.in_features), m.in_features) for m in modules
-        }
+        p_in = {m.name: _input_projection(seed, m, rank_in) for m in modules}
         p_out = {
             m.name: gaussian_projection(seed, m.name, "out", min(rank_out, m.out_features), m.out_features)
             for m in modules
@@ -102,8 +110,7 @@ class ProjectionSet:
     def save(self, path: Path) -> None:
         tensors = {f"{m.name}.in": self.p_in[m.name].contiguous() for m in self.modules}
         tensors |= {f"{m.name}.out": self.p_out[m.name].contiguous() for m in self.modules}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"hash": self.hash()})
+        save_safetensors(tensors, path, {"hash": self.hash()})
 
     @classmethod
     def load(cls, path: Path, modules: list[ModuleSpec]) -> ProjectionSet:

@@ -40,6 +40,14 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
             f"model folder {name_or_path!r} does not exist or has no config.json. Pass a folder saved with "
             f"save_pretrained, or a hub id such as 'gpt2'."
         )
+    if looks_local:
+        files = [f for f in local.iterdir() if f.is_file() and not f.name.startswith(".")]
+        empty = sorted(f.name for f in files if f.stat().st_size == 0)
+        if empty:  # transformers would call a 0-byte config "not valid JSON" and 0-byte weights worse
+            raise AttribIndexError(
+                f"model folder {name_or_path!r} has empty (0 bytes) files: {', '.join(empty)}; an interrupted copy "
+                f"or download? Copy or download the model again (save_pretrained writes complete files)."
+            )
     source = str(local) if looks_local else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
@@ -49,7 +57,14 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
             f"could not load model {name_or_path!r}: {str(err).strip().rstrip('.')}. Check the path or hub id "
             f"(hub ids need network access, or a copy in the local HF cache)."
         ) from None
-    if tokenizer.pad_token_id is None:
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:  # ids past the table would crash the first batch holding one
+        raise AttribIndexError(
+            f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model's input embedding has "
+            f"{rows} rows: it is another model's tokenizer, or tokens were added without resizing. Save the model's "
+            f"own tokenizer with it, or call model.resize_token_embeddings(len(tokenizer)) and save both."
+        )
+    if tokenizer.pad_token_id is None:  # most causal LMs have none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(resolve_device(device)).eval(), tokenizer
 

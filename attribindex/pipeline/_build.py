@@ -6,6 +6,7 @@ over the processes of a launch and merges them (`_merge`); `_output` holds what 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from attribindex.config import BuildConfig
@@ -55,6 +56,7 @@ def build_index(
         >>> build_index(load_config("tiny"), "./tiny-gpt2", "corpus.jsonl", "idx")  # doctest: +SKIP
         >>> build_index(load_config("tiny"), "./tiny-gpt2", "corpus.jsonl", "s1", num_shards=4, shard_index=1)  # doctest: +SKIP
     """
+    _warn_about_precision(config)
     corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
     model = resolve_model_path(model)
     if shard_index is not None and num_shards is None:
@@ -63,3 +65,17 @@ def build_index(
         return build_sharded(config, model, corpus, Path(out), num_shards, overwrite, skip_empty, progress, keep_shards)
     shard = ShardSlot(index=shard_index, count=num_shards) if num_shards is not None else None
     return build_folder(config, model, corpus, Path(out), overwrite, skip_empty, progress, shard, ModelCache())
+
+
+def _warn_about_precision(config: BuildConfig) -> None:
+    # bfloat16 rounds each raw gradient to 8 bits of mantissa before whitening amplifies its small directions:
+    # at damping 0.01 with the `raw` Hessian, top-10 agreement with a float32 store fell to 0.84 (float16: 0.96),
+    # tools/bench_store_precision.py and docs/quality.md.
+    if config.store.dtype == "bfloat16" and config.hessian.kind == "raw" and config.hessian.damping < 0.1:
+        warnings.warn(
+            f"store.dtype bfloat16 with hessian.kind raw and damping {config.hessian.damping} < 0.1 loses top-k "
+            "agreement (0.84 of a float32 store's top-10 at damping 0.01, docs/quality.md). Use store.dtype: "
+            "float16 (the same 2 bytes, scaled per row and module), or float32.",
+            UserWarning,
+            stacklevel=3,
+        )

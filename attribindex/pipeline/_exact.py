@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from attribindex._progress import progress as progress_bar
 from attribindex.config import ExactConfig
@@ -28,7 +27,7 @@ from attribindex.exact import (
 from attribindex.hessian import CurvatureSums
 from attribindex.logra import GradientExtractor, LayerHooks, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
-from attribindex.store import ExactRecord, ManifestHeader, RowStore, atomic_path, layout
+from attribindex.store import ExactRecord, ManifestHeader, RowStore, layout, save_safetensors
 
 SUM_COPIES = 4  # factor sums held at once while building: committed, pending, and the window's slices (usually 2)
 WINDOW_BATCHES = 16  # correction batches read at once and sorted by length (less padding)
@@ -60,6 +59,12 @@ def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def exact_shapes(extractor: GradientExtractor) -> dict[str, LayerShape]:
+    """The unprojected gradient shapes of the captured layers, with a bias column where the projected rows have one."""
+    specs = extractor.projections.modules
+    return layer_shapes(extractor.model, [s.name for s in specs], biased={s.name for s in specs if s.bias})
+
+
 class ExactFactors:
     """The unprojected factor sums of each batch a build extracts: captured in the same backward pass as the
     projected rows (empirical Fisher), or in one more pass with labels sampled from the model (true Fisher)."""
@@ -68,7 +73,7 @@ class ExactFactors:
         self.extractor = extractor
         self.config = config
         self.names = [spec.name for spec in extractor.projections.modules]
-        self.shapes = layer_shapes(extractor.model, self.names)
+        self.shapes = exact_shapes(extractor)
         self.listener = FactorListener(self.shapes)
 
     @property
@@ -97,7 +102,7 @@ def model_extractor(folder: Path, header: ManifestHeader) -> GradientExtractor:
             f"the model at {header.model.name_or_path} is not the one the shards were built with (fingerprint "
             f"{header.model.fingerprint[:19]}…); the exact section's correction pass needs that model."
         )
-    specs = [ModuleSpec(m.name, m.kind, m.in_features, m.out_features) for m in header.modules]
+    specs = [ModuleSpec(m.name, m.kind, m.in_features, m.out_features, m.bias) for m in header.modules]
     projections = ProjectionSet.load(folder / layout.PROJECTIONS, specs)
     return GradientExtractor(model, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
 
@@ -114,7 +119,7 @@ def fit_exact(
     """Fit and save the exact preconditioner from the sums (EK-FAC: plus its correction pass with the model of
     `extractor`); returns the manifest's record."""
     names = [spec.name for spec in extractor.projections.modules]  # module order, however the sums were read
-    shapes = layer_shapes(extractor.model, names)
+    shapes = exact_shapes(extractor)
     bases = kfac_bases(
         {n: curvature.exact_activations[n] for n in names},
         {n: curvature.exact_gradients[n] for n in names},
@@ -208,7 +213,4 @@ def _read_correction(path: Path, basis: str, bases: dict) -> tuple[dict[str, tor
 
 
 def _write_correction(path: Path, basis: str, totals: dict[str, torch.Tensor], done: int) -> None:
-    with atomic_path(path) as tmp:
-        save_file(
-            {n: t.contiguous() for n, t in totals.items()}, str(tmp), metadata={"basis": basis, "done": str(done)}
-        )
+    save_safetensors({n: t.contiguous() for n, t in totals.items()}, path, {"basis": basis, "done": str(done)})

@@ -221,6 +221,7 @@ def extract(
         rows, factor_sums, exact_sums = _window_rows(
             extractor, examples, batch_size, names, slice_of, factors, exact, bar
         )  # (W, D), (slices, F), {slice: {name: FactorBatch}}
+        _check_finite(rows, window, names, dims)
         start = 0
         while start < len(window):
             segment = window[start : start + writer.room]
@@ -238,6 +239,22 @@ def extract(
     bar.close()
     chunks.finish(corpus.description)
     return Extraction(chunks.state, chunks.durable, time.perf_counter() - started, resumed_rows)
+
+
+def _check_finite(rows: torch.Tensor, window: list, names: list[str], dims: list[int]) -> None:
+    """Refuse NaN / inf gradients before they reach a chunk or the curvature sums: one such row makes the Hessian's
+    eigendecomposition fail, or every whitened row and score NaN. `rows` (W, D) are `window`'s, in its order."""
+    finite = torch.isfinite(rows)  # (W, D)
+    if bool(finite.all()):
+        return
+    row = int((~finite.all(dim=1)).nonzero()[0])
+    _, doc, _ = window[row]
+    bad = [name for name, block in zip(names, finite[row].split(dims)) if not bool(block.all())]
+    raise AttribIndexError(
+        f"document {doc.id!r} ({doc.source}): its gradient is not finite (NaN or inf) in {len(bad)} of {len(names)} "
+        f"modules, first {bad[0]}. The model's weights hold NaN or inf values, or its activations overflow in this "
+        f"dtype: check the checkpoint (torch.isfinite over its state dict), or compute in float32 (extract.dtype)."
+    )
 
 
 def _tokenized(corpus: Corpus, first: int, extractor: GradientExtractor, skip_empty: bool, skipped: list[int]):

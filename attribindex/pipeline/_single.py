@@ -71,7 +71,7 @@ def build_folder(
         corpus = shard_window(corpus, shard.count, shard.index)
     next(iter(corpus))  # fail on a bad path, field or encoding now, before anything is written
     request = build_request(config, model, corpus, skip_empty, shard=shard)
-    fresh = not out.exists() or not any(out.iterdir())
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))  # a file is refused just below
     marker, resuming = prepare_output(out, overwrite, request)
     try:
         extracted = _extract_rows(
@@ -240,6 +240,7 @@ def _module_records(projections: ProjectionSet) -> tuple[ModuleRecord, ...]:
                 kind=module.kind,
                 in_features=module.in_features,
                 out_features=module.out_features,
+                bias=module.bias,
                 rank_in=int(projections.p_in[module.name].shape[0]),
                 rank_out=int(projections.p_out[module.name].shape[0]),
                 offset=offset,

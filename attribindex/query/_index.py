@@ -56,7 +56,7 @@ class AttributionIndex:
         self._device = device
         self.index_id = manifest.index_id
         self.mode = manifest.normalization
-        specs = [ModuleSpec(m.name, m.kind, m.in_features, m.out_features) for m in manifest.modules]
+        specs = [ModuleSpec(m.name, m.kind, m.in_features, m.out_features, m.bias) for m in manifest.modules]
         self.module_names = manifest.module_names
         self.block_dims = manifest.block_dims
         self.version = manifest.version
@@ -164,8 +164,9 @@ class AttributionIndex:
         if fingerprint != recorded.fingerprint:
             raise IndexMismatchError(
                 f"model differs: this index was built with {recorded.name_or_path} ({recorded.class_name}, "
-                f"fingerprint {recorded.fingerprint[:19]}…) but the query model is {type(model).__name__} "
-                f"(fingerprint {fingerprint[:19]}…). Query with the model the index was built with."
+                f"fingerprint {recorded.fingerprint[:19]}…) but the model given is {type(model).__name__} "
+                f"(fingerprint {fingerprint[:19]}…), another checkpoint. Use the model the index was built with "
+                f"(`model` may point at a copy of it)."
             )
         self._fingerprint = fingerprint
         compute = DTYPES[dtype or self.extract_config.dtype]

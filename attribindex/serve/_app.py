@@ -184,14 +184,21 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, err: RequestValidationError):
         problems = err.errors()
         if any(p["type"] == "json_invalid" for p in problems):
-            return _error(400, "malformed_json", "the request body is not valid JSON.")
+            return _error(
+                400,
+                "malformed_json",
+                'the request body is not valid JSON. Send a JSON object such as {"queries": ["a text"], "k": 10}.',
+            )
         first = problems[0]
         where = ".".join(str(part) for part in first["loc"] if part != "body")
         return _error(422, "invalid_request", f"{where or 'body'}: {first['msg']}.")
 
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, err: _Unauthorized):
-        return _error(401, "unauthorized", "missing or wrong bearer token.", {"WWW-Authenticate": "Bearer"})
+        message = (
+            "missing or wrong bearer token. Send the server's --token as the header `Authorization: Bearer TOKEN`."
+        )
+        return _error(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(AttribIndexError)
     async def refused(request: Request, err: AttribIndexError):
@@ -286,7 +293,7 @@ def _check_limits(body: AttributeRequest, queries: list, index: AttributionIndex
         )
     for i, query in enumerate(queries):
         text = query if isinstance(query, str) else query.prompt + query.completion
-        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if length > limits.max_tokens:
             raise AttribIndexError(f"query {i} has {length} tokens; this server takes at most {limits.max_tokens}.")
         tokenize(tokenizer, query, index.extract_config.max_length, f"query {i}")  # refuses a query with no loss

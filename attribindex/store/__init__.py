@@ -1,7 +1,14 @@
 """On-disk index folders: layout, typed manifest, chunked raw-gradient rows, atomic writes."""
 
 from attribindex.store import _layout as layout
-from attribindex.store._atomic import atomic_open, atomic_path, file_sha256, write_json
+from attribindex.store._atomic import (
+    atomic_open,
+    atomic_path,
+    file_sha256,
+    save_safetensors,
+    write_json,
+    write_safetensors,
+)
 from attribindex.store._codec import decode, encode
 from attribindex.store._manifest import (
     AppendEvent,
@@ -97,6 +104,8 @@ __all__ = [
     "VerifyReport",
     "atomic_open",
     "atomic_path",
+    "save_safetensors",
+    "write_safetensors",
     "check_file",
     "decode",
     "encode",

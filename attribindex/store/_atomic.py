@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary name beside the target, fsync, then rename over it."""
+"""Atomic file writes: write to a temporary name beside the target, fsync, then rename over it; safetensors
+files written byte-reproducibly."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,3 +51,53 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return "sha256:" + digest.hexdigest()
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`write_safetensors` atomically: to a temporary name, then renamed over `path`.
+
+    Example:
+        >>> save_safetensors({"w": torch.ones(2)}, Path("sums.safetensors"), {"count": "3"})  # doctest: +SKIP
+    """
+    with atomic_path(Path(path)) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+
+
+def write_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the header's metadata in sorted key order.
+
+    safetensors keeps the metadata in a Rust HashMap, whose iteration order is seeded per process: equal
+    tensors and metadata written by two processes (an uninterrupted build and a resumed one) came out
+    with different bytes. Sorting the keys makes a file a function of its contents.
+    """
+    from safetensors.torch import save_file  # torch is imported only by writers of tensors
+
+    save_file(tensors, str(path), metadata=metadata)
+    _sort_metadata(Path(path))
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header of safetensors file `path` with `__metadata__` first and its keys sorted; tensor
+    entries keep their order (safetensors sorts them already; the data offsets follow it)."""
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        if "__metadata__" not in header:
+            return
+        ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} | header
+        # Compact and unescaped non-ASCII, as safetensors (serde_json) writes it: the same length, re-padded
+        # with spaces (which the format allows) to keep the data 8-byte aligned where it was.
+        encoded = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(encoded) <= length:
+            handle.seek(8)
+            handle.write(encoded.ljust(length, b" "))
+            return
+        data_start = 8 + length
+    # Longer than the original header (an escaping difference; not seen in practice): the data moves.
+    encoded = encoded.ljust(-(-len(encoded) // 8) * 8, b" ")
+    moved = path.with_name(path.name + ".sorted")
+    with open(path, "rb") as source, open(moved, "wb") as target:
+        target.write(struct.pack("<Q", len(encoded)) + encoded)
+        source.seek(data_start)
+        shutil.copyfileobj(source, target)
+    moved.replace(path)

@@ -90,6 +90,7 @@ class ModuleRecord:
     kind: str  # "linear" or "conv1d"
     in_features: int
     out_features: int
+    bias: bool = omitted_when_default(False)  # the bias is captured: P_in has in_features + 1 columns
     rank_in: int
     rank_out: int
     offset: int
@@ -557,10 +558,15 @@ def upgraded(data: dict[str, Any]) -> dict[str, Any]:
     """Manifest data of any readable version, as the current version says it (a mutation then writes it so).
 
     1 → 2: one segment, nothing deleted, never mutated. 2 → 3: no operating point; the index's `metric` (always
-    inner product) is dropped. Any older version: config keys added since then at their defaults. Identity
+    inner product) is dropped. Before 6: no bias captured, the head excluded by name only. Any older version:
+    config keys added since then at their defaults. Identity
     indexes no longer record a `null` drift.
     """
     data = json.loads(json.dumps(data))  # a copy to edit
+    if data["format_version"] < 6:
+        # Before 6 no bias was captured and the head was left out by name pattern only: say so explicitly,
+        # or the current defaults would describe these rows wrongly.
+        data["config"]["projection"] |= {"include_head": True, "bias": False}
     if data["format_version"] < layout.FORMAT_VERSION:
         data["config"] = to_json(from_json(BuildConfig, data["config"], "manifest.config"))
     if data["format"] == layout.FORMAT_NAME:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import logging
 
+import pytest
+from transformers import AutoTokenizer
+
+from attribindex import build_index, load_config
 from attribindex.data import PromptCompletion, content_id, open_corpus, shard_window, tokenize
 from attribindex.errors import AttribIndexError
-from attribindex.testing import make_tokenizer, write_jsonl
+from attribindex.testing import make_tiny_model, make_tokenizer, tiny_corpus, write_jsonl
 
 
 def test_jsonl_with_and_without_id_field(tmp_path):
@@ -109,3 +113,50 @@ def test_shard_errors(tmp_path):
         shard_window(open_corpus(path), 3, 0)
     with pytest.raises(AttribIndexError, match=r"`shard_index` must be in \[0, 2\)"):
         shard_window(open_corpus(path), 2, 2)
+
+
+class _Log(logging.Handler):
+    """Collects the messages transformers logs (its own handler writes to a stream pytest may not see)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_log():
+    log, logger = _Log(), logging.getLogger("transformers")
+    logger.addHandler(log)
+    yield log
+    logger.removeHandler(log)
+
+
+def test_long_documents_are_truncated_without_the_too_long_warning(tmp_path, capfd, transformers_log):
+    texts = [d["text"] for d in tiny_corpus(50)]
+    long_text = " ".join(texts[:20])  # hundreds of tokens
+    tokenizer = make_tokenizer(texts)
+    tokenizer.model_max_length = 16  # the model's limit: the text is far longer
+    cut = tokenize(tokenizer, long_text, 12, "d")
+    assert cut.truncated and len(cut.input_ids) == 12
+    assert cut.input_ids == tokenizer(long_text, verbose=False)["input_ids"][:12]
+    pair = tokenize(tokenizer, PromptCompletion("King", " " + long_text), 12, "q")
+    assert pair.truncated and sum(pair.loss_mask) == 12 - len(tokenizer("King")["input_ids"])
+
+    # A whole build over long documents prints it neither (once per tokenizer, so a fresh model folder).
+    model = make_tiny_model(tmp_path / "model", texts=texts, hidden=8, layers=1)
+    saved = AutoTokenizer.from_pretrained(model)
+    saved.model_max_length = 16
+    saved.save_pretrained(model)
+    corpus = write_jsonl(tmp_path / "long.jsonl", [{"text": long_text}, {"text": " ".join(texts[20:40])}])
+    build_index(load_config("tiny"), str(model), corpus, tmp_path / "idx", progress=False)
+    assert not [m for m in transformers_log.messages if "sequence length is longer" in m]
+    assert "sequence length is longer" not in "".join(capfd.readouterr())
+
+    # The capture works: a fresh tokenizer called plainly does print it.
+    plain = make_tokenizer(texts)
+    plain.model_max_length = 16
+    plain(long_text)
+    assert [m for m in transformers_log.messages if "sequence length is longer" in m]

@@ -15,6 +15,7 @@ from attribindex.data import Document
 from attribindex.eval import (
     GroundTruth,
     TrainingRecipe,
+    linear_datamodeling_score,
     make_ground_truth,
     retrain_on_subsets,
     train_causal_lm,
@@ -114,9 +115,31 @@ def test_eval_lds_scores_every_training_example_and_reports_a_ci(tiny_models, do
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[: result.output.rindex("}") + 1])
     assert -1 <= report["score"] <= 1 and report["low"] <= report["score"] <= report["high"]
+    expected = linear_datamodeling_score(scores, truth.subsets, truth.losses)  # the CLI scores what the library does
+    assert report["score"] == pytest.approx(expected.score) and report["low"] == pytest.approx(expected.low)
+    assert report["per_query"] == pytest.approx(expected.per_query.tolist())
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     other = CliRunner().invoke(main, ["eval", "lds", str(index_dir), "--ground-truth", str(tmp_path)])
     assert other.exit_code == 1 and "holds no ground truth" in other.output
+
+    # Planted truths, where the answer is known: each subset's loss is the sum of the index's own scores (as
+    # `attribute` reports them, by id) over the examples it holds, minus for a perfect method. A proponent (positive
+    # score) then lowers the loss and the LDS is +1; plus gives -1. The ids are listed in another order than the
+    # index holds them, so the CLI must match scores to examples by id.
+    everything = index.attribute(QUERIES, k=len(documents)).results
+    by_id = [{a.id: a.score for a in result.top} for result in everything]
+    shuffled = [truth.train_ids[i] for i in np.random.default_rng(0).permutation(len(truth.train_ids))]
+    for sign, planted in ((-1, 1.0), (1, -1.0)):
+
+        def retrain(members, seed, sign=sign):
+            return np.array([sign * sum(row[shuffled[i]] for i in members) + 50.0 for row in by_id])
+
+        folder = tmp_path / f"planted{sign:+d}"
+        retrain_on_subsets(folder, {"planted": sign}, shuffled, QUERIES, retrain, subsets=12, progress=False)
+        result = CliRunner().invoke(main, ["eval", "lds", str(index_dir), "--ground-truth", str(folder), "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["per_query"] == pytest.approx([planted] * len(QUERIES)) and report["subsets"] == 12
 
 
 def test_any_model_retrained_on_subsets_resumes_and_is_refused_with_other_settings(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -13,9 +15,10 @@ from attribindex import AttribIndexError, AttributionIndex, build_index, measure
 from attribindex.cli import main
 from attribindex.config import IndexConfig
 from attribindex.eval import default_settings, exact_top_k
-from attribindex.store import layout, read_manifest
+from attribindex.store import layout, read_manifest, verify_files
 from attribindex.testing import tiny_corpus, write_jsonl
 from tests.conftest import exact_config
+from tests.killing import cli_killed
 
 
 def build(tiny_models, data, out, **index):
@@ -112,3 +115,39 @@ def test_hnsw_sweeps_efsearch_from_the_candidate_count(tiny_models, corpus, tmp_
     assert settings == [{"ef_search": 10}] + [{"ef_search": 2**i} for i in range(4, 10)]
     report = measure_recall(index, held_out_vectors(index, corpus), k=5, settings=settings[:2])
     assert len(report.points) == 2 and all(0 < p.recall <= 1 for p in report.points)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_crash_at_the_operating_point_commit_leaves_the_old_or_the_new_index(ivf, corpus, tmp_path, when):
+    _, _, held_out = corpus
+    out = tmp_path / "ivf"
+    shutil.copytree(ivf, out)
+    args = ["eval", "recall", str(out), "--queries", str(held_out), "-k", "5", "--nprobe", "1,8", "--device", "cpu"]
+    # SIGKILL just before or just after the new manifest is written: the commit of `set_operating_point`.
+    killed = cli_killed(("attribindex.pipeline._mutation", "write_manifest", 1, when), *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # Mid-way: the sweep was measured and printed, then the process died before it reported the recording.
+    assert "← operating point" in killed.stdout and "recorded" not in killed.stdout
+
+    manifest = read_manifest(out)
+    committed = when == "after"
+    assert manifest.version == 1 + committed
+    point = manifest.index.operating_point
+    if committed:
+        assert (point.nprobe, point.k, point.recall) == (8, 5, 1.0)
+    else:
+        assert point is None
+    assert verify_files(out, manifest).ok
+    index = AttributionIndex.open(out, device="cpu")
+    assert index.index.segments[0].nprobe == (8 if committed else 1)  # searches use what the manifest says
+    found = index.attribute("a held-out query", k=3)
+    assert len(found.results[0].top) == 3 and found.index_version == manifest.version
+
+    # Running it again records the operating point, as an uninterrupted run does.
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"(version {manifest.version + 1})" in result.output
+    again = read_manifest(out)
+    assert again.index.operating_point.nprobe == 8 and again.log[-1].event == "operating_point"
+    assert verify_files(out, again).ok
+    assert AttributionIndex.open(out, load_model_now=False).index.segments[0].nprobe == 8

@@ -267,23 +267,39 @@ def status(field):
 rng = np.random.default_rng(0)
 base = rng.standard_normal((50_000, 64), dtype=np.float32)
 queries = rng.standard_normal((4096, 64), dtype=np.float32)
-index = TorchFlatIndex(base, max_score_bytes=8 * 2**20)
-index.search(queries[:2, :], 10)  # first GEMM / topk load their kernels; that is not the search's memory
-before = status("VmRSS")  # current, not the high-water mark: growth is then an upper bound
+index = TorchFlatIndex(base, max_score_bytes=int(sys.argv[1]))
+tile = index._tile_shape(len(queries), 10)
+# One GEMM and top-k of a tile's shape first, outputs kept: the BLAS's one-time workspace for that shape (3.3 MiB
+# with MKL) is then not counted, and since nothing large is freed, glibc's mmap threshold stays put and the
+# search's own tile is fresh pages that show in RSS (freeing a big warm-up output would let the tile reuse it).
+warm = torch.mm(torch.from_numpy(queries[: tile[0]]), torch.from_numpy(base[: tile[1]]).T)
+warm_top = torch.topk(warm, 10, dim=1)
+index.search(queries[:2, :], 10)
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to VmRSS: the peak below is the search's own
+except OSError:
+    pass  # then VmHWM - VmRSS is an upper bound (it may hold an earlier peak)
+before = status("VmRSS")
 scores, rows = index.search(queries, 10)
 growth = status("VmHWM") - before
 check = queries[:16].astype(np.float64) @ base.T.astype(np.float64)
-json.dump({"growth": growth, "rows": rows[:16].tolist(), "scores": scores[:16].tolist(),
+json.dump({"growth": growth, "tile": list(tile), "rows": rows[:16].tolist(), "scores": scores[:16].tolist(),
            "ref_rows": np.argsort(-check, axis=1)[:, :10].tolist(),
            "ref_scores": (-np.sort(-check, axis=1)[:, :10]).tolist(), "shape": list(rows.shape)}, sys.stdout)
 """
+SCORE_BUDGET = 8 * 2**20
+NOT_SCORES = 2**20  # the running top-k (4096 x 10 x 12 bytes = 0.5 MiB), merge temporaries (0.2 MiB), small change
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_thousands_of_queries_never_materialise_the_score_matrix():
-    """4096 x 50_000 float32 scores would be 800 MB; the search must stay within its 8 MiB tiles plus small change."""
+    """4096 x 50_000 float32 scores would be 800 MB; the search holds one 8 MiB score tile plus small change.
+
+    Measured as the peak RSS growth of the search in a fresh subprocess (Linux VmHWM, reset just before it): RSS
+    sees every allocation (torch's CPU allocator, numpy, the BLAS), which tracemalloc does not (it misses torch).
+    Seen: 7.8-8.0 MiB, i.e. the tile; without the warm-up GEMM, 11.2-11.3 MiB (README's figure: + MKL workspace)."""
     run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(MEMORY_SCRIPT)],
+        [sys.executable, "-c", textwrap.dedent(MEMORY_SCRIPT), str(SCORE_BUDGET)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -292,9 +308,11 @@ def test_thousands_of_queries_never_materialise_the_score_matrix():
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["shape"] == [4096, 10]
+    assert result["tile"][0] * result["tile"][1] * 4 == SCORE_BUDGET  # (256, 8192): the budget is used, not less
     np.testing.assert_array_equal(result["rows"], result["ref_rows"])
     np.testing.assert_allclose(result["scores"], result["ref_scores"], rtol=1e-5, atol=1e-5)
-    assert result["growth"] < 150 * 2**20, f"peak RSS grew by {result['growth'] / 2**20:.0f} MiB"
+    limit = SCORE_BUDGET + NOT_SCORES
+    assert result["growth"] < limit, f"peak RSS grew by {result['growth'] / 2**20:.1f} MiB, over {limit / 2**20} MiB"
 
 
 @pytest.mark.gpu

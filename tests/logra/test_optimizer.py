@@ -86,17 +86,27 @@ def test_adafactor_scales_equal_transformers_approx_sq_grad(tmp_path, tiny_model
     scales = load_second_moment_scales(tmp_path / "optimizer.pt", model, specs)
 
     assert scales.optimizer == "adafactor"
-    assert scales.record["approximation"] == "none (Adafactor's own factorisation)"
+    assert scales.record["approximation"].startswith("none for weights (Adafactor's own factorisation)")
     assert scales.record["step"] == STEPS
     params = dict(model.named_parameters())
     for spec in specs:
         state = optimizer.state[params[f"{spec.name}.weight"]]
         applied = Adafactor._approx_sq_grad(state["exp_avg_sq_row"], state["exp_avg_sq_col"])  # weight's shape
         out_scale, in_scale = scales.out_scale[spec.name], scales.in_scale[spec.name]
-        assert out_scale.shape == (spec.out_features,) and in_scale.shape == (spec.in_features,)
+        assert spec.bias and out_scale.shape == (spec.out_features,) and in_scale.shape == (spec.in_features + 1,)
         assert out_scale.dtype == in_scale.dtype == torch.float32
-        got = _weight_orientation(torch.outer(out_scale, in_scale), spec.kind)
+        got = _weight_orientation(torch.outer(out_scale, in_scale[:-1]), spec.kind)
         torch.testing.assert_close(got, applied, rtol=1e-5, atol=0)
+        # Adafactor keeps the bias's v whole. It becomes one more input column of the factorisation, with mean
+        # g² = mean(v_b) and the weight's own normalisation (the weight's factors stay exact).
+        bias_mean = optimizer.state[params[f"{spec.name}.bias"]]["exp_avg_sq"].double().mean()
+        row, col = state["exp_avg_sq_row"].double(), state["exp_avg_sq_col"].double()
+        if spec.kind == "linear":  # (out, in): the input side is Adafactor's col, the output side row/mean(row)
+            expected = (row / row.mean()).rsqrt() * bias_mean.rsqrt()
+        else:  # Conv1D (in, out): the input side is row/mean(row), the output side col
+            expected = (bias_mean / row.mean()).rsqrt() * col.rsqrt()
+        torch.testing.assert_close((out_scale * in_scale[-1]).double(), expected, rtol=1e-5, atol=0)
+    assert scales.record["relative_error"] > 0  # only the bias columns are approximated
 
 
 @pytest.mark.parametrize("kind", ["mlp", "gpt2"])
@@ -111,9 +121,12 @@ def test_adam_rank1_second_moment_is_reproduced_exactly(tmp_path, tiny_models, k
     rank1 = {}
     for spec in specs:
         n_out, n_in = spec.out_features, spec.in_features
-        v = torch.outer(torch.rand(n_out, generator=generator) + 0.1, torch.rand(n_in, generator=generator) + 0.1)
-        rank1[spec.name] = v * 1e-6  # (n_out, n_in), gradients of order 1e-3: well above eps
-        state_dict["state"][ids[f"{spec.name}.weight"]]["exp_avg_sq"] = _weight_orientation(rank1[spec.name], spec.kind)
+        # the bias is the gradient's last input column, so a rank-1 v of the (n_out, n_in + 1) gradient
+        v = torch.outer(torch.rand(n_out, generator=generator) + 0.1, torch.rand(n_in + 1, generator=generator) + 0.1)
+        rank1[spec.name] = v * 1e-6  # (n_out, n_in + 1), gradients of order 1e-3: well above eps
+        state = state_dict["state"]
+        state[ids[f"{spec.name}.weight"]]["exp_avg_sq"] = _weight_orientation(rank1[spec.name][:, :-1], spec.kind)
+        state[ids[f"{spec.name}.bias"]]["exp_avg_sq"] = rank1[spec.name][:, -1].clone()
     torch.save(state_dict, tmp_path / "optimizer.pt")
 
     scales = load_second_moment_scales(tmp_path / "optimizer.pt", model, specs)
@@ -242,7 +255,8 @@ def test_name_keyed_torch_save_nested_flat_and_wrapper_prefixed(tmp_path):
     optimizer = _adafactor(model.parameters())
     _train(model, optimizer)
     named = {n: optimizer.state[p] for n, p in model.named_parameters()}
-    nested = {n: {k: s[k] for k in ("exp_avg_sq_row", "exp_avg_sq_col")} for n, s in named.items() if "weight" in n}
+    keys = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")  # a weight's factored moments, a bias's full one
+    nested = {n: {k: s[k] for k in keys if k in s} for n, s in named.items()}
     # DistributedDataParallel prefixes every name with "module."
     flat = {f"module.{n}.{k}": t for n, s in nested.items() for k, t in s.items()}
     torch.save(nested, tmp_path / "nested.pt")

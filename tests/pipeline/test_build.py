@@ -74,3 +74,20 @@ def test_manifest_records_what_built_the_index(tiny_models, corpus_file, corpus_
     lengths = [len(tokenizer(r["text"])["input_ids"]) for r in corpus_records]
     assert manifest.corpus.truncated == summary.truncated == sum(n > 32 for n in lengths)
     assert manifest.corpus.tokens == summary.tokens == sum(min(n, 32) for n in lengths)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kind", "damping", "warned"),
+    [("bfloat16", "raw", 0.01, True), ("bfloat16", "raw", 0.1, False), ("float16", "raw", 0.01, False)],
+)
+def test_a_bfloat16_store_under_small_raw_damping_is_warned_about(dtype, kind, damping, warned, tmp_path, recwarn):
+    config = exact_config()
+    config = dataclasses.replace(
+        config,
+        store=dataclasses.replace(config.store, dtype=dtype),
+        hessian=dataclasses.replace(config.hessian, kind=kind, damping=damping),
+    )
+    with pytest.raises(AttribIndexError):  # the warning comes before the corpus is opened
+        build_index(config, "no-model", tmp_path / "missing.jsonl", tmp_path / "idx", progress=False)
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
+    assert any("store.dtype: float16" in m for m in messages) == warned

@@ -17,12 +17,15 @@ from attribindex import AttributionIndex, append_documents, build_index, delete_
 from attribindex.cli import main
 from attribindex.config import config_to_dict
 from attribindex.hessian import CurvatureSums
+from attribindex.model import load_model
 from attribindex.pipeline._mutation import mutation
 from attribindex.store import read_manifest
 from attribindex.testing import write_jsonl
 from tests.conftest import exact_config, with_store
 from tests.killing import build_killed
-from tests.reference import assert_same_index, stamped_queries
+from tests.reference import assert_same_index, explicit_exact_scores, stamped_queries
+
+QUERIES = ["the quick brown fox jumps", "a b c d e f g", "To be, or not to be"]
 
 
 def _config(kind: str, batch_size: int = 4):
@@ -71,12 +74,49 @@ def test_search_equals_brute_force_influence_under_the_factored_whitening(
         np.testing.assert_allclose(scores[q], np.sort(expected[q].numpy())[::-1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("kind", "mode"), [("kfac", "dot"), ("ekfac", "dot"), ("ekfac", "cosine")])
+def test_scores_and_top_k_equal_an_independent_dense_kronecker_computation(
+    kind, mode, ekfac, tiny_models, corpus_file, corpus_records, tmp_path
+):
+    """Independent of the index's own factors and `dense()`: autograd per-example gradients (weights and biases),
+    projected explicitly, an explicit d × d (H + λI)⁻¹ from `torch.kron` of the factor means' eigenbases, and
+    EK-FAC's eigenvalue correction from scratch, all in float64 (tests/reference.py)."""
+    path = ekfac if (kind, mode) == ("ekfac", "dot") else tmp_path / "idx"
+    if path != ekfac:
+        _build(tiny_models, corpus_file, path, dataclasses.replace(_config(kind), index=exact_config(mode).index))
+    index = AttributionIndex.open(path)
+    model, tokenizer = load_model(str(tiny_models["gpt2"]), "float64", "cpu")
+    assert any(spec.bias for spec in index.manifest.modules)  # GPT-2's Conv1D biases are in the rows
+    expected = explicit_exact_scores(
+        model,
+        tokenizer,
+        [r["text"] for r in corpus_records],
+        QUERIES,
+        index.manifest.module_names,
+        kind,
+        0.1,
+        mode,
+        32,
+        projections=index.projections,
+    ).numpy()  # (Q, N)
+    rows = len(corpus_records)
+    answer = index.attribute(QUERIES, k=5, bottom=5)
+    every = index.attribute(QUERIES, k=rows)
+    for q, (result, full) in enumerate(zip(answer.results, every.results)):
+        order = np.argsort(-expected[q], kind="stable")
+        assert [a.row for a in result.top] == list(order[:5])
+        assert [a.row for a in result.bottom] == list(order[::-1][:5])
+        got = np.empty(rows)
+        got[[a.row for a in full.top]] = [a.score for a in full.top]
+        np.testing.assert_allclose(got, expected[q], rtol=1e-4, atol=1e-6 * np.abs(expected[q]).max())
+
+
 def test_a_killed_kfac_build_resumes_to_the_uninterrupted_result(tiny_models, corpus_file, tmp_path):
     config = with_store(_config("kfac", batch_size=1), chunk_rows=5)
     _build(tiny_models, corpus_file, tmp_path / "whole", config)
     config_file = tmp_path / "kfac.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(config)))
-    at_checkpoint = ("attribindex.hessian._curvature", "save_file", 2, "after")
+    at_checkpoint = ("attribindex.hessian._curvature", "write_safetensors", 2, "after")
     killed = build_killed(at_checkpoint, tiny_models["gpt2"], corpus_file, tmp_path / "idx", config_file)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     summary = _build(tiny_models, corpus_file, tmp_path / "idx", config)

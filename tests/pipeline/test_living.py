@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import random
+import shutil
 import signal
 
 import numpy as np
@@ -277,10 +278,12 @@ def test_a_crash_during_append_or_compaction_leaves_a_consistent_index(
     assert after.version == before.version + (1 if committed else 0)
     index = AttributionIndex.open(out, load_model_now=False)
     ids = {d.id for d in index.store.documents(range(after.rows))}
-    assert index.rows == 22 and not {"doc-0003", "doc-0004"} & {
-        a.id for (a,) in zip(*index.search(stamped_queries(index, np.ones((1, after.dim), np.float32)), k=22)[0])
-    }
-    assert ids >= {r["id"] for r in corpus_records} - {"doc-0003", "doc-0004"}
+    live = {r["id"] for r in corpus_records} - {"doc-0003", "doc-0004"}
+    assert index.rows == 22 and ids >= live
+    # Every live row comes back, once, from the top and from the bottom; the deleted ones never do.
+    probes = np.random.default_rng(0).standard_normal((2, after.dim)).astype(np.float32)
+    for top, bottom in index.search(stamped_queries(index, probes), k=22, bottom=22):
+        assert sorted(a.id for a in top) == sorted(a.id for a in bottom) == sorted(live)
     assert verify_files(out, after).ok
 
     # The next change cleans up what the crash left and works.
@@ -315,3 +318,96 @@ def test_a_killed_append_resumes_with_the_same_command(tiny_models, corpus_file,
     delete_ids(again, ["doc-0001"])
     assert not (again / layout.APPEND_REQUEST).exists()
     assert _append(again, new).resumed == 0
+
+
+EDIT_CRASHES = {
+    "delete, after its new files, before the commit": (
+        ("attribindex.pipeline._mutation", "write_manifest", 1, "before"),
+        "delete_ids",
+    ),
+    "delete, after the commit, before cleaning up": (
+        ("attribindex.pipeline._mutation", "collect_garbage", 2, "before"),
+        "delete_ids",
+    ),
+    "refresh, while writing the re-whitened index": (
+        ("attribindex.index._flat", "FlatIndexWriter.add", 1, "before"),
+        "refresh_index",
+    ),
+    "refresh, after the commit, before cleaning up": (
+        ("attribindex.pipeline._mutation", "collect_garbage", 2, "before"),
+        "refresh_index",
+    ),
+}
+
+
+def _edit(function: str, out):
+    if function == "delete_ids":
+        return delete_ids(out, ["doc-0005", "doc-0006"])
+    return refresh_index(out, progress=False)
+
+
+def _on_disk(out) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+def _assert_serves_like(reference, out) -> None:
+    """`out` verifies, and holds `reference`'s index: the same deleted rows, curvature sums and whitening, and the
+    same answers to queries."""
+    assert verify_files(out, read_manifest(out)).ok
+    a, b = (AttributionIndex.open(p, load_model_now=False) for p in (reference, out))
+    np.testing.assert_array_equal(a.manifest.deleted_rows(a.root), b.manifest.deleted_rows(b.root))
+    (sums_a, _), (sums_b, _) = (CurvatureSums.load(i.root / i.manifest.hessian.curvature_file) for i in (a, b))
+    assert sums_a.count == sums_b.count and sums_a.tensors.keys() == sums_b.tensors.keys()
+    assert all(torch.equal(t, sums_b.tensors[n]) for n, t in sums_a.tensors.items())
+    assert a.manifest.hessian.preconditioner_hash == b.manifest.hessian.preconditioner_hash
+    probes = np.random.default_rng(2).standard_normal((2, a.manifest.dim)).astype(np.float32)
+    for (top_a, low_a), (top_b, low_b) in zip(
+        a.search(stamped_queries(a, probes), k=a.rows, bottom=3),
+        b.search(stamped_queries(b, probes), k=b.rows, bottom=3),
+    ):
+        assert [x.id for x in top_b + low_b] == [x.id for x in top_a + low_a]
+        np.testing.assert_allclose([x.score for x in top_b], [x.score for x in top_a], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def edited(tiny_models, corpus_file, tmp_path_factory):
+    """An index with two rows deleted (so that a refresh has a whitening to change), copied by each test."""
+    out = tmp_path_factory.mktemp("edited") / "idx"
+    _build(tiny_models, corpus_file, out)
+    delete_ids(out, ["doc-0003", "doc-0004"])
+    return out
+
+
+@pytest.mark.parametrize("crash", list(EDIT_CRASHES))
+def test_a_crash_during_delete_or_refresh_leaves_the_old_or_the_new_index(crash, edited, tmp_path):
+    out, old, new = tmp_path / "idx", tmp_path / "old", tmp_path / "new"
+    for copy in (out, old, new):
+        shutil.copytree(edited, copy)
+    kill_at, function = EDIT_CRASHES[crash]
+    _edit(function, new)  # the same change, uninterrupted
+    before = read_manifest(out)
+    changed = read_manifest(new)
+    assert (changed.live_rows, changed.hessian.preconditioner_hash) != (
+        before.live_rows,
+        before.hessian.preconditioner_hash,
+    )  # the old and the new index can be told apart
+
+    if function == "delete_ids":
+        killed = run_killed(kill_at, function, out, ids=["doc-0005", "doc-0006"])
+    else:
+        killed = run_killed(kill_at, function, out, progress=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    committed = crash.endswith("before cleaning up")
+    after = read_manifest(out)
+    named = {name for name, _ in after.recorded_files()} | {layout.MANIFEST}
+    # Killed mid-way: the next version's files are on disk, uncommitted (before the commit), or the old
+    # version's files are still there, unnamed (after it).
+    assert _on_disk(out) - named
+    assert after.version == before.version + committed
+    _assert_serves_like(new if committed else old, out)
+
+    # Running the same change again finishes it, and leaves only the files the manifest names.
+    again = _edit(function, out)
+    assert again.version == (None if committed and function == "delete_ids" else after.version + 1)
+    _assert_serves_like(new, out)
+    assert _on_disk(out) == {name for name, _ in read_manifest(out).recorded_files()} | {layout.MANIFEST}

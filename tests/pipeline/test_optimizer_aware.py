@@ -39,10 +39,10 @@ def _trained_state(model_path, tmp_path, optimizer_name: str):
     return path, optimizer, model
 
 
-def _config(state_path):
+def _config(state_path, bias: bool = True):
     config = exact_config()
     return dataclasses.replace(
-        config, projection=dataclasses.replace(config.projection, optimizer_state=str(state_path))
+        config, projection=dataclasses.replace(config.projection, optimizer_state=str(state_path), bias=bias)
     )
 
 
@@ -50,12 +50,8 @@ def test_adafactor_state_divides_gradients_by_its_own_preconditioner(
     tiny_models, corpus_file, corpus_records, tmp_path
 ):
     state_path, optimizer, trained = _trained_state(tiny_models["gpt2"], tmp_path, "adafactor")
-    out = tmp_path / "idx"
-    build_index(_config(state_path), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    index = AttributionIndex.open(out, load_model_now=False)
-    record = read_manifest(out).projection.optimizer
-    assert record["optimizer"] == "adafactor" and record["relative_error"] == 0.0
-
+    model, tokenizer = load_model(str(tiny_models["gpt2"]), dtype="float64", device="cpu")
+    texts = [r["text"] for r in corpus_records[:6]]
     # Reference: full autograd gradients times Adafactor's own 1/√v̂ (transformers' code), then the plain projections.
     names = {p: n for n, p in trained.named_parameters()}
     applied = {
@@ -63,15 +59,30 @@ def test_adafactor_state_divides_gradients_by_its_own_preconditioner(
         for p, s in optimizer.state.items()
         if "exp_avg_sq_row" in s
     }
-    model, tokenizer = load_model(str(tiny_models["gpt2"]), dtype="float64", device="cpu")
-    plain = ProjectionSet.generate(index.projections.modules, seed=0, rank_in=3, rank_out=4)
-    texts = [r["text"] for r in corpus_records[:6]]
-    expected = explicit_projected_gradients(model, tokenizer, texts, plain, max_length=32, multipliers=applied)
-    stored = torch.cat([raw for _, raw in index.store.iter_raw()])[:6].double()
-    # The folded projections are float32 products P·diag(scale): round-off is relative to the largest entries.
-    torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
-    uncorrected = explicit_projected_gradients(model, tokenizer, texts, plain, max_length=32)
-    assert not torch.allclose(stored, uncorrected, rtol=1e-2)  # the correction really changed the rows
+    for bias in (False, True):
+        out = tmp_path / f"idx-bias-{bias}"
+        build_index(
+            _config(state_path, bias), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False
+        )
+        index = AttributionIndex.open(out, load_model_now=False)
+        record = read_manifest(out).projection.optimizer
+        assert record["optimizer"] == "adafactor" and (record["relative_error"] > 0) == bias
+        multipliers = dict(applied)
+        if bias:  # a bias is one more input column of the factorisation: mean g² = mean(v_bias)
+            modules = dict(trained.named_modules())
+            for spec in index.projections.modules:
+                assert spec.kind == "conv1d"  # (in, out): the input side is row / mean(row), the output side col
+                weight_state = optimizer.state[modules[spec.name].weight]
+                row, col = weight_state["exp_avg_sq_row"].double(), weight_state["exp_avg_sq_col"].double()
+                bias_mean = optimizer.state[modules[spec.name].bias]["exp_avg_sq"].double().mean()
+                multipliers[spec.name + ".bias"] = (bias_mean / row.mean()).rsqrt() * col.rsqrt()
+        plain = ProjectionSet.generate(index.projections.modules, seed=0, rank_in=3, rank_out=4)
+        expected = explicit_projected_gradients(model, tokenizer, texts, plain, max_length=32, multipliers=multipliers)
+        stored = torch.cat([raw for _, raw in index.store.iter_raw()])[:6].double()
+        # The folded projections are float32 products P·diag(scale): round-off is relative to the largest entries.
+        torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+        uncorrected = explicit_projected_gradients(model, tokenizer, texts, plain, max_length=32)
+        assert not torch.allclose(stored, uncorrected, rtol=1e-2)  # the correction really changed the rows
 
 
 def test_adam_state_is_recorded_with_its_approximation_error_and_the_cli_accepts_it(tiny_models, corpus_file, tmp_path):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,7 +29,7 @@ CONFIG = with_store(
 KILL_POINTS = {
     "before the second chunk is written": ("attribindex.store._rows", "ChunkWriter.flush", 2, "before"),
     "after a chunk, before its checkpoint": ("attribindex.store._rows", "ChunkWriter.flush", 3, "after"),
-    "inside a checkpoint write": ("attribindex.hessian._curvature", "save_file", 2, "after"),
+    "inside a checkpoint write": ("attribindex.hessian._curvature", "write_safetensors", 2, "after"),
     "while writing the FAISS index": ("attribindex.index._flat", "FlatIndexWriter.add", 2, "before"),
     "before the manifest": ("attribindex.pipeline._finalize", "write_manifest", 1, "before"),
 }
@@ -63,31 +66,81 @@ def test_killed_build_resumes_to_the_uninterrupted_result(
         assert summary.resumed_rows >= 5  # work was kept, not redone
     assert not any(layout.is_temporary(p.name) for p in out.rglob("*"))
     assert_same_index(uninterrupted, out)
+    # Byte for byte, too: a file is a function of its contents, not of which process wrote it or when.
+    assert_same_bytes(uninterrupted, out)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file of an index folder but its manifest (which records when and how long the build ran)."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != layout.MANIFEST
+    }
+
+
+def assert_same_bytes(expected: Path, actual: Path, context: str = "") -> None:
+    """A resumed build is the uninterrupted build byte for byte (the manifest aside): the same files, and
+    each one identical, safetensors headers included."""
+    want, got = _files(expected), _files(actual)
+    assert sorted(got) == sorted(want), context
+    differing = [name for name in want if got[name] != want[name]]
+    assert not differing, f"{context} these files differ from the uninterrupted build: {differing}"
+
+
+def _build_command(tiny_models, corpus_file, config_file, out) -> list[str]:
+    inputs = ["--model", str(tiny_models["gpt2"]), "--data", str(corpus_file), "--id-field", "id"]
+    return [sys.executable, "-m", "attribindex", "build", "--config", str(config_file), *inputs, "--out", str(out)]
+
+
+def _progress(out: Path) -> set[str]:
+    """The files (not temporaries) a running build has completed so far, the manifest aside."""
+    try:
+        return {
+            p.relative_to(out).as_posix()
+            for p in out.rglob("*")
+            if p.name != layout.MANIFEST and not layout.is_temporary(p.name)
+        }
+    except FileNotFoundError:  # the folder, or a file being renamed, as the build works
+        return set()
 
 
 def test_kill_from_outside_at_a_random_moment(tiny_models, corpus_file, config_file, uninterrupted, tmp_path):
+    # The moment is a step of the build's visible progress: killed as soon as its `step`-th file exists. Any step
+    # before the last leaves the manifest unwritten. Set ATTRIBINDEX_TEST_SEED to replay a failing seed.
+    seed = int(os.environ.get("ATTRIBINDEX_TEST_SEED", random.SystemRandom().randrange(2**32)))
+    steps = len(_progress(uninterrupted)) + 1  # and the build marker, which a complete folder no longer has
+    step = random.Random(seed).randint(1, steps - 1)
+    why = f"seed {seed}: killed at step {step} of {steps}"
+    print(why)  # shown with a failure of the comparisons below too
     out = tmp_path / "idx"
-    command = [sys.executable, "-m", "attribindex", "build", "--config", str(config_file)]
-    command += ["--model", str(tiny_models["gpt2"]), "--data", str(corpus_file), "--id-field", "id", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = _build_command(tiny_models, corpus_file, config_file, out)
+    log = tmp_path / "build.log"  # a file, not a pipe: nobody reads a pipe while the build runs
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 120
-    while not (out / layout.CURVATURE).exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    while len(_progress(out)) < step and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL, f"{why}; not killed mid-way: {log.read_text()[-2000:]}"
+    assert len(_progress(out)) >= step and not layout.is_index_dir(out), why
+
     result = subprocess.run(command, capture_output=True, text=True)  # the same command, again
-    assert result.returncode == 0, result.stderr
-    assert "rows       24" in result.stdout
+    assert result.returncode == 0, f"{why}: {result.stderr}"
+    assert "rows       24" in result.stdout, why
     assert_same_index(uninterrupted, out)
+    assert_same_bytes(uninterrupted, out, why)
 
 
 def test_resume_refuses_a_different_command_and_allows_another_batch_size(
-    tiny_models, corpus_file, config_file, tmp_path
+    tiny_models, corpus_file, config_file, uninterrupted, tmp_path
 ):
     out = tmp_path / "idx"
-    build_killed(
+    killed = build_killed(
         KILL_POINTS["after a chunk, before its checkpoint"], tiny_models["gpt2"], corpus_file, out, config_file
     )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     other_rank = dataclasses.replace(CONFIG, projection=dataclasses.replace(CONFIG.projection, rank_in=5))
     with pytest.raises(
         AttribIndexError, match=r"interrupted build of a different command \(config.projection.rank_in: 3"
@@ -96,6 +149,9 @@ def test_resume_refuses_a_different_command_and_allows_another_batch_size(
     bigger_batch = dataclasses.replace(CONFIG, extract=dataclasses.replace(CONFIG.extract, batch_size=8))
     summary = build_index(bigger_batch, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
     assert summary.resumed_rows == 10 and summary.rows == 24
+    # Batches of 8 pad and sum differently from batches of 1: the same ids in the same order, and rows and
+    # curvature equal to float64 round-off (the rows are stored as float32).
+    assert_same_index(uninterrupted, out, curvature_rtol=1e-10)
 
 
 def test_killed_multi_shard_build_keeps_finished_shards_and_resumes_the_interrupted_one(

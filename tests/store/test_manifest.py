@@ -80,7 +80,7 @@ def test_the_fixtures_hold_every_optional_part():
 
 
 def test_the_build_marker_round_trips(tmp_path):
-    text = (FIXTURES / "v5-building.json").read_text()
+    text = (FIXTURES / "v6-building.json").read_text()
     (tmp_path / layout.BUILD_MARKER).write_text(text)
     marker = read_marker(tmp_path)
     assert isinstance(marker, BuildMarker) and isinstance(marker.request, BuildRequest)
@@ -98,7 +98,7 @@ def test_the_build_marker_round_trips(tmp_path):
     ],
 )
 def test_a_damaged_manifest_is_refused_saying_where(edit, message, tmp_path):
-    data = json.loads((FIXTURES / "v5-index.manifest.json").read_text())
+    data = json.loads((FIXTURES / "v6-index.manifest.json").read_text())
     edit(data)
     (tmp_path / layout.MANIFEST).write_text(json.dumps(data))
     with pytest.raises(AttribIndexError, match=message) as caught:
@@ -107,7 +107,18 @@ def test_a_damaged_manifest_is_refused_saying_where(edit, message, tmp_path):
 
 
 def test_an_unknown_version_is_refused_with_the_readable_ones(tmp_path):
-    data = json.loads((FIXTURES / "v5-index.manifest.json").read_text()) | {"format_version": 99}
+    data = json.loads((FIXTURES / "v6-index.manifest.json").read_text()) | {"format_version": 99}
     (tmp_path / layout.MANIFEST).write_text(json.dumps(data))
     with pytest.raises(AttribIndexError, match=r"format version 99; this attribindex reads versions 1, 2, 3, 4, 5"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in MANIFESTS if json.loads(p.read_text())["format_version"] < 6], ids=lambda p: p.name
+)
+def test_before_version_6_the_rows_hold_no_bias_and_the_head_was_excluded_by_name_only(path, tmp_path):
+    (tmp_path / layout.MANIFEST).write_text(path.read_text())
+    manifest = read_manifest(tmp_path, kind="any")
+    assert manifest.config.projection.bias is False and manifest.config.projection.include_head is True
+    assert not any(m.bias for m in manifest.modules)
+    assert all(m.rank_in <= m.in_features for m in manifest.modules)
