@@ -58,9 +58,11 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
             f"(hub ids need network access, or a copy in the local HF cache)."
         ) from None
     rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    if rows is not None and len(tokenizer) > rows:  # ids past the table would crash the first batch holding one
+    # The base vocabulary, not len(tokenizer): added special tokens (chat markers) that a model was saved without
+    # resizing for are common and harmless unless they occur; a larger base vocabulary is another model's tokenizer.
+    if rows is not None and tokenizer.vocab_size > rows:
         raise AttribIndexError(
-            f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model's input embedding has "
+            f"the tokenizer of {name_or_path!r} has {tokenizer.vocab_size} tokens but the model's input embedding has "
             f"{rows} rows: it is another model's tokenizer, or tokens were added without resizing. Save the model's "
             f"own tokenizer with it, or call model.resize_token_embeddings(len(tokenizer)) and save both."
         )
