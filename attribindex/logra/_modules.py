@@ -81,6 +81,8 @@ def select_modules(model: nn.Module, config: ProjectionConfig) -> list[ModuleSpe
         if any(fnmatch.fnmatchcase(name, p) for p in config.modules)
         and not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
     ]
+    if left_out and not any(fnmatch.fnmatchcase(left_out, p) for p in config.modules):
+        head_note = ""  # the patterns do not ask for the head: it is no reason for what they miss
     if config.last_n_blocks is not None:
         # The transformer blocks are the longest ModuleList (transformer.h, model.layers, ...).
         lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
