@@ -14,6 +14,7 @@ from attribindex.errors import AttribIndexError, IndexMismatchError
 from attribindex.eval import RecallReport, measure_recall
 from attribindex.pipeline import (
     AppendSummary,
+    BuildPlan,
     BuildSummary,
     EditSummary,
     MergeSummary,
@@ -22,10 +23,20 @@ from attribindex.pipeline import (
     compact_index,
     delete_ids,
     merge_shards,
+    plan_build,
     refresh_index,
     set_operating_point,
 )
-from attribindex.query import Attribution, AttributionIndex, Attributions, QueryResult, QueryVectors
+from attribindex.query import (
+    Attribution,
+    AttributionIndex,
+    Attributions,
+    ExplainedExample,
+    Explanation,
+    QueryResult,
+    QueryVectors,
+    TokenContribution,
+)
 from attribindex.serve import Client
 
 __all__ = [
@@ -36,15 +47,19 @@ __all__ = [
     "AttributionIndex",
     "Attributions",
     "BuildConfig",
+    "BuildPlan",
     "BuildSummary",
     "Client",
     "EditSummary",
+    "ExplainedExample",
+    "Explanation",
     "IndexMismatchError",
     "MergeSummary",
     "PromptCompletion",
     "QueryResult",
     "QueryVectors",
     "RecallReport",
+    "TokenContribution",
     "append_documents",
     "build_index",
     "compact_index",
@@ -52,6 +67,7 @@ __all__ = [
     "load_config",
     "measure_recall",
     "merge_shards",
+    "plan_build",
     "refresh_index",
     "set_operating_point",
 ]

@@ -68,49 +68,94 @@ def main() -> None:
 
     \b
     Typical use:
+      attribindex plan --config tiny --model ./my-model --data corpus.jsonl   # dims, disk, RAM, time first
       attribindex build --config tiny --model ./my-model --data corpus.jsonl --out my-index
       attribindex query my-index --text "a model output" -k 5
     """
 
 
+def _build_options(*, out_required: bool):
+    """The options of `build`, shared with `plan` so that a build's command line plans it unchanged and the two
+    cannot drift; `plan` takes --out optionally (it reports the free space there)."""
+    out_help = "Index folder to create." if out_required else "Index folder the build would create (free space shown)."
+    options = [
+        click.option(
+            "--config", "config_path", required=True, help="YAML config file, or a preset name from index_configs/."
+        ),
+        click.option("--model", required=True, help="Model folder (save_pretrained) or hub id."),
+        click.option(
+            "--data", required=True, help="A .jsonl file, a folder of .txt files, a saved HF dataset, or a hub dataset."
+        ),
+        click.option("--out", required=out_required, type=click.Path(path_type=Path), help=out_help),
+        click.option(
+            "--text-field", default="text", show_default=True, help="Field holding the text (jsonl / datasets)."
+        ),
+        click.option("--id-field", default=None, help="Field holding a stable id (default: content hash of the text)."),
+        click.option("--split", default="train", show_default=True, help="Dataset split (HF datasets)."),
+        click.option("--limit", type=int, default=None, help="Index only the first N documents."),
+        click.option(
+            "--max-length", type=int, default=None, help="Truncate documents to N tokens (overrides the config)."
+        ),
+        click.option(
+            "--batch-size", type=int, default=None, help="Examples per forward+backward (overrides the config)."
+        ),
+        click.option(
+            "--skip-empty", is_flag=True, help="Leave out documents that tokenise to nothing instead of failing."
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace whatever build --out holds (by default an interrupted one resumes).",
+        ),
+        click.option("--num-shards", type=int, default=None, help="Split the corpus into N contiguous shards."),
+        click.option(
+            "--shard-index",
+            type=int,
+            default=None,
+            help="Build only this shard (0-based) into --out; merge the shards later with `attribindex merge`.",
+        ),
+        click.option("--keep-shards", is_flag=True, help="Keep OUT/shards/ after a multi-shard build has merged them."),
+        click.option(
+            "--hessian",
+            type=click.Choice(["raw", "kfac", "ekfac", "identity"]),
+            default=None,
+            help="Hessian kind (overrides the config's hessian.kind; docs/quality.md compares them).",
+        ),
+        click.option(
+            "--optimizer-state",
+            type=click.Path(exists=True, path_type=Path),
+            default=None,
+            help="The training optimizer's state (a checkpoint folder or its optimizer.pt): divide gradients by its "
+            "√v (Adam, Adafactor).",
+        ),
+    ]
+
+    def apply(command):
+        for option in reversed(options):  # decorators apply bottom-up; --help lists them in this order
+            command = option(command)
+        return command
+
+    return apply
+
+
+def _build_config(config_path, max_length, batch_size, hessian, optimizer_state):
+    """The config of `build` and `plan`: the file or preset, then the command-line overrides, validated alike."""
+    from attribindex.config import load_config
+
+    config = load_config(config_path)
+    overrides = {k: v for k, v in {"max_length": max_length, "batch_size": batch_size}.items() if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, extract=_replace_checked(config.extract, overrides))
+    if hessian is not None:
+        config = dataclasses.replace(config, hessian=_replace_checked(config.hessian, {"kind": hessian}))
+    if optimizer_state is not None:
+        state = {"optimizer_state": str(optimizer_state.resolve())}
+        config = dataclasses.replace(config, projection=_replace_checked(config.projection, state))
+    return config
+
+
 @main.command()
-@click.option("--config", "config_path", required=True, help="YAML config file, or a preset name from index_configs/.")
-@click.option("--model", required=True, help="Model folder (save_pretrained) or hub id.")
-@click.option(
-    "--data", required=True, help="A .jsonl file, a folder of .txt files, a saved HF dataset, or a hub dataset."
-)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Index folder to create.")
-@click.option("--text-field", default="text", show_default=True, help="Field holding the text (jsonl / datasets).")
-@click.option("--id-field", default=None, help="Field holding a stable id (default: content hash of the text).")
-@click.option("--split", default="train", show_default=True, help="Dataset split (HF datasets).")
-@click.option("--limit", type=int, default=None, help="Index only the first N documents.")
-@click.option("--max-length", type=int, default=None, help="Truncate documents to N tokens (overrides the config).")
-@click.option("--batch-size", type=int, default=None, help="Examples per forward+backward (overrides the config).")
-@click.option("--skip-empty", is_flag=True, help="Leave out documents that tokenise to nothing instead of failing.")
-@click.option(
-    "--overwrite", is_flag=True, help="Replace whatever build --out holds (by default an interrupted one resumes)."
-)
-@click.option("--num-shards", type=int, default=None, help="Split the corpus into N contiguous shards.")
-@click.option(
-    "--shard-index",
-    type=int,
-    default=None,
-    help="Build only this shard (0-based) into --out; merge the shards later with `attribindex merge`.",
-)
-@click.option("--keep-shards", is_flag=True, help="Keep OUT/shards/ after a multi-shard build has merged them.")
-@click.option(
-    "--hessian",
-    type=click.Choice(["raw", "kfac", "ekfac", "identity"]),
-    default=None,
-    help="Hessian kind (overrides the config's hessian.kind; docs/quality.md compares them).",
-)
-@click.option(
-    "--optimizer-state",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="The training optimizer's state (a checkpoint folder or its optimizer.pt): divide gradients by its √v "
-    "(Adam, Adafactor).",
-)
+@_build_options(out_required=True)
 def build(
     config_path,
     model,
@@ -145,18 +190,9 @@ def build(
       torchrun --nproc-per-node 4 -m attribindex build --config tiny --model ./tiny-gpt2 \\
           --data corpus.jsonl --num-shards 8 --out my-index
     """
-    from attribindex.config import load_config
     from attribindex.pipeline import build_index
 
-    config = load_config(config_path)
-    overrides = {k: v for k, v in {"max_length": max_length, "batch_size": batch_size}.items() if v is not None}
-    if overrides:
-        config = dataclasses.replace(config, extract=_replace_checked(config.extract, overrides))
-    if hessian is not None:
-        config = dataclasses.replace(config, hessian=_replace_checked(config.hessian, {"kind": hessian}))
-    if optimizer_state is not None:
-        state = {"optimizer_state": str(optimizer_state.resolve())}
-        config = dataclasses.replace(config, projection=_replace_checked(config.projection, state))
+    config = _build_config(config_path, max_length, batch_size, hessian, optimizer_state)
     summary = build_index(
         config,
         model,
@@ -174,6 +210,38 @@ def build(
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         click.echo(summary.format())
+
+
+@main.command()
+@_build_options(out_required=False)
+@click.option(
+    "--sample", type=int, default=1000, show_default=True, help="Documents a streamed dataset is estimated from."
+)
+@click.option("--probe-batches", type=int, default=3, show_default=True, help="Batches timed (after a warm-up batch).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(
+    config_path, max_length, batch_size, hessian, optimizer_state, overwrite, sample, probe_batches, as_json, **args
+):
+    """Plan a build — take `build`'s command line — without writing anything: dims per module, bytes per example,
+    disk, RAM at build and at query, the exact section's memory, and the time from a short timed probe.
+
+    \b
+    Example:
+      attribindex plan --config demo --model ./my-model --data corpus.jsonl --out my-index
+      attribindex plan --config tiny --model ./tiny-gpt2 --data corpus.jsonl --json
+    """
+    from attribindex.pipeline import plan_build
+
+    config = _build_config(config_path, max_length, batch_size, hessian, optimizer_state)
+    result = plan_build(
+        config,
+        **args,
+        sample=sample,
+        probe_batches=probe_batches,
+        progress=not as_json,
+        log=lambda line: click.echo(line, err=True),  # what it is doing, apart from the plan on stdout
+    )
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format())
 
 
 @main.command()
@@ -404,6 +472,12 @@ def _replace_checked(section, overrides: dict):
 )
 @click.option("--nprobe", type=int, default=None, help="IVF cells scanned (default: the recorded operating point).")
 @click.option("--ef-search", type=int, default=None, help="HNSW candidate list (default: the operating point).")
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Split each shown score (the exact one with --exact) over the example's tokens and the query's: the "
+    "strongest are highlighted (in colour on a terminal, as [+token] / [-token] otherwise; arrays with --json).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--width", type=int, default=100, show_default=True, help="Characters of text shown per result.")
 def query(
@@ -420,6 +494,7 @@ def query(
     device,
     nprobe,
     ef_search,
+    explain,
     as_json,
     width,
 ):
@@ -434,6 +509,8 @@ def query(
     \b
       # re-rank the top 200 candidates with exact, unprojected influence (index built with `exact`)
       attribindex query my-index --text "Now is the winter of our discontent" -k 10 --exact 200
+      # which tokens of each result (and of the query) carry its score
+      attribindex query my-index --text "Now is the winter of our discontent" -k 3 --explain
     """
     from attribindex.data import PromptCompletion
     from attribindex.query import AttributionIndex, one_line
@@ -447,26 +524,49 @@ def query(
         raise click.UsageError("give at least one --text, or --prompt with --completion.")
     if (index_dir is None) == (server is None):
         raise click.UsageError("give an INDEX_DIR to open, or --server URL to ask a running server (not both).")
+    explanations: list = []
+    exact_explained = exact_candidates is not None  # explain the re-ranked (exact) scores that are shown
     if server is not None:
         from attribindex.serve import Client
 
         with Client(server, token=token) as remote:
             answer = remote.attribute(queries, k=k, bottom=bottom, exact=exact_candidates)
+            if explain:
+                explanations = [
+                    remote.explain(r.query, [a.id for a in r.top + r.bottom], exact=exact_explained)
+                    for r in answer.results
+                ]
     else:
         index = AttributionIndex.open(index_dir, model=model, device=device)
         index.configure_search(nprobe=nprobe, ef_search=ef_search)
         answer = index.attribute(queries, k=k, bottom=bottom, exact=exact_candidates)
+        if explain:
+            explanations = [
+                index.explain(r.query, [a.id for a in r.top + r.bottom], exact=exact_explained) for r in answer.results
+            ]
     if as_json:
-        click.echo(json.dumps(answer.to_dict(), ensure_ascii=False, indent=2))
+        data = answer.to_dict()
+        if explain:
+            data["explanations"] = [e.to_dict() for e in explanations]
+        click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
-    for result in answer.results:
+    colour = sys.stdout.isatty()
+    for q, result in enumerate(answer.results):
         shown = result.query if isinstance(result.query, str) else f"{result.query.prompt} ⟶ {result.query.completion}"
         click.secho(f"\nquery: {one_line(shown, width)}   (loss {result.loss:.2f})", bold=True)
+        explained = {e.id: e for e in explanations[q].examples} if explain else {}
         for title, attributions in (("most influential", result.top), ("least influential", result.bottom)):
             if attributions:
                 click.echo(f"  {title}:")
             for rank, a in enumerate(attributions, start=1):
                 click.echo(f"  {rank:3d}. {a.score:+.4f}  {a.id}  {one_line(a.text, width)}")
+                if a.id in explained:
+                    for line in _explained_lines(explained[a.id], width, colour):
+                        click.echo(f"         {line}")
+    if explain:
+        click.echo(
+            "\nexplained: each score split over tokens (the shares add up to it); [+x] raises the score, [-x] lowers it"
+        )
     click.echo(
         f"\n{answer.index_id} v{answer.index_version}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms "
         f"({answer.mode}, {'exact' if answer.exact else 'approximate: ' + answer.search})"
@@ -477,6 +577,31 @@ def query(
             f"re-ranked the top-{rerank.candidates}{' and bottom-' + str(rerank.candidates) if bottom else ''} "
             f"candidates per query exactly ({rerank.method}) in {rerank.rerank_ms:.0f} ms"
         )
+
+
+def _explained_lines(explained, width: int, colour: bool, strongest: int = 5) -> list[str]:
+    """The example's text with its `strongest` tokens marked (green / red on a terminal, [+x] / [-x] otherwise),
+    clipped to about two lines of `width`, and the query tokens that carry the score most."""
+    marked = {id(t) for t in explained.strongest(strongest)}
+    parts, length = [], 0
+    for token in explained.tokens:
+        text = re.sub(r"\s+", " ", token.text)  # one line: newlines and runs of spaces become one space
+        core = text.strip()
+        if id(token) in marked and core:
+            sign = "+" if token.contribution > 0 else "-"
+            shown = click.style(core, fg="green" if sign == "+" else "red", bold=True) if colour else f"[{sign}{core}]"
+            text = text.replace(core, shown, 1)
+        parts.append(text)
+        length += len(text)
+        if length >= 2 * width:
+            parts.append("…")
+            break
+
+    def label(t) -> str:  # a special token (BOS) covers no text: show the tokenizer's own name for it
+        return (t.text.strip() or repr(t.text)) if t.text else t.token
+
+    query_tokens = ", ".join(f"{label(t)} {t.contribution:+.3g}" for t in explained.strongest(3, of_query=True))
+    return ["".join(parts).strip(), f"query tokens: {query_tokens}"]
 
 
 @main.group(name="eval")

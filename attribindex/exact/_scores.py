@@ -49,10 +49,11 @@ class RotatedGradients:
 
 class ContractedScores:
     """A `TokenListener` that adds Σ_t δ_tᵀ Q̂ x̄_t of each layer to `scores` (B, Q), for the preconditioned query
-    gradients `preconditioned[name]` (Q, n_out, n_in')."""
+    gradients `preconditioned[name]` (Q, n_out, n_in'); with `per_token`, keeps the terms apart: (B, Q, T)."""
 
-    def __init__(self, shapes: dict[str, LayerShape], preconditioned: dict[str, torch.Tensor]):
+    def __init__(self, shapes: dict[str, LayerShape], preconditioned: dict[str, torch.Tensor], per_token: bool = False):
         self.shapes, self.preconditioned = shapes, preconditioned
+        self._contraction = "btqo,bto->bqt" if per_token else "btqo,bto->bq"
         self._projected: dict[str, torch.Tensor] = {}
         self.scores: torch.Tensor | None = None
 
@@ -61,7 +62,7 @@ class ContractedScores:
         self._projected[name] = torch.einsum("bti,qoi->btqo", x, self.preconditioned[name].to(x.dtype))
 
     def on_output_grad(self, name: str, delta: torch.Tensor, mask: torch.Tensor | None) -> None:
-        layer = torch.einsum("btqo,bto->bq", self._projected.pop(name), delta)  # (B, Q)
+        layer = torch.einsum(self._contraction, self._projected.pop(name), delta)  # (B, Q) or (B, Q, T)
         self.scores = layer if self.scores is None else self.scores + layer
 
 
@@ -131,6 +132,18 @@ class ExactScorer:
                 out[group] = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
             else:
                 out[group] = self._contracted_scores(queries, batch)
+        return out
+
+    def token_scores(self, queries: PreparedQueries, examples: list[TokenizedExample]) -> list[torch.Tensor]:
+        """Per example, its (Q, T) float64 terms δ_tᵀ (H + λ)⁻¹ G_q x̄_t, one per token: they add up to the dot-mode
+        score on each query. `queries` may be any prepared texts (`prepare` of training examples too)."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+        for group in self._batches(examples, len(queries.losses), "dot"):
+            batch = [examples[i] for i in group]
+            listener = ContractedScores(self.shapes, queries.preconditioned, per_token=True)
+            self._run(listener, batch)
+            for b, i in enumerate(group):
+                out[i] = listener.scores[b, :, : len(examples[i].input_ids)].double().cpu()
         return out
 
     def _contracted_scores(self, queries: PreparedQueries, batch: list[TokenizedExample]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """LoGra: Kronecker-projected per-example gradients of Linear / Conv1D layers."""
 
-from attribindex.logra._capture import LoGraCapture
+from attribindex.logra._capture import LoGraCapture, project_inputs
 from attribindex.logra._extractor import (
     ExtractedBatch,
     GradientExtractor,
@@ -29,6 +29,7 @@ __all__ = [
     "load_second_moment_scales",
     "masked_tokens",
     "per_example_loss",
+    "project_inputs",
     "sampled_label_loss",
     "save_named_second_moments",
     "select_modules",

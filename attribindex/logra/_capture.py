@@ -56,10 +56,7 @@ class LoGraCapture(LayerHooks):
         self._input_factors.clear()
 
     def on_input(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
-        p_in = self._p_in[name]  # (k_in, n_in), or (k_in, n_in + 1) whose last column projects a bias's input 1
-        acts = x @ p_in[:, : x.shape[-1]].T  # (B, T, k_in)
-        if p_in.shape[1] > x.shape[-1]:
-            acts = acts + p_in[:, -1]  # [x; 1] projected: the bias column is added at every position
+        acts = project_inputs(x, self._p_in[name])  # (B, T, k_in)
         self._acts[name] = acts
         if self.track_factors:
             masked = self.masked(acts)
@@ -82,3 +79,16 @@ class LoGraCapture(LayerHooks):
         self.factors = {}
         super().backward(loss)
         return self.gradients
+
+
+def project_inputs(x: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+    """(B, T, n_in) layer inputs → (B, T, k_in) x̃ = P_in x, or P_in [x; 1] when `p_in` has a captured bias's column.
+
+    Example:
+        >>> project_inputs(torch.ones(1, 2, 3), torch.ones(4, 4)).shape  # a bias column: [x; 1] has 4 entries
+        torch.Size([1, 2, 4])
+    """
+    acts = x @ p_in[:, : x.shape[-1]].T  # (B, T, k_in)
+    if p_in.shape[1] > x.shape[-1]:
+        acts = acts + p_in[:, -1]  # the bias column times the constant input 1, at every position
+    return acts

@@ -4,10 +4,12 @@ from attribindex.pipeline._append import AppendSummary, append_documents
 from attribindex.pipeline._build import build_index
 from attribindex.pipeline._edit import EditSummary, compact_index, delete_ids, refresh_index, set_operating_point
 from attribindex.pipeline._merge import merge_shards
+from attribindex.pipeline._plan import BuildPlan, plan_build
 from attribindex.pipeline._summary import BuildSummary, MergeSummary
 
 __all__ = [
     "AppendSummary",
+    "BuildPlan",
     "BuildSummary",
     "EditSummary",
     "MergeSummary",
@@ -16,6 +18,7 @@ __all__ = [
     "compact_index",
     "delete_ids",
     "merge_shards",
+    "plan_build",
     "refresh_index",
     "set_operating_point",
 ]

@@ -12,12 +12,14 @@ from attribindex._records import first_difference, to_json
 from attribindex.config import BuildConfig, rows_settings
 from attribindex.data import Corpus
 from attribindex.errors import AttribIndexError
+from attribindex.logra import ProjectionSet, SecondMomentScales, load_second_moment_scales, select_modules
 from attribindex.model import load_model
 from attribindex.pipeline._extract import release_freed_memory
 from attribindex.store import (
     BuildMarker,
     BuildRequest,
     MergeRequest,
+    ModuleRecord,
     ShardSlot,
     layout,
     read_manifest,
@@ -132,3 +134,39 @@ class ModelCache:
         self._loaded = {}
         gc.collect()
         release_freed_memory()
+
+
+def build_projections(config: BuildConfig, lm) -> tuple[ProjectionSet, SecondMomentScales | None]:
+    """The projections a build of `config` uses on `lm` (its captured modules, seeded, with the optimizer's second
+    moments folded in when the config names a state), and those second moments."""
+    modules = select_modules(lm, config.projection)
+    optimizer = None
+    if config.projection.optimizer_state is not None:
+        optimizer = load_second_moment_scales(
+            config.projection.optimizer_state, lm, modules, config.projection.optimizer_eps
+        )
+    projections = ProjectionSet.generate(
+        modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out, optimizer
+    )
+    return projections, optimizer
+
+
+def module_records(projections: ProjectionSet) -> tuple[ModuleRecord, ...]:
+    """The manifest's records of the captured modules, in vector order, with each block's offset and dims."""
+    records, offset = [], 0
+    for module, dim in zip(projections.modules, projections.block_dims):
+        records.append(
+            ModuleRecord(
+                name=module.name,
+                kind=module.kind,
+                in_features=module.in_features,
+                out_features=module.out_features,
+                bias=module.bias,
+                rank_in=int(projections.p_in[module.name].shape[0]),
+                rank_out=int(projections.p_out[module.name].shape[0]),
+                offset=offset,
+                dim=dim,
+            )
+        )
+        offset += dim
+    return tuple(records)

@@ -15,14 +15,21 @@ from attribindex.logra import (
     GradientExtractor,
     ProjectionSet,
     SecondMomentScales,
-    load_second_moment_scales,
-    select_modules,
 )
 from attribindex.model import DTYPES, model_fingerprint
 from attribindex.pipeline._exact import ExactFactors, check_exact_memory
 from attribindex.pipeline._extract import Extraction, extract, read_checkpoint, remove_temporaries
 from attribindex.pipeline._finalize import finalize_index, finalize_shard
-from attribindex.pipeline._output import ModelCache, build_request, bytes_on_disk, clear_folder, now, prepare_output
+from attribindex.pipeline._output import (
+    ModelCache,
+    build_projections,
+    build_request,
+    bytes_on_disk,
+    clear_folder,
+    module_records,
+    now,
+    prepare_output,
+)
 from attribindex.pipeline._summary import BuildSummary
 from attribindex.store import (
     BuildEvent,
@@ -31,7 +38,6 @@ from attribindex.store import (
     IndexManifest,
     ManifestHeader,
     ModelRecord,
-    ModuleRecord,
     ProjectionRecord,
     ResumedRecord,
     ShardSlice,
@@ -151,15 +157,7 @@ def _extract_rows(
         except AttribIndexError as err:
             raise AttribIndexError(f"{err} Start over with `overwrite=True`.") from None
     lm, tokenizer = models.get(request.model, config.extract.dtype, config.extract.device)
-    modules = select_modules(lm, config.projection)
-    optimizer = None
-    if config.projection.optimizer_state is not None:
-        optimizer = load_second_moment_scales(
-            config.projection.optimizer_state, lm, modules, config.projection.optimizer_eps
-        )
-    projections = ProjectionSet.generate(
-        modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out, optimizer
-    )
+    projections, optimizer = build_projections(config, lm)
     projections.save(out / layout.PROJECTIONS)
     extractor = GradientExtractor(lm, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
     exact = None
@@ -220,7 +218,7 @@ def _header(
             truncated=state.truncated,
             tokens=state.tokens,
         ),
-        modules=_module_records(projections),
+        modules=module_records(projections),
         dim=projections.dim,
         projection=ProjectionRecord(
             seed=config.projection.seed,
@@ -229,23 +227,3 @@ def _header(
             optimizer=optimizer.record if optimizer is not None else None,
         ),
     )
-
-
-def _module_records(projections: ProjectionSet) -> tuple[ModuleRecord, ...]:
-    records, offset = [], 0
-    for module, dim in zip(projections.modules, projections.block_dims):
-        records.append(
-            ModuleRecord(
-                name=module.name,
-                kind=module.kind,
-                in_features=module.in_features,
-                out_features=module.out_features,
-                bias=module.bias,
-                rank_in=int(projections.p_in[module.name].shape[0]),
-                rank_out=int(projections.p_out[module.name].shape[0]),
-                offset=offset,
-                dim=dim,
-            )
-        )
-        offset += dim
-    return tuple(records)

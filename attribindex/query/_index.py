@@ -18,6 +18,14 @@ from attribindex.index import SegmentedIndex, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.query._exact import EXACT_MEMORY_BYTES, ExactReranker, check_exact
+from attribindex.query._explain import (
+    ExplainedExample,
+    Explanation,
+    TokenContribution,
+    explain_pairs,
+    split_scores,
+    token_spans,
+)
 from attribindex.query._results import Attribution, Attributions, QueryResult, one_line
 from attribindex.store import IndexManifest, RowStore, check_file, layout, read_manifest
 
@@ -344,6 +352,102 @@ class AttributionIndex:
             rows = np.setdiff1d(np.arange(self.manifest.rows), deleted)
         return self.reranker.scores(as_queries(queries), [int(r) for r in rows]).T.numpy()
 
+    def explain(
+        self,
+        query: Query | tuple[str, str],
+        ids: Sequence[str],
+        batch_size: int | None = None,
+        exact: bool = False,
+    ) -> Explanation:
+        """Why `ids` score as they do on `query`: each score split exactly over the example's tokens and over the
+        query's tokens (see `attribindex.query._explain`), recomputed through the model in float64 sums.
+
+        The score is the index's own (the whitened projected gradients' inner product, divided by both norms in
+        cosine mode), recomputed from the model, so it matches a search's score up to the store's rounding; the
+        contributions add up to it. With `exact`, the score is the exact, unprojected one of `attribute(...,
+        exact=C)` (the index's `exact` section), split the same way: Σ_t δ_tᵀ (H + λ)⁻¹ G_q x̄_t.
+
+        Example:
+            >>> answer = index.explain("Now is the winter of our discontent", ["richard3-1-1"])  # doctest: +SKIP
+            >>> [(t.text, round(t.contribution, 3)) for t in answer.examples[0].strongest(3)]  # doctest: +SKIP
+            [(' winter', 0.041), (' discontent', 0.033), (' summer', 0.019)]
+        """
+        started = time.perf_counter()
+        query = PromptCompletion(*query) if isinstance(query, tuple) else query
+        if not isinstance(query, (str, PromptCompletion)):
+            raise AttribIndexError("explain takes one query: a text, or a (prompt, completion) pair.")
+        ids = [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
+        if not ids:
+            raise AttribIndexError("no id given. Pass the ids of training examples, e.g. from attribute()'s results.")
+        rows = self._live_rows_of(ids)
+        documents = self.store.documents(rows)
+        extractor = self.extractor
+        (query_example,) = extractor.tokenize([query], [f"query ({_preview(query)})"])
+        examples = extractor.tokenize([d.text for d in documents], [f"example {d.id!r}" for d in documents])
+        if exact:
+            check_exact(self.manifest, 1, 1, 0)  # refuses an index without the exact section, naming the fix
+            scorer = self.reranker.scorer
+            prepared_query = scorer.prepare([query_example])
+            query_terms, self_influence = [], []
+            for example in examples:  # one example's unprojected gradients at a time: as much memory as a query's
+                prepared = scorer.prepare([example])
+                query_terms.append(scorer.token_scores(prepared, [query_example])[0][0])  # (T_q,)
+                self_influence.append(prepared.self_influence[0])
+            norms = None
+            if self.mode == "cosine":
+                norms = torch.sqrt(torch.stack(self_influence) * prepared_query.self_influence[0])
+            scores, example_parts, query_parts = split_scores(
+                [terms[0] for terms in scorer.token_scores(prepared_query, examples)], torch.stack(query_terms), norms
+            )
+            method = f"exact: {self.reranker.method}, {self.mode}"
+        else:
+            scores, example_parts, query_parts = explain_pairs(
+                extractor,
+                self.preconditioner.whiten,
+                self.projections.block_shapes,
+                self.module_names,
+                query_example,
+                examples,
+                self.mode,
+                batch_size or self.extract_config.batch_size,
+            )
+            method = f"projected, {self.manifest.hessian.kind} Hessian, {self.mode}"
+        query_spans = token_spans(extractor.tokenizer, query, query_example.input_ids)
+        explained = [
+            ExplainedExample(
+                id=doc.id,
+                row=row,
+                source=doc.source,
+                text=doc.text,
+                score=float(scores[n]),
+                tokens=_contributions(token_spans(extractor.tokenizer, doc.text, example.input_ids), example_parts[n]),
+                query_tokens=_contributions(query_spans, query_parts[n]),
+            )
+            for n, (row, doc, example) in enumerate(zip(rows, documents, examples))
+        ]
+        return Explanation(
+            query=query,
+            index_id=self.index_id,
+            index_version=self.version,
+            mode=self.mode,
+            method=method,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            examples=explained,
+        )
+
+    def _live_rows_of(self, ids: list[str]) -> list[int]:
+        """The live rows of `ids`, in their order; an unknown or deleted id is refused, naming it."""
+        found = self.store.find_rows(ids)
+        deleted = set(self.manifest.deleted_rows(self.root).tolist())
+        missing = [i for i in ids if i not in found or found[i] in deleted]
+        if missing:
+            shown = ", ".join(repr(i) for i in missing[:5]) + (", …" if len(missing) > 5 else "")
+            raise AttribIndexError(
+                f"{len(missing)} id(s) not in index {self.index_id} (version {self.version}): {shown}. Pass ids of "
+                f"indexed, undeleted examples, e.g. from attribute()'s results."
+            )
+        return [found[i] for i in ids]
+
     @property
     def reranker(self) -> ExactReranker:
         """The second stage (`attribute(..., exact=C)`), loaded on first use."""
@@ -357,6 +461,10 @@ class AttributionIndex:
         valid = [(float(s), int(r)) for s, r in zip(scores, rows) if r >= 0]
         docs = self.store.documents([r for _, r in valid])
         return [Attribution(id=d.id, score=s, text=d.text, source=d.source, row=r) for (s, r), d in zip(valid, docs)]
+
+
+def _contributions(spans: list[tuple[str, str, int, int]], values: torch.Tensor) -> list[TokenContribution]:
+    return [TokenContribution(t, text, s, e, float(v)) for (t, text, s, e), v in zip(spans, values.tolist())]
 
 
 def as_queries(queries: Sequence[Query | tuple[str, str]] | Query) -> list[Query]:

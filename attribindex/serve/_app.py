@@ -11,6 +11,7 @@ import copy
 import hmac
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
@@ -82,6 +83,15 @@ class AttributeRequest(BaseModel):
         "(the index must be built with the `exact` config section); at least max(k, bottom), at most the "
         "server's max_exact.",
     )
+
+
+class ExplainRequest(BaseModel):
+    """Body of POST /v1/explain."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str | PairModel = Field(description="A text, or a {prompt, completion} pair.")
+    ids: list[str] = Field(min_length=1, description="Ids of indexed examples, e.g. from /v1/attribute's results.")
+    exact: bool = Field(False, description="Split the exact, unprojected scores (the index's `exact` section).")
 
 
 class _BodyLimit:
@@ -251,7 +261,9 @@ def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRo
                 search=answered_by.search_description,
             )
         else:
-            attributions = await batcher.submit_exact(queries, body.k, body.bottom, body.exact)
+            attributions = await batcher.submit_alone(
+                partial(AttributionIndex.attribute, queries=queries, k=body.k, bottom=body.bottom, exact=body.exact)
+            )
         latency = (time.perf_counter() - started) * 1000  # the whole request, waiting for the model included
         answer = replace(attributions, latency_ms=latency).to_dict()
         if not body.include_text:
@@ -259,6 +271,22 @@ def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRo
                 for attribution in result["top"] + result["bottom"]:
                     attribution["text"] = ""
         return answer
+
+    @router.post(f"{API_PREFIX}/explain", summary="Each example's score on the query, split over both texts' tokens.")
+    async def explain(body: ExplainRequest) -> dict:
+        started = time.perf_counter()
+        query = (
+            body.query if isinstance(body.query, str) else PromptCompletion(body.query.prompt, body.query.completion)
+        )
+        if len(body.ids) > limits.max_k:
+            raise AttribIndexError(f"{len(body.ids)} ids in one request; this server explains at most {limits.max_k}.")
+        _check_query(query, 0, batcher.index, tokenizer, limits)
+        if body.exact:
+            check_exact(batcher.index.manifest, 1, 1, 0)  # before model work: the index may lack the section
+        explanation = await batcher.submit_alone(
+            partial(AttributionIndex.explain, query=query, ids=body.ids, exact=body.exact)
+        )
+        return replace(explanation, latency_ms=(time.perf_counter() - started) * 1000).to_dict()
 
     @router.post(f"{API_PREFIX}/reload", summary="Pick up appends, deletes and refreshes committed on disk now.")
     async def reload():
@@ -292,8 +320,12 @@ def _check_limits(body: AttributeRequest, queries: list, index: AttributionIndex
             index.manifest, body.exact, body.k, body.bottom, limit=limits.max_exact, limit_source="server max_exact"
         )
     for i, query in enumerate(queries):
-        text = query if isinstance(query, str) else query.prompt + query.completion
-        length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if length > limits.max_tokens:
-            raise AttribIndexError(f"query {i} has {length} tokens; this server takes at most {limits.max_tokens}.")
-        tokenize(tokenizer, query, index.extract_config.max_length, f"query {i}")  # refuses a query with no loss
+        _check_query(query, i, index, tokenizer, limits)
+
+
+def _check_query(query, i: int, index: AttributionIndex, tokenizer, limits: ServerLimits) -> None:
+    text = query if isinstance(query, str) else query.prompt + query.completion
+    length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if length > limits.max_tokens:
+        raise AttribIndexError(f"query {i} has {length} tokens; this server takes at most {limits.max_tokens}.")
+    tokenize(tokenizer, query, index.extract_config.max_length, f"query {i}")  # refuses a query with no loss

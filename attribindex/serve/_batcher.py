@@ -3,8 +3,8 @@
 The model and index are used from one worker thread only, so concurrent requests are safe; batching
 makes throughput grow with load (one forward+backward over many queries, one GEMM-based search).
 
-Exact re-rank requests (`attribute(..., exact=C)`) are not batched: each runs alone, as the library's own
-`attribute` call, on that same single worker thread. The thread is what keeps the re-rank's C forward+backward
+Exact re-rank requests (`attribute(..., exact=C)`) and explanations are not batched: each runs alone, as the
+library's own call, on that same single worker thread. The thread is what keeps the re-rank's C forward+backward
 passes from racing with a batched pass (or with a reload), and running the library call as it is gives the
 answer a local index gives for the same C. Sharing the first-stage pass would save one pass out of 1 + C;
 the price is that batches queued behind a re-rank wait for it.
@@ -13,12 +13,16 @@ the price is that batches queued behind a re-rank wait for it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from attribindex.data import PromptCompletion
 from attribindex.errors import AttribIndexError
-from attribindex.query import AttributionIndex, Attributions, QueryResult
+from attribindex.query import AttributionIndex, QueryResult
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,14 +77,12 @@ class MicroBatcher:
         await self._queue.put(job)
         return await job.future
 
-    async def submit_exact(self, queries: list, k: int, bottom: int, exact: int) -> Attributions:
-        """`attribute(queries, k, bottom, exact=exact)` of the current index, alone on the model thread (whose
-        single-worker executor runs it between batches, never during one)."""
+    async def submit_alone(self, work: Callable[[AttributionIndex], T]) -> T:
+        """`work(index)` on the current index, alone on the model thread (whose single-worker executor runs it
+        between batches, never during one): an exact re-rank or an explanation, each a model pass of its own."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry against another instance or after a restart.")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._answer_exact, queries, k, bottom, exact
-        )
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_alone, work)
 
     async def close(self) -> None:
         """Refuse new work, fail what is still queued, stop the worker."""
@@ -122,9 +124,9 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_result(answer)
 
-    def _answer_exact(self, queries: list, k: int, bottom: int, exact: int) -> Attributions:
+    def _run_alone(self, work: Callable[[AttributionIndex], T]) -> T:
         self.batches += 1  # a model pass of its own
-        return self.reload().attribute(queries, k=k, bottom=bottom, exact=exact)
+        return work(self.reload())
 
     def _answer(self, jobs: list[_Job]) -> list[tuple[list[QueryResult], AttributionIndex]]:
         """One model pass over every query of the batch, one search with the largest k; each job takes its prefix."""

@@ -11,7 +11,7 @@ import httpx
 
 from attribindex.data import PromptCompletion
 from attribindex.errors import AttribIndexError
-from attribindex.query import Attributions, as_queries, attributions_from_dict
+from attribindex.query import Attributions, Explanation, as_queries, attributions_from_dict, explanation_from_dict
 
 
 class Client:
@@ -58,6 +58,25 @@ class Client:
         if exact is not None:
             body["exact"] = exact
         return attributions_from_dict(self._call("POST", "/v1/attribute", json=body))
+
+    def explain(
+        self, query: str | PromptCompletion | tuple[str, str], ids: Sequence[str], exact: bool = False
+    ) -> Explanation:
+        """Each of `ids`' score on `query`, split over the example's tokens and the query's, as
+        `AttributionIndex.explain` (`exact`: the exact, unprojected scores).
+
+        Example:
+            >>> with Client("http://127.0.0.1:8000") as index:  # doctest: +SKIP
+            ...     explained = index.explain("To be, or not to be", ["hamlet-3-1"]).examples[0]
+            ...     [(t.text, t.contribution) for t in explained.strongest(3)]
+        """
+        query = PromptCompletion(*query) if isinstance(query, tuple) else query
+        body = {
+            "query": query if isinstance(query, str) else {"prompt": query.prompt, "completion": query.completion},
+            "ids": [ids] if isinstance(ids, str) else list(ids),
+            "exact": exact,
+        }
+        return explanation_from_dict(self._call("POST", "/v1/explain", json=body))
 
     def info(self) -> dict:
         """The index's id, version, rows, model and the server's limits."""

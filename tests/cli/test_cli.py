@@ -116,7 +116,7 @@ def test_info(built):
 
 
 @pytest.mark.parametrize(
-    "command", ["build", "query", "info", "demo", "merge", "verify", "append", "delete", "compact", "refresh"]
+    "command", ["build", "plan", "query", "info", "demo", "merge", "verify", "append", "delete", "compact", "refresh"]
 )
 def test_help_shows_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])

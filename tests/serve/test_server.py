@@ -177,6 +177,27 @@ def test_cli_query_through_the_server(server, index_dir):
     assert bad.exit_code != 0 and "not both" in bad.output
 
 
+def test_explain_through_the_server_equals_the_local_library(server, index_dir):
+    query = QUERIES[1]
+    local_index = AttributionIndex.open(index_dir)
+    ids = [a.id for a in local_index.attribute(query, k=2).results[0].top]
+    local = local_index.explain(query, ids)
+    with Client(server, token=TOKEN) as client:
+        remote = client.explain(query, ids)
+        with pytest.raises(AttribIndexError, match="not in index"):
+            client.explain(query, ["no-such-id"])
+    assert remote.query == query and remote.index_version == local.index_version
+    for got, want in zip(remote.examples, local.examples, strict=True):
+        assert got.id == want.id and got.score == pytest.approx(want.score, rel=1e-9)
+        assert [(t.text, t.start) for t in got.tokens] == [(t.text, t.start) for t in want.tokens]
+        assert [t.contribution for t in got.query_tokens] == pytest.approx([t.contribution for t in want.query_tokens])
+    unauthorised = httpx.post(f"{server}/v1/explain", json={"query": "x", "ids": ids})
+    assert unauthorised.status_code == 401
+    args = ["query", "--server", server, "--token", TOKEN, "--text", "King queen crown castle.", "-k", "1", "--explain"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "query tokens:" in result.output and "[+" in result.output, result.output
+
+
 def _listening(url: str) -> bool:
     host, port = url.removeprefix("http://").split(":")
     try:
@@ -352,6 +373,24 @@ def test_cli_query_exact_through_the_server(exact_server, exact_index, server):
     plain = ["query", "--server", server, "--token", TOKEN, "--text", question, "--exact", "20"]
     refused = CliRunner().invoke(main, plain)
     assert refused.exit_code == 1 and "exact.enabled" in refused.output and "Traceback" not in refused.output
+
+
+def test_exact_explanations_through_the_server_and_the_cli(exact_server, exact_index, server):
+    query = QUERIES[0]
+    local_index = AttributionIndex.open(exact_index)
+    ids = [a.id for a in local_index.attribute(query, k=2, exact=6).results[0].top]
+    local = local_index.explain(query, ids, exact=True)
+    with Client(exact_server) as client:
+        remote = client.explain(query, ids, exact=True)
+    assert [e.score for e in remote.examples] == pytest.approx([e.score for e in local.examples], rel=1e-9)
+    assert remote.method == local.method and remote.method.startswith("exact:")
+    with Client(server, token=TOKEN) as client, pytest.raises(AttribIndexError, match="exact.enabled"):
+        client.explain(query, ids, exact=True)
+    args = ["query", str(exact_index), "--text", query, "-k", "2", "--exact", "6", "--explain", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    explained = json.loads(result.output)["explanations"][0]["examples"]
+    assert [e["score"] for e in explained] == pytest.approx([e.score for e in local.examples], rel=1e-9)
 
 
 def test_max_exact_is_bounded_by_the_library_limit(index_dir):
