@@ -57,6 +57,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     assert {n.removeprefix("attribindex/presets/") for n in names if n.startswith("attribindex/presets/")} == presets
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "attribindex").rglob("*.py")}
     assert sources <= names, sorted(sources - names)
+    static = {p.relative_to(ROOT).as_posix() for p in (ROOT / "attribindex" / "serve" / "static").iterdir()}
+    assert static and static <= names, sorted(static - names)  # the explorer page `attribindex serve` answers at /
 
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], root, env)

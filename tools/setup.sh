@@ -14,6 +14,18 @@ VENV=.venv
 STAMP=$VENV/.attribindex-setup
 want=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)-$TORCH_SPEC-$FAISS_EXTRA
 
+# Chromium and its WebDriver for the explorer's browser test (tests/serve/test_explorer.py), from Debian packages.
+# Checked on every run (it is outside the venv stamp); apt-get update only when the lists lack the packages.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    apt-cache show chromium chromium-driver >/dev/null 2>&1 || $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2
+  else
+    echo "warning: no apt-get: install Chromium and chromedriver yourself for tests/serve/test_explorer.py" >&2
+  fi
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi

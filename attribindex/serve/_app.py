@@ -12,11 +12,12 @@ import hmac
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -27,6 +28,25 @@ from attribindex.query import MAX_EXACT_CANDIDATES, AttributionIndex, Attributio
 from attribindex.serve._batcher import MicroBatcher, ShuttingDown
 
 API_PREFIX = "/v1"
+
+# The browser explorer: plain files shipped as package data, each at one fixed path (no path parameter, so no
+# request can name any other file). They hold no secret and are served without the token; every API call the page
+# makes sends it.
+_STATIC = Path(__file__).parent / "static"
+_PAGES = {
+    "/": ("explorer.html", "text/html; charset=utf-8"),
+    "/static/explorer.js": ("explorer.js", "text/javascript; charset=utf-8"),
+    "/static/explorer.css": ("explorer.css", "text/css; charset=utf-8"),
+}
+# Only this origin's scripts, styles and API; no inline script, no framing: a corpus text that looks like HTML
+# cannot run in the page that holds the token, and no other site can frame it.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 # auto_error=False: a missing header must get this server's 401 JSON error, not FastAPI's own answer.
 _BEARER = HTTPBearer(
@@ -167,7 +187,24 @@ def create_app(index: AttributionIndex, limits: ServerLimits | None = None, toke
         return {"status": "ok", "index_id": batcher.index.index_id, "index_version": batcher.index.version}
 
     app.include_router(_api_routes(batcher, tokenizer, limits), dependencies=_bearer_auth(token))
+    app.include_router(_page_routes())
     return app
+
+
+def _page_routes() -> APIRouter:
+    """The explorer's page, script and style at fixed paths (left out of the OpenAPI description: not API)."""
+    router = APIRouter(include_in_schema=False)
+    for path, (name, media_type) in _PAGES.items():
+        router.add_api_route(path, _page(_STATIC / name, media_type), methods=["GET"])
+    return router
+
+
+def _page(file: Path, media_type: str):
+    # A closure, not default arguments: FastAPI would read those as query parameters a request could set.
+    async def page() -> FileResponse:
+        return FileResponse(file, media_type=media_type, headers=_PAGE_HEADERS)
+
+    return page
 
 
 class _Unauthorized(Exception):

@@ -153,6 +153,12 @@ def test_the_token_is_required_and_paths_are_fixed(server):
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{server}/v1/attribute", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 405
     assert httpx.get(f"{server}/../../etc/passwd").status_code == 404
+    # the explorer's page, script and style are the only paths outside /v1 and /health, and need no token
+    for page in ("/", "/static/explorer.js", "/static/explorer.css"):
+        assert httpx.get(f"{server}{page}").status_code == 200, page
+    for path in ("/static/", "/static/explorer.html", "/static/../_app.py", "/static/%2e%2e/_app.py", "/index.html"):
+        assert httpx.get(f"{server}{path}").status_code == 404, path
+    assert httpx.post(f"{server}/", json=body).status_code == 405
     with pytest.raises(AttribIndexError, match=r"missing or wrong bearer token\. Send .* \(401 unauthorized\)"):
         Client(server).attribute("a b c")
 
