@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from attribindex import AttributionIndex, build_index
+from attribindex import AttributionIndex, PromptCompletion, build_index
 from attribindex.testing import start_server
 from tests.conftest import exact_config
 
@@ -122,6 +122,18 @@ def test_query_results_highlights_and_errors_in_a_browser(server, index_dir, bro
     browser.save_screenshot(str(tmp_path / "explorer.png"))
     if os.environ.get("ATTRIBINDEX_UPDATE_SCREENSHOT"):  # the README's picture, refreshed on request only
         shutil.copy2(tmp_path / "explorer.png", SCREENSHOT)
+
+    # a prompt + completion pair: the same ids as the library's, explained
+    pair = local_index.attribute(PromptCompletion("Ghost father", " son mind heart."), k=4, bottom=2).results[0]
+    browser.find_element(By.CSS_SELECTOR, 'input[name="kind"][value="pair"]').click()
+    browser.find_element(By.ID, "prompt").send_keys("Ghost father")
+    browser.find_element(By.ID, "completion").send_keys(" son mind heart.")
+    browser.find_element(By.ID, "submit").click()
+    # read in one script: the lists are re-rendered while it waits, which would stale found elements
+    shown = "return [...document.querySelectorAll('.results li.explained')].map((li) => li.dataset.id)"
+    want = [a.id for a in pair.top + pair.bottom]
+    _wait(browser, lambda b: b.execute_script(shown) == want)
+    assert browser.execute_script("return sessionStorage.length") == 0  # the token is kept only when asked
 
     k = browser.find_element(By.ID, "k")
     k.clear()
