@@ -16,6 +16,7 @@ in the same file, so they resume, merge and grow with appends exactly as the pro
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,20 +66,22 @@ class CurvatureSums:
         factor_shapes: dict[str, tuple[int, int]] | None = None,
         retained_deleted: int = 0,
         exact_shapes: dict[str, tuple[int, int]] | None = None,
+        device: str = "cpu",  # "meta": the same tensors' shapes and dtypes, nothing allocated (a build's plan)
     ):
         self.count = count
         # Deleted examples whose token statistics could not be subtracted (factor sums keep no per-example part).
         self.retained_deleted = retained_deleted
         if sums is None:
-            sums = {n: torch.zeros(d, d, dtype=torch.float64) for n, d in (block_dims or {}).items()}
+            zeros = partial(torch.zeros, dtype=torch.float64, device=device)
+            sums = {n: zeros(d, d) for n, d in (block_dims or {}).items()}
             for name, (k_out, k_in) in (factor_shapes or {}).items():
-                sums[name + _ACTIVATIONS] = torch.zeros(k_in, k_in, dtype=torch.float64)
-                sums[name + _GRADIENTS] = torch.zeros(k_out, k_out, dtype=torch.float64)
-                sums[name + _TRACE] = torch.zeros(1, dtype=torch.float64)
+                sums[name + _ACTIVATIONS] = zeros(k_in, k_in)
+                sums[name + _GRADIENTS] = zeros(k_out, k_out)
+                sums[name + _TRACE] = zeros(1)
             for name, (n_out, n_in) in (exact_shapes or {}).items():
-                sums[name + _EXACT_ACTIVATIONS] = torch.zeros(n_in, n_in, dtype=torch.float64)
-                sums[name + _EXACT_GRADIENTS] = torch.zeros(n_out, n_out, dtype=torch.float64)
-                sums[name + _EXACT_TRACE] = torch.zeros(1, dtype=torch.float64)
+                sums[name + _EXACT_ACTIVATIONS] = zeros(n_in, n_in)
+                sums[name + _EXACT_GRADIENTS] = zeros(n_out, n_out)
+                sums[name + _EXACT_TRACE] = zeros(1)
         self.tensors = sums
         self.sums = {n: t for n, t in sums.items() if "::" not in n}
         self.activations = {n.removesuffix(_ACTIVATIONS): t for n, t in sums.items() if n.endswith(_ACTIVATIONS)}
@@ -95,14 +98,17 @@ class CurvatureSums:
         names: list[str],
         shapes: list[tuple[int, int]],
         exact_shapes: dict[str, tuple[int, int]] | None = None,
+        device: str = "cpu",
     ) -> CurvatureSums:
         """Empty sums holding what Hessian `kind` needs; `shapes` are the modules' (k_out, k_in). With
-        `exact_shapes` ({name: (n_out, n_in')}), also the unprojected factors of the exact section."""
+        `exact_shapes` ({name: (n_out, n_in')}), also the unprojected factors of the exact section. `device="meta"`
+        gives their shapes without allocating them."""
         if kind in FACTOR_KINDS:
-            return cls(factor_shapes=dict(zip(names, shapes)), exact_shapes=exact_shapes)
+            return cls(factor_shapes=dict(zip(names, shapes)), exact_shapes=exact_shapes, device=device)
         if kind == "identity":
-            return cls(exact_shapes=exact_shapes)
-        return cls({name: k_out * k_in for name, (k_out, k_in) in zip(names, shapes)}, exact_shapes=exact_shapes)
+            return cls(exact_shapes=exact_shapes, device=device)
+        dims = {name: k_out * k_in for name, (k_out, k_in) in zip(names, shapes)}
+        return cls(dims, exact_shapes=exact_shapes, device=device)
 
     @property
     def tracks_exact(self) -> bool:

@@ -588,21 +588,10 @@ def _index_name(plan: SegmentPlan, rows: int) -> str:
 def _curvature_tensors(
     kind: str, shapes: dict[str, tuple[int, int]], exact: dict[str, tuple[int, int]]
 ) -> dict[str, tuple[tuple[int, ...], int]]:
-    """The fp64 tensors `CurvatureSums.for_kind` keeps (name → (shape, bytes per number)), without allocating them:
-    raw d×d per module, kfac/ekfac k_in² + k_out² + a trace, identity none; the exact section's n_in'² + n_out²."""
-    tensors: dict[str, tuple[tuple[int, ...], int]] = {}
-    for name, (k_out, k_in) in shapes.items():
-        if kind == "raw":
-            tensors[name] = ((k_out * k_in, k_out * k_in), 8)
-        elif kind in FACTOR_KINDS:
-            tensors[f"{name}::activations"] = ((k_in, k_in), 8)
-            tensors[f"{name}::gradients"] = ((k_out, k_out), 8)
-            tensors[f"{name}::trace"] = ((1,), 8)
-    for name, (n_out, n_in) in exact.items():
-        tensors[f"{name}::exact_activations"] = ((n_in, n_in), 8)
-        tensors[f"{name}::exact_gradients"] = ((n_out, n_out), 8)
-        tensors[f"{name}::exact_trace"] = ((1,), 8)
-    return tensors
+    """The tensors `CurvatureSums.for_kind` keeps (name → (shape, bytes per number)), made on the meta device:
+    nothing is allocated."""
+    sums = CurvatureSums.for_kind(kind, list(shapes), list(shapes.values()), exact or None, device="meta")
+    return {name: (tuple(t.shape), t.element_size()) for name, t in sums.tensors.items()}
 
 
 def _preconditioner_bytes(kind: str, shapes: dict[str, tuple[int, int]], damping: float) -> int:
