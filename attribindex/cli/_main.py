@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from attribindex.cli._render import explained_lines
 from attribindex.errors import AttribIndexError
 
 _CODE_SPAN = re.compile(r"`([^`]+)`")
@@ -561,7 +562,7 @@ def query(
             for rank, a in enumerate(attributions, start=1):
                 click.echo(f"  {rank:3d}. {a.score:+.4f}  {a.id}  {one_line(a.text, width)}")
                 if a.id in explained:
-                    for line in _explained_lines(explained[a.id], width, colour):
+                    for line in explained_lines(explained[a.id], width, colour):
                         click.echo(f"         {line}")
     if explain:
         click.echo(
@@ -577,31 +578,6 @@ def query(
             f"re-ranked the top-{rerank.candidates}{' and bottom-' + str(rerank.candidates) if bottom else ''} "
             f"candidates per query exactly ({rerank.method}) in {rerank.rerank_ms:.0f} ms"
         )
-
-
-def _explained_lines(explained, width: int, colour: bool, strongest: int = 5) -> list[str]:
-    """The example's text with its `strongest` tokens marked (green / red on a terminal, [+x] / [-x] otherwise),
-    clipped to about two lines of `width`, and the query tokens that carry the score most."""
-    marked = {id(t) for t in explained.strongest(strongest)}
-    parts, length = [], 0
-    for token in explained.tokens:
-        text = re.sub(r"\s+", " ", token.text)  # one line: newlines and runs of spaces become one space
-        core = text.strip()
-        if id(token) in marked and core:
-            sign = "+" if token.contribution > 0 else "-"
-            shown = click.style(core, fg="green" if sign == "+" else "red", bold=True) if colour else f"[{sign}{core}]"
-            text = text.replace(core, shown, 1)
-        parts.append(text)
-        length += len(text)
-        if length >= 2 * width:
-            parts.append("…")
-            break
-
-    def label(t) -> str:  # a special token (BOS) covers no text: show the tokenizer's own name for it
-        return (t.text.strip() or repr(t.text)) if t.text else t.token
-
-    query_tokens = ", ".join(f"{label(t)} {t.contribution:+.3g}" for t in explained.strongest(3, of_query=True))
-    return ["".join(parts).strip(), f"query tokens: {query_tokens}"]
 
 
 @main.group(name="eval")
@@ -824,7 +800,12 @@ def _spectrum(stats: dict) -> str:
     show_default=True,
     help="Where the demo index goes.",
 )
-@click.option("--speeches", type=int, default=None, help="Number of Shakespeare speeches to index (default: preset).")
+@click.option(
+    "--speeches",
+    type=int,
+    default=None,
+    help="Speeches sampled into the index (default 300); the 6 that its queries come from are always added.",
+)
 @click.option("--overwrite/--reuse", default=False, help="Rebuild an existing demo index instead of reusing it.")
 def demo(out, speeches, overwrite):
     """Index Shakespeare with SmolLM2-135M (offline) and trace famous lines back to it.

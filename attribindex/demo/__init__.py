@@ -1,6 +1,14 @@
 """The embedded demo (SmolLM2-135M on Shakespeare, offline) and its assets."""
 
-from attribindex.demo._assets import demo_model_dir, load_shakespeare_speeches
-from attribindex.demo._run import run_demo
+from attribindex.demo._assets import demo_model_dir, load_shakespeare_speeches, shakespeare_speeches_by_id
+from attribindex.demo._run import DEMO_QUERIES, DemoQuery, demo_corpus, run_demo
 
-__all__ = ["demo_model_dir", "load_shakespeare_speeches", "run_demo"]
+__all__ = [
+    "DEMO_QUERIES",
+    "DemoQuery",
+    "demo_corpus",
+    "demo_model_dir",
+    "load_shakespeare_speeches",
+    "run_demo",
+    "shakespeare_speeches_by_id",
+]

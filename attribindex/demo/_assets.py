@@ -232,3 +232,24 @@ def load_shakespeare_speeches(
         picked = [q[rank] for rank, order in enumerate(rounds) for q in order if rank < len(q)][:limit]
     keys = ("id", "text", "play", "genre", "speaker")
     return [dict(zip(keys, s)) for s in picked]
+
+
+def shakespeare_speeches_by_id(ids: list[str], max_chars: int = 600) -> list[dict[str, str]]:
+    """Return the speeches with these ids (keys as in `load_shakespeare_speeches`), whatever their length: a
+    speech longer than `max_chars` keeps its opening lines, as many whole lines as fit.
+
+    Example:
+        >>> [s["text"].split("\\n")[0] for s in shakespeare_speeches_by_id(["hamlet/3.1/0470"])]
+        ['To be, or not to be: that is the question:']
+    """
+    every = {s["id"]: s for s in load_shakespeare_speeches(min_chars=0, max_chars=10**9)}
+    if missing := [i for i in ids if i not in every]:
+        raise AttribIndexError(f"no Shakespeare speech has the id(s) {missing}; ids look like 'hamlet/3.1/0470'.")
+    picked = []
+    for speech_id in ids:
+        speech = dict(every[speech_id])
+        lines = speech["text"].split("\n")
+        kept = next(n for n in range(len(lines), 0, -1) if len("\n".join(lines[:n])) <= max_chars or n == 1)
+        speech["text"] = "\n".join(lines[:kept])
+        picked.append(speech)
+    return picked

@@ -40,8 +40,8 @@ def serve(
     app = create_app(index, limits or ServerLimits(), token)
     where = f"http://{host}:{port}"
     print(
-        f"serving {index_dir} ({index.index_id} v{index.version}, {index.rows:,} rows) on {where}; "
-        f"API description at {where}/docs",
+        f"serving {index_dir} ({index.index_id} v{index.version}, {index.rows:,} rows) on {where}: "
+        f"the explorer at {where}/, the API description at {where}/docs",
         file=sys.stderr,
         flush=True,
     )
