@@ -38,11 +38,13 @@ from attribindex.query import (
     TokenContribution,
 )
 from attribindex.serve import Client
+from attribindex.train import TrainingCapture, capture_training
 
 __all__ = [
     "__version__",
     "AppendSummary",
     "AttribIndexError",
+    "AttributionCallback",
     "Attribution",
     "AttributionIndex",
     "Attributions",
@@ -60,8 +62,10 @@ __all__ = [
     "QueryVectors",
     "RecallReport",
     "TokenContribution",
+    "TrainingCapture",
     "append_documents",
     "build_index",
+    "capture_training",
     "compact_index",
     "delete_ids",
     "load_config",
@@ -71,3 +75,11 @@ __all__ = [
     "refresh_index",
     "set_operating_point",
 ]
+
+
+def __getattr__(name: str):
+    if name == "AttributionCallback":  # imported on first use, like transformers' Trainer it plugs into
+        from attribindex.train import AttributionCallback
+
+        return AttributionCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,10 +75,14 @@ class LoGraCapture(LayerHooks):
 
     def backward(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """Backpropagate `loss` (a sum of per-example losses); returns {name: (B, k_out * k_in)}."""
-        self.gradients = {}
-        self.factors = {}
+        self.start_pass()
         super().backward(loss)
         return self.gradients
+
+    def start_pass(self) -> None:
+        """Forget the last pass's gradients and factors (`backward` does this; a training loop's pass calls it)."""
+        self.gradients = {}
+        self.factors = {}
 
 
 def project_inputs(x: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ class LayerHooks:
         self.token_mask: torch.Tensor | None = None  # (B, T) 1 for real tokens; None = every position counts
         self._handles: list = []
         self._anchors: list[torch.Tensor] = []
-        self._waiting: dict[str, torch.Size] = {}  # layers run forward whose gradient has not arrived: output shape
+        # layers run forward whose gradient has not arrived: their output's shape and device
+        self._waiting: dict[str, tuple[torch.Size, torch.device]] = {}
 
     def __enter__(self) -> LayerHooks:
         for name, module in self._targets:
@@ -79,7 +80,7 @@ class LayerHooks:
                 f"layer {name} ran twice in one forward pass (shared weights); gradient capture needs each captured "
                 f"layer to run once. Exclude it with projection.exclude."
             )
-        self._waiting[name] = with_positions(output).shape
+        self._waiting[name] = (with_positions(output).shape, output.device)
         x = with_positions(args[0].detach().to(self.dtype))  # (B, T, n_in): observed, not differentiated
         for listener in self.listeners:
             listener.on_input(name, x, self.token_mask)
@@ -103,8 +104,12 @@ class LayerHooks:
         if not self._anchors:
             raise AttribIndexError("no captured layer ran in the forward pass; check projection.modules.")
         torch.autograd.backward(loss, inputs=self._anchors)
-        for name, shape in list(self._waiting.items()):  # the loss does not reach these layers: δ = 0
-            self._on_output_grad(name, torch.zeros(shape, dtype=self.dtype, device=self._anchors[0].device))
+        self.finish_pass()
+
+    def finish_pass(self) -> None:
+        """After a backward pass (ours, or a training loop's own): the layers the loss did not reach get δ = 0."""
+        for name, (shape, device) in list(self._waiting.items()):
+            self._on_output_grad(name, torch.zeros(shape, dtype=self.dtype, device=device))
         self._anchors.clear()
 
 

@@ -106,6 +106,22 @@ class ProjectionRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrainingRecord:
+    """How an index captured while training made its rows (`capture_training`, `AttributionCallback`): each row is
+    an example's gradient at the weights of the step that trained on it.
+
+    `rows` is `per_step` (one row per (example, step), id ``<example id>@<step>``) or `summed` (one row per example:
+    the sum of its gradients over the steps that trained on it, id as given). Steps count optimizer updates from 0.
+    """
+
+    rows: Literal["per_step", "summed"]
+    steps: int  # optimizer steps whose examples were captured
+    first_step: int
+    last_step: int
+    gradients: int  # (example, step) gradients captured: the rows in per_step mode
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModuleStats:
     """The spectrum of one module's Hessian, as whitened."""
 
@@ -368,6 +384,7 @@ class ManifestHeader:
     modules: tuple[ModuleRecord, ...]  # in vector order
     dim: int  # Σ module dim
     projection: ProjectionRecord
+    training: TrainingRecord | None = omitted_when_default()  # rows captured while training
     read_from_version: int = not_stored(layout.FORMAT_VERSION)  # the file's own format version, before upgrading
 
     def shared(self) -> dict[str, Any]:

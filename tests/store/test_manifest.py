@@ -75,6 +75,9 @@ def test_the_fixtures_hold_every_optional_part():
     assert any(m.index.operating_point for m in indexes) and any(s.plan for m in indexes for s in m.index.segments)
     assert any(m.hessian.drift for m in indexes) and any(m.hessian.retained_deleted for m in indexes)
     assert any(m.deleted.file for m in indexes) and any(isinstance(m, ShardManifest) for m in current)
+    training = [m for m in indexes if m.training is not None]
+    assert {m.training.rows for m in training} == {"per_step", "summed"}
+    assert any(e.event == "delete" for m in training for e in m.log)  # a mutation keeps the training record
     exact = [m.exact for m in indexes if m.exact is not None]
     assert {e.kind for e in exact} == {"kfac", "ekfac"} and {e.fisher for e in exact} == {"empirical", "true"}
 

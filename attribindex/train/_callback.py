@@ -1,0 +1,94 @@
+"""`AttributionCallback`: an HF `transformers.Trainer` writes an attribution index of what it trains on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from attribindex.config import BuildConfig
+from attribindex.errors import AttribIndexError
+from attribindex.pipeline import BuildSummary
+from attribindex.train._capture import RowsMode, TrainingCapture
+from attribindex.train._dataset_rows import DatasetRows
+
+
+class AttributionCallback(TrainerCallback):
+    """Capture an index while `transformers.Trainer` trains: each example's LoGra row from the Trainer's own
+    backward pass, at the weights of the step that trained on it (see `TrainingCapture`). The index is written
+    when training ends; `summary` then says what it holds.
+
+    Args:
+        out: the index folder.
+        config: the build config (projection, Hessian, store, index; its `extract` settings are the Trainer's).
+        dataset: the training dataset with its id / text columns (default: the Trainer's, whose columns the model
+            does not take are already dropped, so ids are row numbers and texts the tokens decoded).
+        id_field, text_field: the dataset's id and text columns.
+        rows: ``per_step`` (one row per example and step, id ``<id>@<step>``) or ``summed`` (one per example).
+        model_path: where the trained model is saved, for `attribindex query` (default: the Trainer's output_dir).
+
+    Example:
+        >>> callback = AttributionCallback("train-index", load_config("tiny"), dataset=train, id_field="id",
+        ...                                text_field="text")  # doctest: +SKIP
+        >>> Trainer(model, args, train_dataset=train, data_collator=collator, processing_class=tokenizer,
+        ...         callbacks=[callback]).train()  # doctest: +SKIP
+        >>> AttributionIndex.open("train-index", model=model, tokenizer=tokenizer).attribute("a text", k=5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        config: BuildConfig,
+        *,
+        dataset=None,
+        id_field: str | None = None,
+        text_field: str | None = None,
+        rows: RowsMode = "per_step",
+        model_path: str | None = None,
+        overwrite: bool = False,
+    ):
+        self.out, self.config, self.dataset = Path(out), config, dataset
+        self.id_field, self.text_field, self.rows = id_field, text_field, rows
+        self.model_path, self.overwrite = model_path, overwrite
+        self.capture: TrainingCapture | None = None
+        self.summary: BuildSummary | None = None
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **_):
+        if state.global_step > 0:
+            raise AttribIndexError(
+                f"training resumes from a checkpoint at step {state.global_step}; a capture cannot continue an "
+                "earlier one yet. Capture a run from its start (or start a new index for the steps from here on "
+                "with a fresh AttributionCallback and resume_from_checkpoint=None)."
+            )
+        if processing_class is None or not hasattr(processing_class, "decode"):
+            raise AttribIndexError(
+                "AttributionCallback needs the tokenizer: pass processing_class=tokenizer to Trainer."
+            )
+        dataset = self.dataset if self.dataset is not None else getattr(train_dataloader, "dataset", None)
+        rows = DatasetRows(dataset, processing_class, id_field=self.id_field, text_field=self.text_field)
+        self.capture = TrainingCapture(
+            model,
+            processing_class,
+            self.out,
+            self.config,
+            rows=self.rows,
+            model_path=self.model_path or str(Path(args.output_dir).resolve()),
+            overwrite=self.overwrite,
+            identify=rows,
+            description=f"examples a transformers.Trainer trained on ({args.num_train_epochs:g} epochs)",
+        )
+
+    def on_step_begin(self, args, state, control, **_):
+        self.capture.finish_batch()
+        self.capture.step = state.global_step
+
+    def on_substep_end(self, args, state, control, **_):
+        self.capture.finish_batch()  # one micro-batch of a gradient-accumulation step is done
+
+    def on_step_end(self, args, state, control, **_):
+        self.capture.finish_batch()
+
+    def on_train_end(self, args, state, control, **_):
+        self.summary = self.capture.close()
+        if state.is_world_process_zero:
+            print(self.summary.format())

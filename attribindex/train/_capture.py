@@ -1,0 +1,511 @@
+"""Capture LoGra rows while a model trains, from the training loop's own backward pass: no second backward.
+
+A training loop backpropagates L = c · Σ_b ℓ_b, where ℓ_b is example b's summed token loss (the loss an index row
+is the gradient of) and c a constant of the micro-batch: HF's causal-LM loss is Σ ℓ / N with N the batch's counted
+tokens (or the Trainer's `num_items_in_batch`), and the loop may scale it further (1 / accumulation steps, a world
+size, an AMP loss scale). The layer hooks see δ = c · ∂ℓ_b/∂y for each example's positions, so every projected
+gradient and KFAC output factor they form carries c (c² for the factor). c is read, not assumed: N from the labels
+or `num_items_in_batch` the model was given, and the loop's own factor as the gradient arriving at the model's
+loss. Dividing by c gives exactly the rows `attribindex build` computes at the same weights.
+
+A loss the model did not compute itself (label smoothing, a custom `compute_loss`) has no such c, and is refused
+unless the loop states it (`loss_scale`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from attribindex._version import __version__
+from attribindex.config import BuildConfig, rows_settings
+from attribindex.data import Document
+from attribindex.errors import AttribIndexError
+from attribindex.hessian import CurvatureSums
+from attribindex.logra import LoGraCapture
+from attribindex.model import model_fingerprint
+from attribindex.pipeline._finalize import finalize_index
+from attribindex.pipeline._output import build_projections, bytes_on_disk, module_records, prepare_output
+from attribindex.pipeline._summary import BuildSummary
+from attribindex.store import (
+    BuildEvent,
+    BuildRequest,
+    ChunkWriter,
+    CorpusRecord,
+    ManifestHeader,
+    ModelRecord,
+    ProjectionRecord,
+    TokenizerRecord,
+    TrainingRecord,
+    layout,
+)
+
+RowsMode = Literal["per_step", "summed"]
+IGNORE_INDEX = -100  # the label of a position that carries no loss (HF's convention)
+# (input_ids (B, T), attention_mask (B, T)) → the batch's (ids, texts or None, sources), for loops that do not say them
+Identify = Callable[[torch.Tensor, torch.Tensor], tuple[list[str], list, list[str]]]
+
+
+@dataclass
+class _MicroBatch:
+    """One forward + backward of the training loop, from the model's forward to the end of its backward."""
+
+    step: int
+    ids: list[str]
+    texts: list[str]
+    sources: list[str]
+    counted: torch.Tensor  # (B,) tokens carrying loss per example
+    loss_scale: float | None  # c, when the loop states it
+    denominator: torch.Tensor | None = None  # N: what the model divided its summed loss by
+    outer_gradient: torch.Tensor | None = None  # ∂L/∂(the model's loss), once backward reaches it
+    wanted_loss: bool = False
+
+
+@dataclass
+class _Summed:
+    document: Document
+    row: torch.Tensor  # (D,) Σ over its steps
+    steps: list[int] = field(default_factory=list)
+
+
+class TrainingCapture:
+    """Writes an index of the examples a model trains on, each row taken from the training loop's own backward
+    pass at the weights of that step. Use `capture_training` (any loop) or `AttributionCallback` (HF Trainer).
+
+    Example:
+        >>> with capture_training(model, tokenizer, "train-index", load_config("tiny"), optimizer=opt) as capture:
+        ...     for batch in loader:  # doctest: +SKIP
+        ...         with capture.batch(batch["id"], texts=batch["text"]):
+        ...             model(input_ids=..., attention_mask=..., labels=...).loss.backward()
+        ...         opt.step(); opt.zero_grad()
+        >>> capture.summary.rows  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        out: str | Path,
+        config: BuildConfig,
+        *,
+        rows: RowsMode = "per_step",
+        model_path: str | None = None,
+        overwrite: bool = False,
+        identify: Identify | None = None,
+        description: str = "examples seen in training",
+    ):
+        if rows not in ("per_step", "summed"):
+            raise AttribIndexError(f"rows must be 'per_step' or 'summed', got {rows!r}.")
+        if config.exact.enabled:
+            raise AttribIndexError(
+                "the config's `exact` section needs a pass over the stored examples after training, which a capture "
+                "during training does not make. Remove `exact` from the config, or build the index after training."
+            )
+        self.model = getattr(model, "module", model)  # a DistributedDataParallel wrapper's own model
+        # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing
+        checkpointing = getattr(type(self.model), "is_activation_checkpointing", None) is not None and getattr(
+            self.model, "is_activation_checkpointing", False
+        )
+        if checkpointing or getattr(self.model, "gradient_checkpointing", False):
+            raise AttribIndexError(
+                "gradient checkpointing runs each layer's forward twice, so the capture cannot pair a layer's inputs "
+                "with its output gradients. Turn it off (gradient_checkpointing=False) while capturing."
+            )
+        self.tokenizer, self.config, self.rows_mode = tokenizer, config, rows
+        self.out, self.model_path, self.description = Path(out), model_path, description
+        self.identify = identify
+        self.step = 0  # optimizer steps completed: the step of the next micro-batch
+        self.summary: BuildSummary | None = None
+
+        request = BuildRequest(
+            model=model_path or type(self.model).__name__,
+            data=f"training capture ({rows})",
+            text_field="text",
+            id_field="id",
+            limit=None,
+            skip_empty=True,
+            config=rows_settings(config),
+        )
+        self._started_at = time.perf_counter()
+        self._marker, resuming = prepare_output(self.out, overwrite, request)
+        if resuming:
+            raise AttribIndexError(
+                f"{self.out} holds an interrupted capture. Pass overwrite=True to start it over (resuming a capture "
+                "from a training checkpoint is not supported yet)."
+            )
+        self.projections, self._optimizer_moments = build_projections(config, self.model)
+        self.projections.save(self.out / layout.PROJECTIONS)
+        self._names = [m.name for m in self.projections.modules]
+        self._dims = self.projections.block_dims
+        self._kind = config.hessian.kind
+        self.curvature = CurvatureSums.for_kind(self._kind, self._names, self.projections.block_shapes)
+        dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
+        self._hooks = LoGraCapture(self.model, self.projections, dtype)
+        self._hooks.track_factors = self.curvature.tracks_factors
+        self._writer = ChunkWriter(self.out, self._dims, config.store.dtype, config.store.chunk_rows)
+        self._chunks: list = []
+        self._summed: dict[str, _Summed] = {}
+        self._per_step_ids: set[str] = set()
+        self._steps_seen: set[int] = set()
+        self._gradients = self._tokens = self._no_loss = 0
+        self._pending: tuple[list[str], list[str] | None, float | None] | None = None
+        self._batch: _MicroBatch | None = None
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
+            self.model.register_forward_hook(self._on_forward_end, with_kwargs=True),
+        ]
+
+    # ---- the loop's side ----
+
+    @contextlib.contextmanager
+    def batch(
+        self, ids: Sequence[str], texts: Sequence[str] | None = None, loss_scale: float | None = None
+    ) -> Iterator[None]:
+        """Say which examples the next forward + backward trains on (in batch order), then run both inside.
+
+        Args:
+            ids: the examples' ids, one per batch row.
+            texts: their texts, stored for results (default: the tokenizer's decoding of their tokens).
+            loss_scale: c in L = c · Σ_b Σ_t ℓ_bt, for a loss the model does not compute itself (labels not passed
+                to the model). Default: read from the model's own loss and the gradient that reaches it.
+        """
+        self._pending = ([str(i) for i in ids], list(texts) if texts is not None else None, loss_scale)
+        try:
+            yield
+        finally:
+            self._pending = None
+        self.finish_batch()
+
+    def end_step(self) -> None:
+        """An optimizer step was taken: the next micro-batch belongs to the next step. `capture_training` calls it
+        through the optimizer's step hook when given the optimizer."""
+        self.finish_batch()
+        self.step += 1
+
+    def finish_batch(self) -> None:
+        """Turn the last micro-batch's captured gradients into rows (its backward must have run)."""
+        with self._aborting_on_error():
+            self._finish_batch()
+
+    @contextlib.contextmanager
+    def _aborting_on_error(self) -> Iterator[None]:
+        """A refused batch stops the capture: its hooks leave the model, and the folder stays incomplete."""
+        try:
+            yield
+        except AttribIndexError:
+            self.abort()
+            raise
+
+    def _finish_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        backpropagated = bool(self._hooks.gradients)  # else a training-mode forward with no backward: no training
+        if backpropagated:
+            self._hooks.finish_pass()  # layers the loss did not reach get zero gradients
+        self._hooks.__exit__(None, None, None)
+        if not backpropagated:
+            return
+        gradients, factors = self._hooks.gradients, self._hooks.factors
+        scale = self._scale_of(batch)
+        rows = torch.cat([gradients[name] for name in self._names], dim=1) / scale  # (B, D)
+        keep = batch.counted > 0  # an example whose labels are all ignored contributes no gradient
+        self._no_loss += int((~keep).sum())
+        self._tokens += int(batch.counted.sum())
+        if not bool(keep.all()):
+            rows, batch = rows[keep], _kept(batch, keep)
+            factors = {name: f[keep] for name, f in factors.items()}
+        if len(batch.ids) == 0:
+            return
+        if not bool(torch.isfinite(rows).all()):
+            raise AttribIndexError(
+                f"step {batch.step}: the captured gradient of an example is not finite (NaN or inf); the loss or "
+                "the weights overflowed. Check the training run (e.g. a lower learning rate, or float32)."
+            )
+        blocks = dict(zip(self._names, rows.split(self._dims, dim=1)))
+        factor_rows = None
+        if self.curvature.tracks_factors:
+            factor_rows = {}
+            for name, (_, k_in) in zip(self._names, self.projections.block_shapes):
+                both = factors[name].clone()  # (B, k_in² + k_out²): the output factor Σ δ̃δ̃ᵀ holds c²
+                both[:, k_in * k_in :] /= scale * scale
+                factor_rows[name] = both
+        self.curvature.update(blocks, factor_rows)
+        self._gradients += len(batch.ids)
+        self._steps_seen.add(batch.step)
+        self._store(batch, rows)
+
+    def close(self) -> BuildSummary:
+        """Finish the last micro-batch, fit the preconditioner and write the index (the manifest last)."""
+        self.finish_batch()
+        self._remove_hooks()
+        if self.rows_mode == "summed":
+            for entry in self._summed.values():
+                self._add_rows(entry.row[None], [entry.document])
+        record = self._writer.close()
+        if record is not None:
+            self._chunks.append(record)
+        if not self._chunks:
+            raise AttribIndexError(
+                "no example was captured: no training-mode forward + backward ran on the model inside the capture."
+            )
+        self.curvature.save(self.out / layout.CURVATURE)
+        extracted_seconds = time.perf_counter() - self._started_at
+        steps = sorted(self._steps_seen)
+        header = ManifestHeader(
+            created=self._marker.started,
+            attribindex_version=__version__,
+            model=ModelRecord(
+                name_or_path=self.model_path or type(self.model).__name__,
+                class_name=type(self.model).__name__,
+                revision=None,
+                fingerprint=model_fingerprint(self.model),
+            ),
+            tokenizer=TokenizerRecord(
+                name_or_path=self.model_path or type(self.tokenizer).__name__,
+                class_name=type(self.tokenizer).__name__,
+                vocab_size=len(self.tokenizer),
+            ),
+            config=self.config,
+            corpus=CorpusRecord(
+                description=self.description,
+                text_field="text",
+                id_field="id",
+                skipped_empty=self._no_loss,
+                truncated=0,
+                tokens=self._tokens,
+            ),
+            modules=module_records(self.projections),
+            dim=self.projections.dim,
+            projection=ProjectionRecord(
+                seed=self.config.projection.seed,
+                hash=self.projections.hash(),
+                file=layout.PROJECTIONS,
+                optimizer=self._optimizer_moments.record if self._optimizer_moments is not None else None,
+            ),
+            training=TrainingRecord(
+                rows=self.rows_mode,
+                steps=len(steps),
+                first_step=steps[0],
+                last_step=steps[-1],
+                gradients=self._gradients,
+            ),
+        )
+        rows = sum(chunk.rows for chunk in self._chunks)
+        event = BuildEvent(rows=rows, time=self._marker.started)
+        manifest = finalize_index(self.out, self.config, header, self.curvature, self._chunks, event, progress=False)
+        self.summary = BuildSummary(
+            out=self.out,
+            index_id=manifest.index_id,
+            rows=rows,
+            skipped=self._no_loss,
+            truncated=0,
+            tokens=self._tokens,
+            dim=manifest.dim,
+            modules=len(manifest.modules),
+            extract_seconds=extracted_seconds,
+            total_seconds=time.perf_counter() - self._started_at,
+            bytes_on_disk=bytes_on_disk(self.out),
+            kind=f"index of {self._gradients:,} training gradients over {len(steps):,} steps ({self.rows_mode})",
+            search=manifest.index.description,
+        )
+        return self.summary
+
+    def abort(self) -> None:
+        """Stop capturing without writing an index: the folder stays incomplete (no manifest)."""
+        self._batch = None
+        self._hooks.__exit__(None, None, None)
+        self._remove_hooks()
+
+    # ---- the model's side ----
+
+    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.finish_batch()  # the previous micro-batch's backward is done by the time the model runs again
+        with self._aborting_on_error():
+            self._open_batch(module, args, kwargs)
+
+    def _open_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation, generation: nothing is trained on
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(input_ids, torch.Tensor):
+            raise AttribIndexError("the capture needs the model called with input_ids (a tensor of token ids).")
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        labels = kwargs.get("labels")
+        ids, texts, sources, loss_scale = self._examples(input_ids, attention_mask)
+        if labels is not None:
+            counted = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,) positions whose next token is predicted
+        else:
+            counted = attention_mask[:, 1:].sum(dim=1)  # a loss of the loop's own: assume every real token counts
+        self._batch = _MicroBatch(
+            step=self.step,
+            ids=ids,
+            texts=texts,
+            sources=sources,
+            counted=counted.detach().cpu(),
+            loss_scale=loss_scale,
+            wanted_loss=labels is not None,
+        )
+        self._hooks.token_mask = attention_mask
+        self._hooks.start_pass()
+        self._hooks.__enter__()
+
+    def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        loss = getattr(output, "loss", None)
+        if batch.loss_scale is not None or loss is None or not loss.requires_grad:
+            return
+        items = kwargs.get("num_items_in_batch")
+        labels = kwargs["labels"]
+        if items is None:
+            batch.denominator = (labels[:, 1:] != IGNORE_INDEX).sum()  # HF's causal-LM loss: the mean over tokens
+        else:
+            batch.denominator = torch.as_tensor(items)  # HF's loss with num_items_in_batch: the sum over it
+
+        def record(gradient: torch.Tensor) -> None:
+            batch.outer_gradient = gradient.detach()
+
+        loss.register_hook(record)
+
+    def _examples(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        if self._pending is not None:
+            ids, texts, loss_scale = self._pending
+            if len(ids) != input_ids.shape[0]:
+                raise AttribIndexError(
+                    f"capture.batch() was given {len(ids)} ids, but the model ran on a batch of {input_ids.shape[0]}. "
+                    "Give one id per batch row, in batch order."
+                )
+            sources = [f"step {self.step}"] * len(ids)
+        elif self.identify is not None:
+            ids, texts, sources = self.identify(input_ids, attention_mask)
+            loss_scale = None
+        else:
+            raise AttribIndexError(
+                "the model ran a training step outside `with capture.batch(ids):`, so the capture cannot tell which "
+                "examples it trained on. Run each forward + backward inside it."
+            )
+        texts = texts or [None] * len(ids)
+        texts = [
+            text if text is not None else self._decode(row, mask)
+            for text, row, mask in zip(texts, input_ids, attention_mask)
+        ]
+        return ids, texts, sources, loss_scale
+
+    def _decode(self, row: torch.Tensor, mask: torch.Tensor) -> str:
+        return self.tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True)
+
+    def _scale_of(self, batch: _MicroBatch) -> float:
+        if batch.loss_scale is not None:
+            return batch.loss_scale
+        if batch.outer_gradient is not None and batch.denominator is not None:
+            return (batch.outer_gradient / batch.denominator.to(batch.outer_gradient)).item()
+        cause = "was called without labels" if not batch.wanted_loss else "computed a loss that was not backpropagated"
+        raise AttribIndexError(
+            f"step {batch.step}: the model {cause}, so the loss trained on was computed outside it (label smoothing, "
+            "a compute_loss_func or compute_loss of the Trainer, or a loop's own loss), and the capture cannot tell "
+            "how it weighs each example. It inverts the model's own cross-entropy times a constant: with the Trainer, "
+            "turn off label_smoothing_factor and custom losses; in a loop, pass labels to the model, or state c in "
+            "capture.batch(ids, loss_scale=c) for a loss L = c · Σ_b Σ_t ℓ_bt."
+        )
+
+    def _store(self, batch: _MicroBatch, rows: torch.Tensor) -> None:
+        if self.rows_mode == "per_step":
+            documents = [
+                Document(id=f"{i}@{batch.step}", text=text, source=source)
+                for i, text, source in zip(batch.ids, batch.texts, batch.sources)
+            ]
+            for document in documents:
+                if document.id in self._per_step_ids:
+                    raise AttribIndexError(
+                        f"example {document.id.rsplit('@', 1)[0]!r} was trained on twice in step {batch.step}: its "
+                        "id is not unique. Give every example its own id, or capture with rows='summed'."
+                    )
+                self._per_step_ids.add(document.id)
+            self._add_rows(rows, documents)
+            return
+        for i, text, source, row in zip(batch.ids, batch.texts, batch.sources, rows):
+            entry = self._summed.get(i)
+            if entry is None:
+                self._summed[i] = _Summed(Document(id=i, text=text, source=source), row.clone(), [batch.step])
+            else:
+                entry.row += row
+                entry.steps.append(batch.step)
+
+    def _add_rows(self, rows: torch.Tensor, documents: list[Document]) -> None:
+        start = 0
+        while start < len(documents):
+            take = min(self._writer.room, len(documents) - start)
+            record = self._writer.add(rows[start : start + take].float(), documents[start : start + take])
+            if record is not None:
+                self._chunks.append(record)
+            start += take
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _kept(batch: _MicroBatch, keep: torch.Tensor) -> _MicroBatch:
+    picked = [i for i, k in enumerate(keep.tolist()) if k]
+    return _MicroBatch(
+        step=batch.step,
+        ids=[batch.ids[i] for i in picked],
+        texts=[batch.texts[i] for i in picked],
+        sources=[batch.sources[i] for i in picked],
+        counted=batch.counted[keep],
+        loss_scale=batch.loss_scale,
+    )
+
+
+@contextlib.contextmanager
+def capture_training(
+    model: nn.Module,
+    tokenizer,
+    out: str | Path,
+    config: BuildConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    rows: RowsMode = "per_step",
+    model_path: str | None = None,
+    overwrite: bool = False,
+) -> Iterator[TrainingCapture]:
+    """Capture an index of what a training loop trains on, in any PyTorch loop: each forward + backward inside
+    `with capture.batch(ids):` adds its examples' rows at the current weights; the index is written when the block
+    ends (an exception leaves the folder incomplete, never a half index presented as done).
+
+    Args:
+        optimizer: its steps advance the capture's step count (otherwise call `capture.end_step()` after each).
+        rows: ``per_step`` (one row per example and step, id ``<id>@<step>``) or ``summed`` (one per example).
+        model_path: where the trained model will be saved, recorded so `attribindex query` finds it.
+
+    Example:
+        >>> with capture_training(model, tokenizer, "train-index", load_config("tiny"), optimizer=opt) as capture:
+        ...     for batch in loader:  # doctest: +SKIP
+        ...         with capture.batch(batch["id"]):
+        ...             model(**batch["inputs"]).loss.backward()  # the model's own loss: rows need no extra pass
+        ...         opt.step(); opt.zero_grad()
+        >>> print(capture.summary.format())  # doctest: +SKIP
+    """
+    capture = TrainingCapture(model, tokenizer, out, config, rows=rows, model_path=model_path, overwrite=overwrite)
+    handle = optimizer.register_step_post_hook(lambda *_: capture.end_step()) if optimizer is not None else None
+    try:
+        yield capture
+    except BaseException:
+        capture.abort()
+        raise
+    finally:
+        if handle is not None:
+            handle.remove()
+    capture.close()

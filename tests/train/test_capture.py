@@ -1,0 +1,240 @@
+"""Rows captured from a training loop's own backward pass equal the rows a build computes at the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from attribindex import AttribIndexError, AttributionIndex, build_index
+from attribindex.model import load_model
+from attribindex.store import read_manifest
+from attribindex.testing import write_jsonl
+from attribindex.train import DatasetRows, TrainingCapture, capture_training
+from tests.conftest import exact_config
+
+
+def rows_by_id(path) -> dict[str, np.ndarray]:
+    index = AttributionIndex.open(path, load_model_now=False)
+    rows = np.concatenate([raw.numpy() for _, raw in index.store.iter_raw()])
+    return {doc.id: row for doc, row in zip(index.store.documents(range(len(rows))), rows)}
+
+
+def micro_batches(tokenizer, records, size):
+    """(records, model inputs) per micro-batch: right-padded, padding's labels ignored."""
+    for start in range(0, len(records), size):
+        part = records[start : start + size]
+        inputs = tokenizer([r["text"] for r in part], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        yield part, dict(inputs)
+
+
+@pytest.fixture
+def trainable(tiny_models):
+    model, tokenizer = load_model(str(tiny_models["gpt2"]), dtype="float64", device="cpu")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model.train().requires_grad_(True), tokenizer
+
+
+def train(model, tokenizer, records, out, config, *, micro=3, accumulation=2, rows="per_step", lr=0.05):
+    """SGD over `records` with gradient accumulation, capturing; returns the weights each step trained at."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    weights = []
+    with capture_training(model, tokenizer, out, config, optimizer=optimizer, rows=rows) as capture:
+        for number, (part, inputs) in enumerate(micro_batches(tokenizer, records, micro)):
+            if number % accumulation == 0:
+                weights.append(copy.deepcopy(model.state_dict()))
+            with capture.batch([r["id"] for r in part], texts=[r["text"] for r in part]):
+                (model(**inputs).loss / accumulation).backward()
+            if number % accumulation == accumulation - 1:
+                optimizer.step()
+                optimizer.zero_grad()
+    return weights, capture
+
+
+def assert_rows_equal_builds(captured_dir, weights, model, tokenizer, records, config, tmp_path):
+    """Each captured row `<id>@<step>` equals the row `attribindex build` computes for that example with the
+    weights of that step (`weights[step]`, a state dict)."""
+    captured = rows_by_id(captured_dir)
+    by_id = {r["id"]: r for r in records}
+    snapshot = copy.deepcopy(model)
+    for step, state in weights.items():
+        seen = [key.rsplit("@", 1)[0] for key in captured if key.endswith(f"@{step}")]
+        assert seen, f"no row of step {step}"
+        snapshot.load_state_dict(state)
+        folder = tmp_path / f"model-{step}"
+        snapshot.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        corpus = write_jsonl(tmp_path / f"step-{step}.jsonl", [by_id[i] for i in seen])
+        build_index(config, str(folder), corpus, tmp_path / f"built-{step}", id_field="id", progress=False)
+        built = rows_by_id(tmp_path / f"built-{step}")
+        for i in seen:  # HF's causal-LM loss casts the logits to float32: the training side is float32-exact
+            np.testing.assert_allclose(captured[f"{i}@{step}"], built[i], rtol=1e-5, atol=1e-7)
+    return captured
+
+
+def test_rows_captured_in_a_loop_equal_a_build_at_each_steps_weights(trainable, corpus_records, tmp_path):
+    """Gradient accumulation (2 micro-batches of 3 per step, the loss divided by 2) and right padding."""
+    model, tokenizer = trainable
+    records = corpus_records[:12]
+    config = exact_config("dot", kind="kfac")
+    weights, capture = train(model, tokenizer, records, tmp_path / "captured", config)
+    captured = assert_rows_equal_builds(
+        tmp_path / "captured", dict(enumerate(weights)), model, tokenizer, records, config, tmp_path
+    )
+    assert len(captured) == 12 and capture.summary.rows == 12
+    manifest = read_manifest(tmp_path / "captured")
+    assert manifest.training.rows == "per_step" and manifest.training.steps == 2 and manifest.training.gradients == 12
+    assert not np.allclose(weights[0]["lm_head.weight"], weights[1]["lm_head.weight"])  # the weights did change
+
+
+def test_a_trainer_with_the_callback_captures_what_a_build_computes(trainable, corpus_records, tmp_path):
+    """HF Trainer: shuffled batches, gradient accumulation with num_items_in_batch, the collator's padding."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    from attribindex import AttributionCallback
+
+    model, tokenizer = trainable
+    records = corpus_records[:12]
+    config = exact_config("dot")
+    dataset = Dataset.from_list(records).map(lambda r: tokenizer(r["text"], truncation=True, max_length=32))
+    weights = {}
+
+    class Snapshots(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **_):
+            weights[state.global_step] = copy.deepcopy(model.state_dict())
+
+    callback = AttributionCallback(tmp_path / "captured", config, dataset=dataset, id_field="id", text_field="text")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[Snapshots(), callback],
+    )
+    trainer.train()
+    captured = assert_rows_equal_builds(tmp_path / "captured", weights, model, tokenizer, records, config, tmp_path)
+    assert len(captured) == 24 and sorted(weights) == [0, 1, 2, 3]  # 2 epochs × 12 examples, 6 per step
+    assert {key.rsplit("@", 1)[0] for key in captured} == {r["id"] for r in records}
+    index = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer)  # the trained model
+    found = index.attribute(records[0]["text"], k=3).results[0]
+    assert found.top[0].text in {r["text"] for r in records}
+
+
+def summed_token_loss(logits, labels):
+    """Σ_b Σ_t ℓ_bt: the loss an index row is the gradient of, computed by the loop instead of the model."""
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    return torch.nn.functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def test_a_loss_of_the_loops_own_needs_its_scale_and_then_gives_the_same_rows(trainable, corpus_records, tmp_path):
+    model, tokenizer = trainable
+    records, config = corpus_records[:6], exact_config("dot")
+    initial = copy.deepcopy(model.state_dict())
+
+    def run(out, **batch_options):
+        with capture_training(model, tokenizer, out, config) as capture:
+            for part, inputs in micro_batches(tokenizer, records, 3):
+                labels = inputs.pop("labels")
+                with capture.batch([r["id"] for r in part], **batch_options):
+                    summed_token_loss(model(**inputs).logits, labels).backward()
+                model.zero_grad()
+
+    with pytest.raises(AttribIndexError, match="called without labels.*loss_scale=c"):
+        run(tmp_path / "refused")
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+    assert not model._forward_pre_hooks and not model._forward_hooks  # the refused capture left no hook behind
+
+    run(tmp_path / "scaled", loss_scale=1.0)  # a plain sum: c = 1
+    assert_rows_equal_builds(tmp_path / "scaled", {0: initial}, model, tokenizer, records, config, tmp_path)
+
+
+def test_a_trainer_with_label_smoothing_is_refused_and_leaves_no_index(trainable, corpus_records, tmp_path):
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from attribindex import AttributionCallback
+
+    model, tokenizer = trainable
+    tokenized = Dataset.from_list(corpus_records[:6]).map(
+        lambda r: tokenizer(r["text"], truncation=True, max_length=32)
+    )
+    dataset = tokenized.remove_columns(["id", "text"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=3,
+        label_smoothing_factor=0.1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+    )
+    callback = AttributionCallback(tmp_path / "captured", exact_config())
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model, args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
+    trainer.add_callback(callback)
+    with pytest.raises(AttribIndexError, match="label smoothing"):
+        trainer.train()
+    assert not (tmp_path / "captured" / "manifest.json").exists() and not model._forward_pre_hooks
+
+
+def test_a_folder_with_another_index_and_gradient_checkpointing_are_refused(
+    trainable, tiny_models, corpus_file, tmp_path
+):
+    model, tokenizer = trainable
+    out = tmp_path / "built"
+    build_index(exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(AttribIndexError, match="already holds an index. Pass `overwrite=True`"):
+        TrainingCapture(model, tokenizer, out, exact_config())
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    model.activation_checkpointing_enable()
+    with pytest.raises(AttribIndexError, match="gradient checkpointing"):
+        TrainingCapture(model, tokenizer, tmp_path / "new", exact_config())
+    assert not (tmp_path / "new").exists() and not model._forward_pre_hooks
+
+
+def test_dataset_rows_find_batches_by_their_tokens_and_refuse_changed_ones(trainable):
+    _, tokenizer = trainable
+    dataset = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}, {"input_ids": [5, 6, 7]}]  # rows 0 and 2 alike
+    rows = DatasetRows(dataset, tokenizer)
+    batch = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert rows(*batch)[0] == ["0", "1"] and rows(*batch)[0] == ["2", "1"]  # twins are handed out in turn
+    with pytest.raises(AttribIndexError, match="no row of the training dataset .* the collator changes the tokens"):
+        rows(torch.tensor([[5, 6, 7, 1]]), torch.tensor([[1, 1, 1, 1]]))
+
+
+def test_summed_rows_are_the_sum_of_an_examples_rows_over_its_steps(trainable, corpus_records, tmp_path):
+    model, tokenizer = trainable
+    initial = copy.deepcopy(model.state_dict())
+    records, config = corpus_records[:6] * 2, exact_config("dot")  # two epochs, one step each
+    train(model, tokenizer, records, tmp_path / "per-step", config)
+    model.load_state_dict(initial)  # plain SGD: the same run again
+    train(model, tokenizer, records, tmp_path / "summed", config, rows="summed")
+    per_step, summed = rows_by_id(tmp_path / "per-step"), rows_by_id(tmp_path / "summed")
+    assert sorted(summed) == sorted(r["id"] for r in corpus_records[:6])
+    for example, row in summed.items():
+        parts = [value for key, value in per_step.items() if key.rsplit("@", 1)[0] == example]
+        assert len(parts) == 2
+        np.testing.assert_allclose(row, parts[0] + parts[1], rtol=1e-5, atol=1e-7)
+    training = read_manifest(tmp_path / "summed").training
+    assert (training.rows, training.steps, training.gradients) == ("summed", 2, 12)
