@@ -29,6 +29,7 @@ from attribindex.store import (
     MergeEvent,
     MergeRequest,
     ShardManifest,
+    TrainingRecord,
     atomic_path,
     layout,
     read_manifest,
@@ -167,6 +168,7 @@ def merge_into(out: Path, shards: list[Shard], progress: bool) -> MergeSummary:
         created=created,
         attribindex_version=__version__,
         corpus=dataclasses.replace(reference.corpus, **totals),
+        training=_merged_training([m.training for _, m in shards]),
     )
     rows = sum(m.rows for _, m in shards)
     event = MergeEvent(
@@ -184,6 +186,19 @@ def merge_into(out: Path, shards: list[Shard], progress: bool) -> MergeSummary:
         verify_seconds=verify_seconds,
         seconds=time.perf_counter() - started,
         bytes_on_disk=bytes_on_disk(out, exclude=layout.SHARDS_DIR),
+    )
+
+
+def _merged_training(records: list[TrainingRecord | None]) -> TrainingRecord | None:
+    """The shards of a capture during multi-process training: each rank saw every step, and its own gradients."""
+    if records[0] is None:
+        return None
+    return dataclasses.replace(
+        records[0],
+        steps=max(r.steps for r in records),
+        first_step=min(r.first_step for r in records),
+        last_step=max(r.last_step for r in records),
+        gradients=sum(r.gradients for r in records),
     )
 
 

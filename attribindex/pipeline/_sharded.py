@@ -7,13 +7,9 @@ rank 0 merges the shards into OUT. Without torchrun (no WORLD_SIZE) the one proc
 
 from __future__ import annotations
 
-import datetime as dt
-import os
 import shutil
 import time
 from pathlib import Path
-
-import torch
 
 from attribindex._records import first_difference, to_json
 from attribindex.config import BuildConfig
@@ -21,55 +17,10 @@ from attribindex.data import Corpus, shard_window
 from attribindex.errors import AttribIndexError, IndexMismatchError
 from attribindex.pipeline._merge import check_shards, merge_into
 from attribindex.pipeline._output import ModelCache, build_request, prepare_output
+from attribindex.pipeline._ranks import Ranks
 from attribindex.pipeline._single import build_folder
 from attribindex.pipeline._summary import BuildSummary, MergeSummary
 from attribindex.store import BuildRequest, IndexManifest, ShardSlot, layout, read_manifest
-
-# Ranks that finish their shards early wait for the slowest one; at pretraining scale that can be hours.
-COLLECTIVE_TIMEOUT = dt.timedelta(hours=72)
-
-
-class _Ranks:
-    """This process's place in a torchrun launch, and the few collectives the build needs (gloo: CPU works)."""
-
-    def __init__(self):
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self._owns_group = False
-        if self.size > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
-                self._owns_group = True
-            if torch.cuda.is_available():
-                torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
-
-    def broadcast_from_first(self, value):
-        if self.size == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value) -> list:
-        if self.size == 1:
-            return [value]
-        import torch.distributed as dist
-
-        values = [None] * self.size
-        dist.all_gather_object(values, value)
-        return values
-
-    def close(self) -> None:
-        if self._owns_group:
-            import torch.distributed as dist
-
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def build_sharded(
@@ -87,7 +38,7 @@ def build_sharded(
     started = time.perf_counter()
     if num_shards < 1:
         raise AttribIndexError(f"`num_shards` must be >= 1, got {num_shards}.")
-    ranks = _Ranks()
+    ranks = Ranks()
     try:
         request = build_request(config, model, corpus, skip_empty, num_shards=num_shards)
         error = _prepare(out, overwrite, request, corpus) if ranks.rank == 0 else None
@@ -179,7 +130,7 @@ def _build_my_shards(
     mine: list[int],
     skip_empty: bool,
     progress: bool,
-    ranks: _Ranks,
+    ranks: Ranks,
 ) -> int:
     """Build (or resume, or keep when already finished) this rank's shards; rows resumed in all."""
     models = ModelCache()

@@ -169,6 +169,14 @@ class AttributionIndex:
     def _attach_model(self, model, tokenizer, dtype: str | None = None) -> None:
         fingerprint = model_fingerprint(model)
         recorded = self.manifest.model
+        if fingerprint != recorded.fingerprint and self.manifest.training is not None:
+            raise IndexMismatchError(
+                f"model differs: this index was captured while training, and answers queries with the model as "
+                f"training left it (fingerprint {recorded.fingerprint[:19]}…); the model given ({type(model).__name__}, "
+                f"fingerprint {fingerprint[:19]}…) is another checkpoint, e.g. the one training started from "
+                f"({recorded.name_or_path}). Pass the trained model: `model=` (a saved copy, or the object with its "
+                f"tokenizer), or `--model DIR` on the command line."
+            )
         if fingerprint != recorded.fingerprint:
             raise IndexMismatchError(
                 f"model differs: this index was built with {recorded.name_or_path} ({recorded.class_name}, "

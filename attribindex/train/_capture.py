@@ -15,6 +15,8 @@ unless the loop states it (`loss_scale`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +33,10 @@ from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums
 from attribindex.logra import LoGraCapture
 from attribindex.model import model_fingerprint
-from attribindex.pipeline._finalize import finalize_index
+from attribindex.pipeline._finalize import finalize_index, finalize_shard
+from attribindex.pipeline._merge import check_shards, merge_into
 from attribindex.pipeline._output import build_projections, bytes_on_disk, module_records, prepare_output
+from attribindex.pipeline._ranks import Ranks
 from attribindex.pipeline._summary import BuildSummary
 from attribindex.store import (
     BuildEvent,
@@ -42,9 +46,12 @@ from attribindex.store import (
     ManifestHeader,
     ModelRecord,
     ProjectionRecord,
+    ShardSlice,
+    ShardSlot,
     TokenizerRecord,
     TrainingRecord,
     layout,
+    read_manifest,
 )
 
 RowsMode = Literal["per_step", "summed"]
@@ -119,13 +126,16 @@ class TrainingCapture:
                 "with its output gradients. Turn it off (gradient_checkpointing=False) while capturing."
             )
         self.tokenizer, self.config, self.rows_mode = tokenizer, config, rows
+        # Where the trained model will be: else where it came from, whose fingerprint then no longer matches, so a
+        # query without `model=` is refused by name rather than answered by the untrained weights.
+        model_path = model_path or getattr(self.model, "name_or_path", None) or type(self.model).__name__
         self.out, self.model_path, self.description = Path(out), model_path, description
         self.identify = identify
         self.step = 0  # optimizer steps completed: the step of the next micro-batch
         self.summary: BuildSummary | None = None
 
         request = BuildRequest(
-            model=model_path or type(self.model).__name__,
+            model=model_path,
             data=f"training capture ({rows})",
             text_field="text",
             id_field="id",
@@ -134,14 +144,25 @@ class TrainingCapture:
             config=rows_settings(config),
         )
         self._started_at = time.perf_counter()
-        self._marker, resuming = prepare_output(self.out, overwrite, request)
-        if resuming:
+        self._ranks = Ranks()  # under torchrun, each rank writes a shard of the index and rank 0 merges them at the end
+        if self._ranks.size > 1 and rows == "summed":
             raise AttribIndexError(
-                f"{self.out} holds an interrupted capture. Pass overwrite=True to start it over (resuming a capture "
-                "from a training checkpoint is not supported yet)."
+                "rows='summed' is not supported in multi-process training yet (an example's steps fall on different "
+                "ranks): capture rows='per_step'."
             )
+        error = self._prepare(overwrite, request) if self._ranks.rank == 0 else None
+        error = self._ranks.broadcast_from_first(error)  # every rank stops, or none does
+        if error:
+            raise AttribIndexError(error)
+        self._folder, self._request = self.out, request  # where this process writes: the index, or its shard
+        if self._ranks.size > 1:
+            self._request = dataclasses.replace(
+                request, shard=ShardSlot(index=self._ranks.rank, count=self._ranks.size)
+            )
+            self._folder = self.out / layout.SHARDS_DIR / layout.shard_dir_name(self._ranks.rank, self._ranks.size)
+            self._marker, _ = prepare_output(self._folder, False, self._request)
         self.projections, self._optimizer_moments = build_projections(config, self.model)
-        self.projections.save(self.out / layout.PROJECTIONS)
+        self.projections.save(self._folder / layout.PROJECTIONS)
         self._names = [m.name for m in self.projections.modules]
         self._dims = self.projections.block_dims
         self._kind = config.hessian.kind
@@ -149,7 +170,7 @@ class TrainingCapture:
         dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
         self._hooks = LoGraCapture(self.model, self.projections, dtype)
         self._hooks.track_factors = self.curvature.tracks_factors
-        self._writer = ChunkWriter(self.out, self._dims, config.store.dtype, config.store.chunk_rows)
+        self._writer = ChunkWriter(self._folder, self._dims, config.store.dtype, config.store.chunk_rows)
         self._chunks: list = []
         self._summed: dict[str, _Summed] = {}
         self._per_step_ids: set[str] = set()
@@ -256,20 +277,20 @@ class TrainingCapture:
             raise AttribIndexError(
                 "no example was captured: no training-mode forward + backward ran on the model inside the capture."
             )
-        self.curvature.save(self.out / layout.CURVATURE)
+        self.curvature.save(self._folder / layout.CURVATURE)
         extracted_seconds = time.perf_counter() - self._started_at
         steps = sorted(self._steps_seen)
         header = ManifestHeader(
             created=self._marker.started,
             attribindex_version=__version__,
             model=ModelRecord(
-                name_or_path=self.model_path or type(self.model).__name__,
+                name_or_path=self.model_path,
                 class_name=type(self.model).__name__,
                 revision=None,
                 fingerprint=model_fingerprint(self.model),
             ),
             tokenizer=TokenizerRecord(
-                name_or_path=self.model_path or type(self.tokenizer).__name__,
+                name_or_path=self.model_path,
                 class_name=type(self.tokenizer).__name__,
                 vocab_size=len(self.tokenizer),
             ),
@@ -298,25 +319,70 @@ class TrainingCapture:
                 gradients=self._gradients,
             ),
         )
-        rows = sum(chunk.rows for chunk in self._chunks)
-        event = BuildEvent(rows=rows, time=self._marker.started)
-        manifest = finalize_index(self.out, self.config, header, self.curvature, self._chunks, event, progress=False)
+        event = BuildEvent(rows=sum(chunk.rows for chunk in self._chunks), time=self._marker.started)
+        if self._ranks.size == 1:
+            finalize_index(self.out, self.config, header, self.curvature, self._chunks, event, progress=False)
+        else:
+            self._merge_shards(header, event)
+        manifest = read_manifest(self.out)
+        training = manifest.training
+        processes = f" from {self._ranks.size} processes" if self._ranks.size > 1 else ""
         self.summary = BuildSummary(
             out=self.out,
             index_id=manifest.index_id,
-            rows=rows,
-            skipped=self._no_loss,
+            rows=manifest.rows,
+            skipped=manifest.corpus.skipped_empty,
             truncated=0,
-            tokens=self._tokens,
+            tokens=manifest.corpus.tokens,
             dim=manifest.dim,
             modules=len(manifest.modules),
             extract_seconds=extracted_seconds,
             total_seconds=time.perf_counter() - self._started_at,
             bytes_on_disk=bytes_on_disk(self.out),
-            kind=f"index of {self._gradients:,} training gradients over {len(steps):,} steps ({self.rows_mode})",
+            kind=f"index of {training.gradients:,} training gradients over {training.steps:,} steps "
+            f"({self.rows_mode}){processes}",
             search=manifest.index.description,
         )
         return self.summary
+
+    def _prepare(self, overwrite: bool, request: BuildRequest) -> str | None:
+        """Ready the output folder (rank 0 only); the refusal's message, broadcast so that every rank stops."""
+        try:
+            self._marker, resuming = prepare_output(self.out, overwrite, request)
+        except AttribIndexError as err:
+            return str(err)
+        if resuming:
+            return (
+                f"{self.out} holds an interrupted capture. Pass overwrite=True to start it over (resuming a capture "
+                "from a training checkpoint is not supported yet)."
+            )
+        return None
+
+    def _merge_shards(self, header: ManifestHeader, event: BuildEvent) -> None:
+        """Each rank commits its shard; rank 0 merges them into the index, and every rank leaves the same way."""
+        error = None
+        try:
+            window = ShardSlice(index=self._ranks.rank, count=self._ranks.size, documents=(0, 0))  # no corpus slice
+            finalize_shard(
+                self._folder, self.config, header, self._request, self.curvature, self._chunks, window, event
+            )
+        except AttribIndexError as err:
+            error = f"rank {self._ranks.rank}: {err}"
+        errors = [e for e in self._ranks.gather(error) if e]
+        if errors:
+            raise AttribIndexError(errors[0])
+        if self._ranks.rank == 0:
+            try:
+                root = self.out / layout.SHARDS_DIR
+                folders = [root / layout.shard_dir_name(i, self._ranks.size) for i in range(self._ranks.size)]
+                shards = check_shards(folders, [read_manifest(folder, kind="shard") for folder in folders])
+                merge_into(self.out, shards, progress=False)
+                shutil.rmtree(root)
+            except AttribIndexError as err:
+                error = str(err)
+        error = self._ranks.broadcast_from_first(error)
+        if error:
+            raise AttribIndexError(error)
 
     def abort(self) -> None:
         """Stop capturing without writing an index: the folder stays incomplete (no manifest)."""

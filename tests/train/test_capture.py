@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from attribindex import AttribIndexError, AttributionIndex, build_index
+from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, build_index
 from attribindex.model import load_model
 from attribindex.store import read_manifest
 from attribindex.testing import write_jsonl
@@ -88,6 +91,10 @@ def test_rows_captured_in_a_loop_equal_a_build_at_each_steps_weights(trainable, 
     manifest = read_manifest(tmp_path / "captured")
     assert manifest.training.rows == "per_step" and manifest.training.steps == 2 and manifest.training.gradients == 12
     assert not np.allclose(weights[0]["lm_head.weight"], weights[1]["lm_head.weight"])  # the weights did change
+    with pytest.raises(IndexMismatchError, match="captured while training.*Pass the trained model"):
+        AttributionIndex.open(tmp_path / "captured")  # the manifest names the untrained checkpoint it started from
+    found = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer).attribute("king", k=3)
+    assert {a.id.rsplit("@", 1)[1] for a in found.results[0].top} <= {"0", "1"}  # ids name their step
 
 
 def test_a_trainer_with_the_callback_captures_what_a_build_computes(trainable, corpus_records, tmp_path):
@@ -238,3 +245,22 @@ def test_summed_rows_are_the_sum_of_an_examples_rows_over_its_steps(trainable, c
         np.testing.assert_allclose(row, parts[0] + parts[1], rtol=1e-5, atol=1e-7)
     training = read_manifest(tmp_path / "summed").training
     assert (training.rows, training.steps, training.gradients) == ("summed", 2, 12)
+
+
+def test_ddp_capture_with_two_ranks_equals_one_process(tiny_models, corpus_records, tmp_path):
+    """Real torchrun, 2 processes, gloo: each rank writes a shard of its own examples, rank 0 merges them."""
+    from tests.train.ddp_training import train as train_ddp
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_records[:12])
+    train_ddp(str(tiny_models["gpt2"]), corpus, tmp_path / "single")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "tests.train.ddp_training", str(tiny_models["gpt2"]), str(corpus), str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = rows_by_id(tmp_path / "single"), rows_by_id(tmp_path / "ddp")
+    assert sorted(ddp) == sorted(single) and len(ddp) == 12
+    for key, row in single.items():
+        np.testing.assert_allclose(ddp[key], row, rtol=1e-5, atol=1e-7)
+    training = read_manifest(tmp_path / "ddp").training
+    assert (training.steps, training.gradients) == (3, 12)
+    assert not (tmp_path / "ddp" / "shards").exists()  # merged, then removed
