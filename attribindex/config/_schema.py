@@ -51,10 +51,14 @@ class ProjectionConfig:
             Adafactor's factored moments, a rank-1 row/column approximation of Adam's v (its error is
             recorded in the manifest).
         optimizer_eps: Adam's ε, the floor of √v (ignored for Adafactor).
+        lora: for a PEFT LoRA model, which layers are captured: ``adapters``, the adapters' trainable A and B
+            matrices (the gradients of what fine-tuning trained, as LESS does), or ``base``, the frozen base
+            layers the adapters sit on. Other layers are left out either way; ``modules`` patterns then match
+            peft's names (``base_model.model.…c_attn.lora_A.default``, ``….c_attn.base_layer``).
 
     Example:
         >>> ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=4, rank_in=16, rank_out=16)
-        ProjectionConfig(modules=('*.mlp.*',), exclude=(), include_head=False, bias=True, last_n_blocks=4, rank_in=16, rank_out=16, seed=0, optimizer_state=None, optimizer_eps=1e-08)
+        ProjectionConfig(modules=('*.mlp.*',), exclude=(), include_head=False, bias=True, last_n_blocks=4, rank_in=16, rank_out=16, seed=0, optimizer_state=None, optimizer_eps=1e-08, lora='adapters')
     """
 
     modules: tuple[str, ...] = ("*",)
@@ -67,9 +71,15 @@ class ProjectionConfig:
     seed: int = 0
     optimizer_state: str | None = None
     optimizer_eps: float = 1e-8
+    lora: Literal["adapters", "base"] = "adapters"
 
     def __post_init__(self) -> None:
         _require(self.optimizer_eps > 0, f"projection.optimizer_eps must be > 0, got {self.optimizer_eps}.")
+        _require(
+            self.lora in ("adapters", "base"),
+            f"projection.lora must be 'adapters' (the LoRA A and B matrices) or 'base' (the frozen layers under "
+            f"them), got {self.lora!r}.",
+        )
         _require(len(self.modules) > 0, "projection.modules is empty; use ['*'] to capture all linear layers.")
         _require(
             self.rank_in >= 1 and self.rank_out >= 1,

@@ -56,7 +56,8 @@ def per_example_loss(
         logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, T-1, V)
         token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return (token_loss.view(targets.shape) * mask).sum(dim=1)  # (B,)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's own causal LM
+    hidden = core.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     step = max(1, HEAD_CHUNK_ELEMENTS // max(1, hidden.shape[0] * head.weight.shape[0]))
     return _ChunkedHeadLoss.apply(hidden[:, :-1], head.weight, head.bias, targets, mask, step)
 

@@ -53,12 +53,27 @@ def _block_index(name: str, block_lists: list[str]) -> int | None:
     return None
 
 
+def _lora_layers(model: nn.Module, candidates: list, choice: str) -> list:
+    """In a PEFT LoRA model, only the adapters' A and B layers (`adapters`) or the base layers under them (`base`)."""
+    wrappers = [
+        name for name, module in model.named_modules() if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    ]
+    if not wrappers:
+        return candidates
+    if choice == "base":
+        wanted = {f"{name}.base_layer" for name in wrappers}
+        return [(name, spec) for name, spec in candidates if name in wanted]
+    parts = tuple(f"{name}.lora_{side}." for name in wrappers for side in "AB")
+    return [(name, spec) for name, spec in candidates if name.startswith(parts)]
+
+
 def select_modules(model: nn.Module, config: ProjectionConfig) -> list[ModuleSpec]:
     """The captured layers of `model`, in module order, per the name patterns of `config`.
 
     The model's output embedding (``get_output_embeddings()``: ``lm_head``, GPT-NeoX's ``embed_out``, ...) is
     left out whatever its name unless ``config.include_head``; biases are captured where a layer has one
-    and ``config.bias`` is on.
+    and ``config.bias`` is on. In a PEFT LoRA model only the adapters' A and B matrices, or with
+    ``config.lora: base`` the base layers under them, are candidates.
 
     Example:
         >>> select_modules(model, ProjectionConfig(modules=("*.mlp.*",), last_n_blocks=2))  # doctest: +SKIP
@@ -70,6 +85,7 @@ def select_modules(model: nn.Module, config: ProjectionConfig) -> list[ModuleSpe
     # The head's name differs across families (lm_head, GPT-NeoX's embed_out), so it is left out by identity.
     candidates = [(name, spec) for name, module in model.named_modules() if (spec := _spec(name, module, config.bias))]
     candidates = [(name, spec) for name, spec in candidates if name != left_out]
+    candidates = _lora_layers(model, candidates, config.lora)
     head_note = (
         f" The output embedding {left_out!r} is left out unless projection.include_head: true." if left_out else ""
     )

@@ -11,6 +11,7 @@ from torch import nn
 
 from attribindex.errors import AttribIndexError
 
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a PEFT adapter
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,6 +36,8 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
 
     local = Path(name_or_path).expanduser()
     looks_local = local.exists() or str(name_or_path).startswith((".", "/", "~"))
+    if looks_local and (local / ADAPTER_CONFIG).is_file() and not (local / "config.json").is_file():
+        return _load_adapter(local, dtype, device)
     if looks_local and not (local / "config.json").is_file():
         raise AttribIndexError(
             f"model folder {name_or_path!r} does not exist or has no config.json. Pass a folder saved with "
@@ -69,6 +72,54 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
     if tokenizer.pad_token_id is None:  # most causal LMs have none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def _load_adapter(folder: Path, dtype: str, device: str):
+    """(PeftModel, tokenizer) from a PEFT adapter folder (peft's own convention: `adapter_config.json` names the base
+    model in `base_model_name_or_path`); the tokenizer is the folder's own when it has one, else the base model's."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise AttribIndexError(
+            f"{folder} is a PEFT adapter folder, and loading it needs peft: pip install 'attribindex[peft]' "
+            "(or pip install peft)."
+        ) from None
+    settings = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = settings.get("base_model_name_or_path")
+    if not base:
+        raise AttribIndexError(
+            f"{folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path). Write the base model's path "
+            "or hub id there."
+        )
+    if settings.get("peft_type", "LORA") != "LORA":
+        raise AttribIndexError(
+            f"{folder} holds a {settings['peft_type']} adapter; attribindex captures LoRA adapters only. Merge the "
+            "adapter into the model (merge_and_unload) and index the merged model."
+        )
+    base_path = Path(base).expanduser()
+    if not base_path.is_absolute() and (folder / base_path / "config.json").is_file():
+        base = str(folder / base_path)  # a base model saved next to the adapter, named relative to it
+    try:
+        model, tokenizer = load_model(base, dtype, "cpu")
+    except AttribIndexError as err:
+        raise AttribIndexError(
+            f"the base model of adapter {folder} could not be loaded ({err}) Fix base_model_name_or_path in "
+            f"{folder / ADAPTER_CONFIG}, or put the base model where it points."
+        ) from None
+    if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    try:
+        adapted = PeftModel.from_pretrained(model, str(folder))
+    except (OSError, ValueError) as err:
+        raise AttribIndexError(
+            f"the adapter in {folder} could not be loaded onto {base}: {str(err).strip()[:300]}. Save the adapter "
+            "again with save_pretrained (adapter_config.json and adapter_model.safetensors)."
+        ) from None
+    return adapted.to(resolve_device(device)).eval(), tokenizer
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -115,12 +115,10 @@ class TrainingCapture:
                 "the config's `exact` section needs a pass over the stored examples after training, which a capture "
                 "during training does not make. Remove `exact` from the config, or build the index after training."
             )
-        self.model = getattr(model, "module", model)  # a DistributedDataParallel wrapper's own model
-        # transformers 5 renamed is_gradient_checkpointing (now deprecated) to is_activation_checkpointing
-        checkpointing = getattr(type(self.model), "is_activation_checkpointing", None) is not None and getattr(
-            self.model, "is_activation_checkpointing", False
-        )
-        if checkpointing or getattr(self.model, "gradient_checkpointing", False):
+        is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.model = model.module if is_ddp else model  # the hooks go on the model itself, not on DDP's wrapper
+        # HF marks each module that checkpoints (GPT2Model, LlamaModel, …), inside a PEFT wrapper too
+        if any(getattr(module, "gradient_checkpointing", False) is True for module in self.model.modules()):
             raise AttribIndexError(
                 "gradient checkpointing runs each layer's forward twice, so the capture cannot pair a layer's inputs "
                 "with its output gradients. Turn it off (gradient_checkpointing=False) while capturing."

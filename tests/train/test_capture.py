@@ -264,3 +264,22 @@ def test_ddp_capture_with_two_ranks_equals_one_process(tiny_models, corpus_recor
     training = read_manifest(tmp_path / "ddp").training
     assert (training.steps, training.gradients) == (3, 12)
     assert not (tmp_path / "ddp" / "shards").exists()  # merged, then removed
+
+
+def test_a_lora_model_training_captures_its_adapter_rows(tiny_models, corpus_records, tmp_path):
+    """A peft LoRA model whose adapters train (the base frozen): rows of the A and B matrices, as a build computes
+    them from the adapter folder saved at each step."""
+    from tests.logra.test_peft import make_adapter
+
+    adapter = make_adapter(tiny_models["gpt2"], tmp_path / "adapter")
+    model, tokenizer = load_model(str(adapter), dtype="float64", device="cpu")
+    model.train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    records, config = corpus_records[:12], exact_config("dot")
+    weights, _ = train(model, tokenizer, records, tmp_path / "captured", config)
+    names = [m.name for m in read_manifest(tmp_path / "captured").modules]
+    assert len(names) == 8 and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert_rows_equal_builds(
+        tmp_path / "captured", dict(enumerate(weights)), model, tokenizer, records, config, tmp_path
+    )
