@@ -70,6 +70,19 @@ def shard_dir_name(index: int, count: int) -> str:
     return f"{index:05d}-of-{count:05d}"
 
 
+def capture_commit(step: int) -> str:
+    """A capture's state as of a training checkpoint at `step` (rows of the steps before it): curvature sums and a
+    note with its chunks; `capture_summed(step)` holds the summed rows of a `rows="summed"` capture."""
+    return f"capture.step-{step:09d}.safetensors"
+
+
+def capture_summed(step: int) -> str:
+    return f"capture.step-{step:09d}.summed.safetensors"
+
+
+CAPTURE_COMMITS = "capture.step-*.safetensors"  # matches both kinds of file above
+
+
 def is_temporary(name: str) -> bool:
     """Names of atomic-write temporaries (`.NAME.tmp-PID`) that a killed process can leave behind."""
     return name.startswith(".") and ".tmp-" in name

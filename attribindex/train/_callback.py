@@ -16,7 +16,9 @@ from attribindex.train._dataset_rows import DatasetRows
 class AttributionCallback(TrainerCallback):
     """Capture an index while `transformers.Trainer` trains: each example's LoGra row from the Trainer's own
     backward pass, at the weights of the step that trained on it (see `TrainingCapture`). The index is written
-    when training ends; `summary` then says what it holds.
+    when training ends; `summary` then says what it holds. Whenever the Trainer saves a checkpoint the capture
+    commits first, and `trainer.train(resume_from_checkpoint=...)` resumes the capture from that commit: no row
+    twice, none missing.
 
     Args:
         out: the index folder.
@@ -54,12 +56,6 @@ class AttributionCallback(TrainerCallback):
         self.summary: BuildSummary | None = None
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **_):
-        if state.global_step > 0:
-            raise AttribIndexError(
-                f"training resumes from a checkpoint at step {state.global_step}; a capture cannot continue an "
-                "earlier one yet. Capture a run from its start (or start a new index for the steps from here on "
-                "with a fresh AttributionCallback and resume_from_checkpoint=None)."
-            )
         if processing_class is None or not hasattr(processing_class, "decode"):
             raise AttribIndexError(
                 "AttributionCallback needs the tokenizer: pass processing_class=tokenizer to Trainer."
@@ -76,6 +72,7 @@ class AttributionCallback(TrainerCallback):
             overwrite=self.overwrite,
             identify=rows,
             description=f"examples a transformers.Trainer trained on ({args.num_train_epochs:g} epochs)",
+            resume_step=state.global_step or None,  # resume_from_checkpoint: continue the capture's commit there
         )
 
     def on_step_begin(self, args, state, control, **_):
@@ -87,6 +84,18 @@ class AttributionCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **_):
         self.capture.finish_batch()
+        self._commit_if_saving(state, control)
+
+    def on_epoch_end(self, args, state, control, **_):
+        self._commit_if_saving(state, control)
+
+    def _commit_if_saving(self, state, control) -> None:
+        # The Trainer saves checkpoint-<global_step> right after this event when `should_save` is set (by its
+        # DefaultFlowCallback, which runs before this one): commit the rows of the steps before it first, so that
+        # resuming from that checkpoint resumes the capture too.
+        if control.should_save:
+            self.capture.step = state.global_step
+            self.capture.commit()
 
     def on_train_end(self, args, state, control, **_):
         self.summary = self.capture.close()

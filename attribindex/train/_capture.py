@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from attribindex._records import from_json, to_json
 from attribindex._version import __version__
 from attribindex.config import BuildConfig, rows_settings
 from attribindex.data import Document
@@ -35,23 +38,27 @@ from attribindex.logra import LoGraCapture
 from attribindex.model import model_fingerprint
 from attribindex.pipeline._finalize import finalize_index, finalize_shard
 from attribindex.pipeline._merge import check_shards, merge_into
-from attribindex.pipeline._output import build_projections, bytes_on_disk, module_records, prepare_output
+from attribindex.pipeline._output import build_projections, bytes_on_disk, module_records, now, prepare_output
 from attribindex.pipeline._ranks import Ranks
 from attribindex.pipeline._summary import BuildSummary
 from attribindex.store import (
     BuildEvent,
     BuildRequest,
+    ChunkRecord,
     ChunkWriter,
     CorpusRecord,
     ManifestHeader,
     ModelRecord,
     ProjectionRecord,
+    ResumedRecord,
     ShardSlice,
     ShardSlot,
     TokenizerRecord,
     TrainingRecord,
+    file_problem,
     layout,
     read_manifest,
+    save_safetensors,
 )
 
 RowsMode = Literal["per_step", "summed"]
@@ -86,6 +93,10 @@ class TrainingCapture:
     """Writes an index of the examples a model trains on, each row taken from the training loop's own backward
     pass at the weights of that step. Use `capture_training` (any loop) or `AttributionCallback` (HF Trainer).
 
+    `commit()` at each training checkpoint makes the rows so far durable; a capture made with `resume_step` (the
+    checkpoint's step) continues from there. Rows go to chunk files as they come; the index (preconditioner,
+    FAISS segment, manifest) is written by `close()`, after training.
+
     Example:
         >>> with capture_training(model, tokenizer, "train-index", load_config("tiny"), optimizer=opt) as capture:
         ...     for batch in loader:  # doctest: +SKIP
@@ -107,6 +118,7 @@ class TrainingCapture:
         overwrite: bool = False,
         identify: Identify | None = None,
         description: str = "examples seen in training",
+        resume_step: int | None = None,
     ):
         if rows not in ("per_step", "summed"):
             raise AttribIndexError(f"rows must be 'per_step' or 'summed', got {rows!r}.")
@@ -148,7 +160,7 @@ class TrainingCapture:
                 "rows='summed' is not supported in multi-process training yet (an example's steps fall on different "
                 "ranks): capture rows='per_step'."
             )
-        error = self._prepare(overwrite, request) if self._ranks.rank == 0 else None
+        error = self._prepare(overwrite, request, resume_step) if self._ranks.rank == 0 else None
         error = self._ranks.broadcast_from_first(error)  # every rank stops, or none does
         if error:
             raise AttribIndexError(error)
@@ -168,12 +180,16 @@ class TrainingCapture:
         dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
         self._hooks = LoGraCapture(self.model, self.projections, dtype)
         self._hooks.track_factors = self.curvature.tracks_factors
-        self._writer = ChunkWriter(self._folder, self._dims, config.store.dtype, config.store.chunk_rows)
-        self._chunks: list = []
+        self._chunks: list[ChunkRecord] = []
         self._summed: dict[str, _Summed] = {}
-        self._per_step_ids: set[str] = set()
+        self._per_step_ids: set[str] = set()  # this run's, for the duplicate check
         self._steps_seen: set[int] = set()
         self._gradients = self._tokens = self._no_loss = 0
+        self._resumed_rows, self._resumed_at = 0, ""
+        if resume_step is not None:
+            self._restore(resume_step)
+        first_chunk = len(self._chunks)
+        self._writer = ChunkWriter(self._folder, self._dims, config.store.dtype, config.store.chunk_rows, first_chunk)
         self._pending: tuple[list[str], list[str] | None, float | None] | None = None
         self._batch: _MicroBatch | None = None
         self._handles = [
@@ -261,13 +277,87 @@ class TrainingCapture:
         self._steps_seen.add(batch.step)
         self._store(batch, rows)
 
+    def commit(self) -> None:
+        """Make the rows of the steps before `self.step` durable: call it when the loop saves a checkpoint at that
+        step (the Trainer callback does, whenever the Trainer saves). A capture made again with `resume_step` =
+        that step continues it with no row twice and none missing; commits of later steps are dropped then, so a
+        run resumed from an earlier checkpoint than the last commit is fine too. Each commit keeps its own copy of
+        the curvature sums (and, with rows="summed", of the summed rows) until the index is written."""
+        self.finish_batch()
+        record = self._writer.close()  # the partial chunk: a commit ends at a chunk's end
+        if record is not None:
+            self._chunks.append(record)
+        note = {
+            "step": self.step,
+            "chunks": [to_json(chunk) for chunk in self._chunks],
+            "gradients": self._gradients,
+            "tokens": self._tokens,
+            "no_loss": self._no_loss,
+            "steps_seen": sorted(self._steps_seen),
+        }
+        if self.rows_mode == "summed":
+            entries = list(self._summed.values())
+            rows = torch.stack([e.row for e in entries]) if entries else torch.zeros(0, self.projections.dim)
+            documents = [[e.document.id, e.document.text, e.document.source, e.steps] for e in entries]
+            save_safetensors(
+                {"rows": rows.contiguous()},
+                self._folder / layout.capture_summed(self.step),
+                {"documents": json.dumps(documents)},
+            )
+        self.curvature.save(self._folder / layout.capture_commit(self.step), note=note)  # the commit point
+
+    def _restore(self, step: int) -> None:
+        """Continue from the commit at `step`: its chunks, sums and counters; whatever was written after it goes."""
+        path = self._folder / layout.capture_commit(step)
+        if not path.is_file():
+            found = sorted(int(f.name.split("-")[1].split(".")[0]) for f in self._folder.glob(layout.CAPTURE_COMMITS))
+            raise AttribIndexError(
+                f"training resumes at step {step}, but the capture in {self._folder} committed steps {sorted(set(found))} "
+                "only (a commit is made whenever a checkpoint is saved). Resume training from one of those "
+                "checkpoints, or start the capture over with overwrite=True."
+            )
+        self.curvature, note = CurvatureSums.load(path)
+        self._chunks = [from_json(ChunkRecord, c, f"{path} (note)") for c in note["chunks"]]
+        kept = set()
+        for chunk in self._chunks:
+            for name, record in chunk.paths():
+                kept.add(name)
+                if file_problem(self._folder, name, record) is not None:
+                    raise AttribIndexError(
+                        f"cannot resume the capture in {self._folder}: {name} is missing or damaged."
+                    )
+        for file in layout.chunk_files_from(self._folder, 0):
+            if f"{layout.ROWS_DIR}/{file.name}" not in kept:
+                file.unlink()
+        self._gradients, self._tokens, self._no_loss = note["gradients"], note["tokens"], note["no_loss"]
+        self._steps_seen = set(note["steps_seen"])
+        if self.rows_mode == "summed":
+            summed = self._folder / layout.capture_summed(step)
+            with safe_open(str(summed), framework="pt") as handle:
+                documents = json.loads(handle.metadata()["documents"])
+                rows = handle.get_tensor("rows")
+            for (i, text, source, steps), row in zip(documents, rows):
+                self._summed[i] = _Summed(Document(id=i, text=text, source=source), row, steps)
+        self.step = step
+        self._resumed_rows, self._resumed_at = sum(chunk.rows for chunk in self._chunks), now()
+        self._drop_commits_after(step)
+
+    def _drop_commits_after(self, step: int) -> None:
+        for file in self._folder.glob(layout.CAPTURE_COMMITS):
+            if int(file.name.split("-")[1].split(".")[0]) > step:
+                file.unlink()
+
     def close(self) -> BuildSummary:
         """Finish the last micro-batch, fit the preconditioner and write the index (the manifest last)."""
         self.finish_batch()
         self._remove_hooks()
         if self.rows_mode == "summed":
             for entry in self._summed.values():
-                self._add_rows(entry.row[None], [entry.document])
+                shown = ", ".join(map(str, entry.steps[:8])) + (
+                    f", … ({len(entry.steps)} in all)" if len(entry.steps) > 8 else ""
+                )
+                document = dataclasses.replace(entry.document, source=f"{entry.document.source}, steps {shown}")
+                self._add_rows(entry.row[None], [document])
         record = self._writer.close()
         if record is not None:
             self._chunks.append(record)
@@ -276,6 +366,7 @@ class TrainingCapture:
                 "no example was captured: no training-mode forward + backward ran on the model inside the capture."
             )
         self.curvature.save(self._folder / layout.CURVATURE)
+        self._drop_commits_after(-1)  # the index is complete from here on: the commits are no longer needed
         extracted_seconds = time.perf_counter() - self._started_at
         steps = sorted(self._steps_seen)
         header = ManifestHeader(
@@ -317,7 +408,8 @@ class TrainingCapture:
                 gradients=self._gradients,
             ),
         )
-        event = BuildEvent(rows=sum(chunk.rows for chunk in self._chunks), time=self._marker.started)
+        resumed = ResumedRecord(rows=self._resumed_rows, time=self._resumed_at) if self._resumed_at else None
+        event = BuildEvent(rows=sum(chunk.rows for chunk in self._chunks), time=self._marker.started, resumed=resumed)
         if self._ranks.size == 1:
             finalize_index(self.out, self.config, header, self.curvature, self._chunks, event, progress=False)
         else:
@@ -343,16 +435,22 @@ class TrainingCapture:
         )
         return self.summary
 
-    def _prepare(self, overwrite: bool, request: BuildRequest) -> str | None:
+    def _prepare(self, overwrite: bool, request: BuildRequest, resume_step: int | None) -> str | None:
         """Ready the output folder (rank 0 only); the refusal's message, broadcast so that every rank stops."""
         try:
             self._marker, resuming = prepare_output(self.out, overwrite, request)
         except AttribIndexError as err:
             return str(err)
-        if resuming:
+        if resuming and resume_step is None:
             return (
-                f"{self.out} holds an interrupted capture. Pass overwrite=True to start it over (resuming a capture "
-                "from a training checkpoint is not supported yet)."
+                f"{self.out} holds an interrupted capture. Resume it with the training run (resume_step = the step of "
+                "the checkpoint training resumes from; the Trainer callback does this itself), or pass "
+                "overwrite=True to start over."
+            )
+        if not resuming and resume_step is not None:
+            return (
+                f"training resumes at step {resume_step}, but {self.out} holds no capture of its earlier steps. "
+                "Capture the run from its start (or pass resume_step=None to index only the steps from here on)."
             )
         return None
 
@@ -544,6 +642,7 @@ def capture_training(
     rows: RowsMode = "per_step",
     model_path: str | None = None,
     overwrite: bool = False,
+    resume_step: int | None = None,
 ) -> Iterator[TrainingCapture]:
     """Capture an index of what a training loop trains on, in any PyTorch loop: each forward + backward inside
     `with capture.batch(ids):` adds its examples' rows at the current weights; the index is written when the block
@@ -553,6 +652,8 @@ def capture_training(
         optimizer: its steps advance the capture's step count (otherwise call `capture.end_step()` after each).
         rows: ``per_step`` (one row per example and step, id ``<id>@<step>``) or ``summed`` (one per example).
         model_path: where the trained model will be saved, recorded so `attribindex query` finds it.
+        resume_step: training resumes from its checkpoint at this step: continue the capture from the commit made
+            there (`capture.commit()` when the loop saved that checkpoint).
 
     Example:
         >>> with capture_training(model, tokenizer, "train-index", load_config("tiny"), optimizer=opt) as capture:
@@ -562,7 +663,9 @@ def capture_training(
         ...         opt.step(); opt.zero_grad()
         >>> print(capture.summary.format())  # doctest: +SKIP
     """
-    capture = TrainingCapture(model, tokenizer, out, config, rows=rows, model_path=model_path, overwrite=overwrite)
+    capture = TrainingCapture(
+        model, tokenizer, out, config, rows=rows, model_path=model_path, overwrite=overwrite, resume_step=resume_step
+    )
     handle = optimizer.register_step_post_hook(lambda *_: capture.end_step()) if optimizer is not None else None
     try:
         yield capture

@@ -283,3 +283,106 @@ def test_a_lora_model_training_captures_its_adapter_rows(tiny_models, corpus_rec
     assert_rows_equal_builds(
         tmp_path / "captured", dict(enumerate(weights)), model, tokenizer, records, config, tmp_path
     )
+
+
+def test_a_trainer_resumed_from_a_checkpoint_captures_no_row_twice_and_none_missing(
+    tiny_models, corpus_records, tmp_path
+):
+    """Interrupted after the capture committed step 4 but before the Trainer wrote checkpoint-4 (the worst
+    moment), training resumes from checkpoint-2: the capture goes back to its commit at 2 and ends with exactly
+    the rows of an uninterrupted run."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    from attribindex import AttributionCallback
+
+    records, config = corpus_records[:12], exact_config("dot", kind="kfac")
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **_):
+            if state.global_step == 4:
+                raise KeyboardInterrupt("the machine went away")
+
+    def run(run_dir, out, interrupt=False, resume=None):
+        model, tokenizer = load_model(str(tiny_models["gpt2"]), dtype="float64", device="cpu")
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        dataset = Dataset.from_list(records).map(lambda r: tokenizer(r["text"], truncation=True, max_length=32))
+        args = TrainingArguments(
+            output_dir=str(run_dir),
+            per_device_train_batch_size=2,
+            num_train_epochs=1,
+            learning_rate=0.05,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            use_cpu=True,
+            report_to=[],
+            save_strategy="steps",
+            save_steps=2,
+            logging_strategy="no",
+            seed=0,
+        )
+        capture = AttributionCallback(out, config, dataset=dataset, id_field="id", text_field="text")
+        callbacks = [capture, Interrupt()] if interrupt else [capture]
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        trainer = Trainer(model, args, collator, dataset, processing_class=tokenizer, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume)
+
+    run(tmp_path / "whole-run", tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", tmp_path / "resumed", interrupt=True)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    assert (tmp_path / "resumed" / "capture.step-000000004.safetensors").is_file()  # committed: the worst moment
+    assert not (tmp_path / "run" / "checkpoint-4").exists() and (tmp_path / "run" / "checkpoint-2").is_dir()
+    run(tmp_path / "run", tmp_path / "resumed", resume=str(tmp_path / "run" / "checkpoint-2"))
+
+    whole, resumed = rows_by_id(tmp_path / "whole"), rows_by_id(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(whole) and len(whole) == 12  # none twice, none missing
+    for key, row in whole.items():
+        np.testing.assert_allclose(resumed[key], row, rtol=1e-6, atol=1e-9)
+    manifest = read_manifest(tmp_path / "resumed")
+    assert manifest.rows == manifest.training.gradients == 12 and manifest.log[0].resumed.rows == 4
+    assert not list((tmp_path / "resumed").glob("capture.step-*"))  # the commits go once the index is written
+
+
+@pytest.mark.parametrize("rows", ["per_step", "summed"])
+def test_a_loop_capture_resumes_from_its_commit(rows, trainable, corpus_records, tmp_path):
+    """Two steps of 2 micro-batches; the loop commits at step 1 and is interrupted inside step 1; restarted from
+    its step-1 weights with resume_step=1, the capture ends equal to an uninterrupted one."""
+    model, tokenizer = trainable
+    initial = copy.deepcopy(model.state_dict())
+    records, config = corpus_records[:6] * 2, exact_config("dot")
+    train(model, tokenizer, records, tmp_path / "whole", config, rows=rows)
+    batches = list(micro_batches(tokenizer, records, 3))  # steps: [0, 1], [2, 3]
+
+    def micro_batch(capture, number):
+        part, inputs = batches[number]
+        with capture.batch([r["id"] for r in part], texts=[r["text"] for r in part]):
+            (model(**inputs).loss / 2).backward()
+
+    model.load_state_dict(initial)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = tmp_path / "resumed"
+    with (
+        pytest.raises(KeyboardInterrupt),
+        capture_training(model, tokenizer, out, config, optimizer=optimizer, rows=rows) as capture,
+    ):
+        micro_batch(capture, 0)
+        micro_batch(capture, 1)
+        optimizer.step()
+        optimizer.zero_grad()
+        capture.commit()  # the loop saves its checkpoint at step 1
+        at_step_1 = copy.deepcopy(model.state_dict())
+        micro_batch(capture, 2)
+        raise KeyboardInterrupt
+    with pytest.raises(AttribIndexError, match=r"committed steps \[1\] only"):
+        TrainingCapture(model, tokenizer, out, config, rows=rows, resume_step=5)  # no checkpoint there
+    model.load_state_dict(at_step_1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with capture_training(model, tokenizer, out, config, optimizer=optimizer, rows=rows, resume_step=1) as capture:
+        micro_batch(capture, 2)
+        micro_batch(capture, 3)
+        optimizer.step()
+    whole, resumed = rows_by_id(tmp_path / "whole"), rows_by_id(out)
+    assert sorted(resumed) == sorted(whole) and read_manifest(out).rows == len(whole)
+    for key, row in whole.items():
+        np.testing.assert_allclose(resumed[key], row, rtol=1e-6, atol=1e-9)
