@@ -48,6 +48,16 @@ class Ranks:
         dist.all_gather_object(values, value)
         return values
 
+    def gather_to_first(self, value) -> list | None:
+        """Every rank's `value`, in rank order, on rank 0 (None elsewhere): for values too large to copy to all."""
+        if self.size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values = [None] * self.size if self.rank == 0 else None
+        dist.gather_object(value, values, dst=0)
+        return values
+
     def close(self) -> None:
         if self._owns_group:
             import torch.distributed as dist

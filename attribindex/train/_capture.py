@@ -155,17 +155,13 @@ class TrainingCapture:
         )
         self._started_at = time.perf_counter()
         self._ranks = Ranks()  # under torchrun, each rank writes a shard of the index and rank 0 merges them at the end
-        if self._ranks.size > 1 and rows == "summed":
-            raise AttribIndexError(
-                "rows='summed' is not supported in multi-process training yet (an example's steps fall on different "
-                "ranks): capture rows='per_step'."
-            )
         error = self._prepare(overwrite, request, resume_step) if self._ranks.rank == 0 else None
         error = self._ranks.broadcast_from_first(error)  # every rank stops, or none does
         if error:
             raise AttribIndexError(error)
         self._folder, self._request = self.out, request  # where this process writes: the index, or its shard
-        if self._ranks.size > 1:
+        # Summed rows are added up by rank 0 into `out` itself; the other ranks' folders then only hold commits.
+        if self._ranks.size > 1 and not (rows == "summed" and self._ranks.rank == 0):
             self._request = dataclasses.replace(
                 request, shard=ShardSlot(index=self._ranks.rank, count=self._ranks.size)
             )
@@ -348,16 +344,48 @@ class TrainingCapture:
                 file.unlink()
 
     def close(self) -> BuildSummary:
-        """Finish the last micro-batch, fit the preconditioner and write the index (the manifest last)."""
+        """Finish the last micro-batch, fit the preconditioner and write the index (the manifest last). Under
+        torchrun every rank calls it: per_step rows are merged from the ranks' shards, summed rows are sent to
+        rank 0 and added up there (an example's steps may fall on several ranks)."""
         self.finish_batch()
         self._remove_hooks()
-        if self.rows_mode == "summed":
-            for entry in self._summed.values():
-                shown = ", ".join(map(str, entry.steps[:8])) + (
-                    f", … ({len(entry.steps)} in all)" if len(entry.steps) > 8 else ""
-                )
-                document = dataclasses.replace(entry.document, source=f"{entry.document.source}, steps {shown}")
-                self._add_rows(entry.row[None], [document])
+        extracted_seconds = time.perf_counter() - self._started_at
+        if self._ranks.size == 1:
+            self._write(finalize=True)
+        elif self.rows_mode == "per_step":
+            self._merge_shards()
+        else:
+            self._sum_over_ranks()
+        manifest = read_manifest(self.out)
+        training = manifest.training
+        processes = f" from {self._ranks.size} processes" if self._ranks.size > 1 else ""
+        self.summary = BuildSummary(
+            out=self.out,
+            index_id=manifest.index_id,
+            rows=manifest.rows,
+            skipped=manifest.corpus.skipped_empty,
+            truncated=0,
+            tokens=manifest.corpus.tokens,
+            dim=manifest.dim,
+            modules=len(manifest.modules),
+            extract_seconds=extracted_seconds,
+            total_seconds=time.perf_counter() - self._started_at,
+            bytes_on_disk=bytes_on_disk(self.out),
+            kind=f"index of {training.gradients:,} training gradients over {training.steps:,} steps "
+            f"({self.rows_mode}){processes}",
+            search=manifest.index.description,
+        )
+        return self.summary
+
+    def _write(self, finalize: bool) -> None:
+        """Write the remaining rows and the curvature sums into this process's folder, then the index
+        (`finalize`) or this rank's shard."""
+        for entry in self._summed.values():
+            shown = ", ".join(map(str, entry.steps[:8])) + (
+                f", … ({len(entry.steps)} in all)" if len(entry.steps) > 8 else ""
+            )
+            document = dataclasses.replace(entry.document, source=f"{entry.document.source}, steps {shown}")
+            self._add_rows(entry.row[None], [document])
         record = self._writer.close()
         if record is not None:
             self._chunks.append(record)
@@ -366,10 +394,19 @@ class TrainingCapture:
                 "no example was captured: no training-mode forward + backward ran on the model inside the capture."
             )
         self.curvature.save(self._folder / layout.CURVATURE)
-        self._drop_commits_after(-1)  # the index is complete from here on: the commits are no longer needed
-        extracted_seconds = time.perf_counter() - self._started_at
+        self._drop_commits_after(-1)  # the rows are complete from here on: the commits are no longer needed
+        header, chunks = self._header(), self._chunks
+        resumed = ResumedRecord(rows=self._resumed_rows, time=self._resumed_at) if self._resumed_at else None
+        event = BuildEvent(rows=sum(chunk.rows for chunk in chunks), time=self._marker.started, resumed=resumed)
+        if finalize:
+            finalize_index(self.out, self.config, header, self.curvature, chunks, event, progress=False)
+        else:
+            window = ShardSlice(index=self._ranks.rank, count=self._ranks.size, documents=(0, 0))  # no corpus slice
+            finalize_shard(self._folder, self.config, header, self._request, self.curvature, chunks, window, event)
+
+    def _header(self) -> ManifestHeader:
         steps = sorted(self._steps_seen)
-        header = ManifestHeader(
+        return ManifestHeader(
             created=self._marker.started,
             attribindex_version=__version__,
             model=ModelRecord(
@@ -403,37 +440,48 @@ class TrainingCapture:
             training=TrainingRecord(
                 rows=self.rows_mode,
                 steps=len(steps),
-                first_step=steps[0],
-                last_step=steps[-1],
+                first_step=steps[0] if steps else 0,
+                last_step=steps[-1] if steps else 0,
                 gradients=self._gradients,
             ),
         )
-        resumed = ResumedRecord(rows=self._resumed_rows, time=self._resumed_at) if self._resumed_at else None
-        event = BuildEvent(rows=sum(chunk.rows for chunk in self._chunks), time=self._marker.started, resumed=resumed)
-        if self._ranks.size == 1:
-            finalize_index(self.out, self.config, header, self.curvature, self._chunks, event, progress=False)
-        else:
-            self._merge_shards(header, event)
-        manifest = read_manifest(self.out)
-        training = manifest.training
-        processes = f" from {self._ranks.size} processes" if self._ranks.size > 1 else ""
-        self.summary = BuildSummary(
-            out=self.out,
-            index_id=manifest.index_id,
-            rows=manifest.rows,
-            skipped=manifest.corpus.skipped_empty,
-            truncated=0,
-            tokens=manifest.corpus.tokens,
-            dim=manifest.dim,
-            modules=len(manifest.modules),
-            extract_seconds=extracted_seconds,
-            total_seconds=time.perf_counter() - self._started_at,
-            bytes_on_disk=bytes_on_disk(self.out),
-            kind=f"index of {training.gradients:,} training gradients over {training.steps:,} steps "
-            f"({self.rows_mode}){processes}",
-            search=manifest.index.description,
-        )
-        return self.summary
+
+    def _sum_over_ranks(self) -> None:
+        """rows="summed" under torchrun: every rank's sums (rows per example, curvature, counts) go to rank 0, which
+        adds them up and writes the index into `out` (its own folder); every rank leaves the same way."""
+        mine = {
+            "rows": {i: (e.document, e.steps, e.row.cpu()) for i, e in self._summed.items()},
+            "curvature": self.curvature,
+            "counts": (self._gradients, self._tokens, self._no_loss, sorted(self._steps_seen)),
+        }
+        everyone = self._ranks.gather_to_first(mine)
+        error = None
+        if self._ranks.rank == 0:
+            try:
+                for other in everyone[1:]:
+                    self._add_sums(other)
+                self._write(finalize=True)
+                shutil.rmtree(self.out / layout.SHARDS_DIR, ignore_errors=True)  # the other ranks' commit folders
+            except AttribIndexError as err:
+                error = str(err)
+        error = self._ranks.broadcast_from_first(error)
+        if error:
+            raise AttribIndexError(error)
+
+    def _add_sums(self, other: dict) -> None:
+        for i, (document, steps, row) in other["rows"].items():
+            entry = self._summed.get(i)
+            if entry is None:
+                self._summed[i] = _Summed(document, row.clone(), list(steps))
+            else:
+                entry.row += row
+                entry.steps = sorted(entry.steps + list(steps))
+        self.curvature.merge(other["curvature"])
+        gradients, tokens, no_loss, steps = other["counts"]
+        self._gradients += gradients
+        self._tokens += tokens
+        self._no_loss += no_loss
+        self._steps_seen |= set(steps)
 
     def _prepare(self, overwrite: bool, request: BuildRequest, resume_step: int | None) -> str | None:
         """Ready the output folder (rank 0 only); the refusal's message, broadcast so that every rank stops."""
@@ -454,14 +502,12 @@ class TrainingCapture:
             )
         return None
 
-    def _merge_shards(self, header: ManifestHeader, event: BuildEvent) -> None:
-        """Each rank commits its shard; rank 0 merges them into the index, and every rank leaves the same way."""
+    def _merge_shards(self) -> None:
+        """rows="per_step" under torchrun: each rank writes its shard; rank 0 merges them into the index, and every
+        rank leaves the same way."""
         error = None
         try:
-            window = ShardSlice(index=self._ranks.rank, count=self._ranks.size, documents=(0, 0))  # no corpus slice
-            finalize_shard(
-                self._folder, self.config, header, self._request, self.curvature, self._chunks, window, event
-            )
+            self._write(finalize=False)
         except AttribIndexError as err:
             error = f"rank {self._ranks.rank}: {err}"
         errors = [e for e in self._ranks.gather(error) if e]

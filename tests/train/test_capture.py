@@ -247,22 +247,24 @@ def test_summed_rows_are_the_sum_of_an_examples_rows_over_its_steps(trainable, c
     assert (training.rows, training.steps, training.gradients) == ("summed", 2, 12)
 
 
-def test_ddp_capture_with_two_ranks_equals_one_process(tiny_models, corpus_records, tmp_path):
-    """Real torchrun, 2 processes, gloo: each rank writes a shard of its own examples, rank 0 merges them."""
+@pytest.mark.parametrize("rows", ["per_step", "summed"])
+def test_ddp_capture_with_two_ranks_equals_one_process(rows, tiny_models, corpus_records, tmp_path):
+    """Real torchrun, 2 processes, gloo, 2 epochs in which every example is trained on by both ranks: per_step rows
+    go through each rank's shard and a merge, summed rows are added up on rank 0."""
     from tests.train.ddp_training import train as train_ddp
 
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_records[:12])
-    train_ddp(str(tiny_models["gpt2"]), corpus, tmp_path / "single")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_records[:8])
+    train_ddp(str(tiny_models["gpt2"]), corpus, tmp_path / "single", rows)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "tests.train.ddp_training", str(tiny_models["gpt2"]), str(corpus), str(tmp_path / "ddp")]
+    command += ["-m", "tests.train.ddp_training", str(tiny_models["gpt2"]), str(corpus), str(tmp_path / "ddp"), rows]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = rows_by_id(tmp_path / "single"), rows_by_id(tmp_path / "ddp")
-    assert sorted(ddp) == sorted(single) and len(ddp) == 12
+    assert sorted(ddp) == sorted(single) and len(ddp) == (16 if rows == "per_step" else 8)
     for key, row in single.items():
         np.testing.assert_allclose(ddp[key], row, rtol=1e-5, atol=1e-7)
-    training = read_manifest(tmp_path / "ddp").training
-    assert (training.steps, training.gradients) == (3, 12)
+    manifest = read_manifest(tmp_path / "ddp")
+    assert (manifest.training.steps, manifest.training.gradients, manifest.rows) == (4, 16, len(single))
     assert not (tmp_path / "ddp" / "shards").exists()  # merged, then removed
 
 
