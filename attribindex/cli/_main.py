@@ -83,7 +83,20 @@ def _build_options(*, out_required: bool):
         click.option(
             "--config", "config_path", required=True, help="YAML config file, or a preset name from index_configs/."
         ),
-        click.option("--model", required=True, help="Model folder (save_pretrained) or hub id."),
+        click.option(
+            "--model",
+            "models",
+            required=True,
+            multiple=True,
+            help="Model folder (save_pretrained), PEFT adapter folder or hub id. Repeat it for an ensemble of "
+            "checkpoints of one run: one index whose scores sum the checkpoints' scores.",
+        ),
+        click.option(
+            "--checkpoint-weights",
+            default=None,
+            metavar="W1,W2,…",
+            help="An ensemble's weight per checkpoint in a score, e.g. the learning rate at each (default: 1 each).",
+        ),
         click.option(
             "--data", required=True, help="A .jsonl file, a folder of .txt files, a saved HF dataset, or a hub dataset."
         ),
@@ -159,7 +172,8 @@ def _build_config(config_path, max_length, batch_size, hessian, optimizer_state)
 @_build_options(out_required=True)
 def build(
     config_path,
-    model,
+    models,
+    checkpoint_weights,
     data,
     out,
     text_field,
@@ -191,12 +205,33 @@ def build(
       torchrun --nproc-per-node 4 -m attribindex build --config tiny --model ./tiny-gpt2 \\
           --data corpus.jsonl --num-shards 8 --out my-index
     """
-    from attribindex.pipeline import build_index
+    from attribindex.pipeline import build_ensemble, build_index
 
     config = _build_config(config_path, max_length, batch_size, hessian, optimizer_state)
+    weights = _float_list(checkpoint_weights)
+    if len(models) > 1:
+        if num_shards is not None or shard_index is not None:
+            raise click.UsageError("an ensemble (several --model) is built in one process: drop --num-shards.")
+        summary = build_ensemble(
+            config,
+            list(models),
+            data,
+            out,
+            weights=weights,
+            text_field=text_field,
+            id_field=id_field,
+            split=split,
+            limit=limit,
+            overwrite=overwrite,
+            skip_empty=skip_empty,
+        )
+        click.echo(summary.format())
+        return
+    if weights is not None:
+        raise click.UsageError("--checkpoint-weights weighs the checkpoints of an ensemble: give several --model.")
     summary = build_index(
         config,
-        model,
+        models[0],
         data,
         out,
         text_field=text_field,
@@ -221,7 +256,18 @@ def build(
 @click.option("--probe-batches", type=int, default=3, show_default=True, help="Batches timed (after a warm-up batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(
-    config_path, max_length, batch_size, hessian, optimizer_state, overwrite, sample, probe_batches, as_json, **args
+    config_path,
+    models,
+    checkpoint_weights,
+    max_length,
+    batch_size,
+    hessian,
+    optimizer_state,
+    overwrite,
+    sample,
+    probe_batches,
+    as_json,
+    **args,
 ):
     """Plan a build — take `build`'s command line — without writing anything: dims per module, bytes per example,
     disk, RAM at build and at query, the exact section's memory, and the time from a short timed probe.
@@ -233,9 +279,15 @@ def plan(
     """
     from attribindex.pipeline import plan_build
 
+    if len(models) > 1:
+        raise click.UsageError(
+            "plan one checkpoint (one --model): an ensemble of K checkpoints costs K such builds, and its vectors "
+            "are K times as long."
+        )
     config = _build_config(config_path, max_length, batch_size, hessian, optimizer_state)
     result = plan_build(
         config,
+        model=models[0],
         **args,
         sample=sample,
         probe_batches=probe_batches,
@@ -585,6 +637,15 @@ def eval_group() -> None:
     """Measure an index: recall of approximate search against exact search."""
 
 
+def _float_list(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 3e-4,1e-4, got {value!r}.") from None
+
+
 def _int_list(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -728,6 +789,18 @@ def info(index_dir, as_json):
         f", {sum(m.bias for m in modules)} with their bias",
         f"model        {manifest.model.name_or_path} ({manifest.model.class_name})",
     ]
+    if manifest.ensemble is not None:
+        checkpoints = manifest.ensemble.checkpoints
+        lines.append(
+            f"ensemble     {len(checkpoints)} checkpoints, score = Σ weight × score: "
+            + ", ".join(f"{c.name_or_path} (×{c.weight:g})" for c in checkpoints)
+        )
+    if manifest.training is not None:
+        training = manifest.training
+        lines.append(
+            f"training     captured while training: {training.gradients:,} gradients over {training.steps:,} steps "
+            f"({training.first_step}–{training.last_step}), rows {training.rows}"
+        )
     lines += _index_lines(manifest) if indexed else _shard_lines(manifest)
     lines += [
         f"projection   seed {manifest.projection.seed}, {manifest.projection.hash[:23]}…",

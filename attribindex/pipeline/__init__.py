@@ -3,6 +3,7 @@
 from attribindex.pipeline._append import AppendSummary, append_documents
 from attribindex.pipeline._build import build_index
 from attribindex.pipeline._edit import EditSummary, compact_index, delete_ids, refresh_index, set_operating_point
+from attribindex.pipeline._ensemble import build_ensemble
 from attribindex.pipeline._merge import merge_shards
 from attribindex.pipeline._plan import BuildPlan, plan_build
 from attribindex.pipeline._summary import BuildSummary, MergeSummary
@@ -14,6 +15,7 @@ __all__ = [
     "EditSummary",
     "MergeSummary",
     "append_documents",
+    "build_ensemble",
     "build_index",
     "compact_index",
     "delete_ids",

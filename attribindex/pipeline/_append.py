@@ -118,6 +118,11 @@ def append_documents(
     corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
     with mutation(root, keep_pending_append=True) as change:
         manifest = change.manifest
+        if manifest.ensemble is not None:
+            raise AttribIndexError(
+                f"{root} is an ensemble over {len(manifest.ensemble.checkpoints)} checkpoints; appending to one is not "
+                "supported yet. Build the ensemble again over the larger corpus."
+            )
         index = AttributionIndex.open(root, model=model, device=manifest.config.extract.device)
         duplicates = _duplicates(corpus, index, skip_duplicates)
         request = _append_request(corpus, skip_empty, skip_duplicates, manifest.version)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class AttributionIndex:
         if point is not None:
             self.index.configure(nprobe=point.nprobe, ef_search=point.ef_search)
         self._extractor: GradientExtractor | None = None
+        self._members: list = []  # (CheckpointRecord, GradientExtractor) of an ensemble index
         self._fingerprint = ""
         self._reranker: ExactReranker | None = None
         self.exact_memory_bytes = EXACT_MEMORY_BYTES  # what one batch of re-ranked candidates may hold
@@ -121,10 +123,17 @@ class AttributionIndex:
         root = Path(path)
         manifest = read_manifest(root)
         index = cls(root, manifest, device=device)
+        if manifest.ensemble is not None and model is not None:
+            raise AttribIndexError(
+                f"{root} is an ensemble over {len(manifest.ensemble.checkpoints)} checkpoints, which are loaded from "
+                "the paths its manifest records; `model=` cannot stand in for them. Open it without `model=`."
+            )
         if isinstance(model, nn.Module):
             if tokenizer is None:
                 raise AttribIndexError("a loaded model needs its tokenizer: pass tokenizer=... as well.")
             index._attach_model(model, tokenizer, dtype=dtype)
+        elif load_model_now and manifest.ensemble is not None:
+            index._attach_checkpoints(dtype, device)
         elif load_model_now:
             source = model or manifest.model.name_or_path
             if model is None and source.startswith("/") and not Path(source).exists():
@@ -135,6 +144,46 @@ class AttributionIndex:
             lm, loaded_tokenizer = load_model(source, dtype or index.extract_config.dtype, device)
             index._attach_model(lm, loaded_tokenizer, dtype=dtype)
         return index
+
+    def _attach_checkpoints(self, dtype: str | None, device: str) -> None:
+        """An ensemble index: every checkpoint's model, each with its own block of the projections."""
+        self._members = []
+        compute = DTYPES[dtype or self.extract_config.dtype]
+        for checkpoint in self.manifest.ensemble.checkpoints:
+            lm, tokenizer = load_model(checkpoint.name_or_path, dtype or self.extract_config.dtype, device)
+            fingerprint = model_fingerprint(lm)
+            if fingerprint != checkpoint.fingerprint:
+                raise IndexMismatchError(
+                    f"checkpoint {checkpoint.name_or_path} differs from the one this ensemble was built with "
+                    f"(fingerprint {fingerprint[:19]}… instead of {checkpoint.fingerprint[:19]}…). Restore it, or "
+                    "rebuild the ensemble."
+                )
+            specs = [m for m in self.projections.modules if m.name.startswith(checkpoint.prefix)]
+            member = ProjectionSet(
+                [dataclasses.replace(m, name=m.name.removeprefix(checkpoint.prefix)) for m in specs],
+                {m.name.removeprefix(checkpoint.prefix): self.projections.p_in[m.name] for m in specs},
+                {m.name.removeprefix(checkpoint.prefix): self.projections.p_out[m.name] for m in specs},
+            )
+            extractor = GradientExtractor(lm, tokenizer, member, self.extract_config.max_length, compute)
+            self._members.append((checkpoint, extractor))
+        self._extractor = self._members[-1][1]  # the last checkpoint: the index's recorded model (and tokenizer)
+        self._fingerprint = self.manifest.model.fingerprint
+
+    def _ensemble_raw(self, group: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) raw projected gradients of tokenized queries at every checkpoint, side by side in the index's
+        block order, and their (B,) losses under the last checkpoint."""
+        blocks, losses = [], None
+        for _, extractor in self._members:
+            extracted = extractor.extract(group)
+            blocks.append(extracted.concatenated([m.name for m in extractor.projections.modules]))
+            losses = extracted.losses
+        return torch.cat(blocks, dim=1), losses
+
+    def _refuse_for_ensembles(self, what: str) -> None:
+        if self.manifest.ensemble is not None:
+            raise AttribIndexError(
+                f"{what} is not supported for a checkpoint ensemble yet; use an index of one checkpoint for it."
+            )
 
     def reopened(self) -> AttributionIndex:
         """The same folder opened again, keeping the loaded model: picks up appends, deletes and refreshes
@@ -150,6 +199,7 @@ class AttributionIndex:
                 self._extractor.dtype,
             )
             index._fingerprint = self._fingerprint  # the same model object: its fingerprint is unchanged
+            index._members = self._members  # an ensemble's checkpoints and their projections do not change
             if self._fingerprint != index.manifest.model.fingerprint:
                 raise IndexMismatchError(f"{self.root} was rebuilt with another model; restart with that model.")
         return index
@@ -214,10 +264,14 @@ class AttributionIndex:
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
         vectors, losses = [], []
         for group in batched([examples[i] for i in order], batch_size or self.extract_config.batch_size):
-            extracted = self._extractor.extract(group)
-            raw = extracted.concatenated(self.module_names).to("cpu", torch.float32)
-            vectors.append(self.preconditioner.whiten(raw))
-            losses.append(extracted.losses.to("cpu", torch.float64))
+            if self.manifest.ensemble is not None:
+                raw, loss = self._ensemble_raw(group)
+                vectors.append(self.preconditioner.whiten(raw.to("cpu", torch.float32)) * self._checkpoint_weights())
+            else:
+                extracted = self._extractor.extract(group)
+                raw, loss = extracted.concatenated(self.module_names), extracted.losses
+                vectors.append(self.preconditioner.whiten(raw.to("cpu", torch.float32)))
+            losses.append(loss.to("cpu", torch.float64))
         back = torch.argsort(torch.tensor(order))  # sorted position of each query
         whitened = torch.cat(vectors)[back]  # (Q, D), in query order
         if self.mode == "cosine":
@@ -319,6 +373,7 @@ class AttributionIndex:
         check_count("k", k, self.rows, minimum=1)
         check_count("bottom", bottom, self.rows, minimum=0)
         if exact is not None:
+            self._refuse_for_ensembles("an exact re-rank")
             check_exact(self.manifest, exact, k, bottom)
         vectors = self.query_vectors(queries, batch_size)
         rerank = None
@@ -381,6 +436,7 @@ class AttributionIndex:
             [(' winter', 0.041), (' discontent', 0.033), (' summer', 0.019)]
         """
         started = time.perf_counter()
+        self._refuse_for_ensembles("explain")
         query = PromptCompletion(*query) if isinstance(query, tuple) else query
         if not isinstance(query, (str, PromptCompletion)):
             raise AttribIndexError("explain takes one query: a text, or a (prompt, completion) pair.")
@@ -464,6 +520,11 @@ class AttributionIndex:
                 self.root, self.manifest, self.extractor, self.store, self.exact_memory_bytes
             )
         return self._reranker
+
+    def _checkpoint_weights(self) -> torch.Tensor:
+        """(D,) each checkpoint's weight over its blocks: the query side of Σ_k w_k ⟨W_k g_q, W_k g_n⟩."""
+        weights = {c.prefix: c.weight for c in self.manifest.ensemble.checkpoints}
+        return torch.cat([torch.full((m.dim,), weights[m.name.split("/", 1)[0] + "/"]) for m in self.manifest.modules])
 
     def _attributions(self, scores: np.ndarray, rows: np.ndarray) -> list[Attribution]:
         valid = [(float(s), int(r)) for s, r in zip(scores, rows) if r >= 0]

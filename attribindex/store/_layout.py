@@ -24,6 +24,7 @@ INDEX_DIR = "index"
 FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"  # the segment of a build; compaction and refresh write flat.vN.faiss
 APPENDED_SEGMENT = f"{INDEX_DIR}/segment.faiss"  # one per append (always exact flat), versioned: segment.vN.faiss
 SHARDS_DIR = "shards"  # a multi-process build keeps its shards here until they are merged
+MEMBERS_DIR = "members"  # a checkpoint ensemble's per-checkpoint extractions, until they are stitched
 DELETED = "deleted.npy"  # sorted int64 global rows hidden from every result (versioned, see `versioned`)
 APPEND_CHECKPOINT = "append.checkpoint.safetensors"  # curvature of rows being appended, until the commit
 APPEND_REQUEST = "append.request.json"  # what the append in progress is doing: a rerun of it resumes

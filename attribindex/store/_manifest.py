@@ -122,6 +122,25 @@ class TrainingRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CheckpointRecord:
+    """One checkpoint of an ensemble index: its model, its fingerprint, its weight in a score and the prefix of its
+    modules' names (`checkpoint-<k>/`)."""
+
+    name_or_path: str
+    fingerprint: str
+    weight: float
+    prefix: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsembleRecord:
+    """An index over several checkpoints of one run (`build_ensemble`): rows are the checkpoints' projected
+    gradients side by side; a query's score is Σ_k weight_k × checkpoint k's score."""
+
+    checkpoints: tuple[CheckpointRecord, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModuleStats:
     """The spectrum of one module's Hessian, as whitened."""
 
@@ -385,6 +404,7 @@ class ManifestHeader:
     dim: int  # Σ module dim
     projection: ProjectionRecord
     training: TrainingRecord | None = omitted_when_default()  # rows captured while training
+    ensemble: EnsembleRecord | None = omitted_when_default()  # an index over several checkpoints
     read_from_version: int = not_stored(layout.FORMAT_VERSION)  # the file's own format version, before upgrading
 
     def shared(self) -> dict[str, Any]:

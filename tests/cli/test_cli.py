@@ -174,7 +174,17 @@ def test_build_errors(tiny_models, corpus_file, tmp_path, built):
         "already holds an index. Pass --overwrite",
     )
     _fails(
-        base[:-2] + ["--out", str(tmp_path / "o"), "--data", str(corpus_file), "--model", str(tmp_path)],
+        [
+            "build",
+            "--config",
+            "tiny",
+            "--out",
+            str(tmp_path / "o"),
+            "--data",
+            str(corpus_file),
+            "--model",
+            str(tmp_path),
+        ],
         "has no config.json",
     )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # failed builds leave nothing

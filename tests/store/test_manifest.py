@@ -75,6 +75,7 @@ def test_the_fixtures_hold_every_optional_part():
     assert any(m.index.operating_point for m in indexes) and any(s.plan for m in indexes for s in m.index.segments)
     assert any(m.hessian.drift for m in indexes) and any(m.hessian.retained_deleted for m in indexes)
     assert any(m.deleted.file for m in indexes) and any(isinstance(m, ShardManifest) for m in current)
+    assert any(m.ensemble is not None and len(m.ensemble.checkpoints) == 2 for m in indexes)
     training = [m for m in indexes if m.training is not None]
     assert {m.training.rows for m in training} == {"per_step", "summed"}
     assert any(e.event == "delete" for m in training for e in m.log)  # a mutation keeps the training record

@@ -1,0 +1,125 @@
+"""Checkpoint ensembles: one index over several checkpoints; a query's score is the weighted sum of the
+single-checkpoint scores, found by one exact inner-product search."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from attribindex import (
+    AttribIndexError,
+    AttributionIndex,
+    append_documents,
+    build_ensemble,
+    build_index,
+    compact_index,
+    delete_ids,
+    refresh_index,
+)
+from attribindex.model import load_model
+from attribindex.serve import Client
+from attribindex.store import read_manifest, verify_files
+from attribindex.testing import start_server
+from tests.conftest import exact_config
+
+QUERIES = ["king queen crown sword", "storm war peace love death night"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_models, tmp_path_factory):
+    """The tiny GPT-2 and a later "checkpoint" of it: the same weights moved by a seeded perturbation."""
+    later = tmp_path_factory.mktemp("checkpoints") / "later"
+    model, tokenizer = load_model(str(tiny_models["gpt2"]), device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(later)
+    tokenizer.save_pretrained(later)
+    return [str(tiny_models["gpt2"]), str(later)]
+
+
+def scores_by_id(index: AttributionIndex, query: str) -> dict[str, float]:
+    found = index.attribute(query, k=index.rows).results[0]
+    return {a.id: a.score for a in found.top}
+
+
+def test_an_ensemble_score_is_the_weighted_sum_of_the_checkpoints_scores(checkpoints, corpus_file, tmp_path):
+    config, weights = exact_config("dot", kind="kfac"), [1.0, 0.25]
+    summary = build_ensemble(config, checkpoints, corpus_file, tmp_path / "ens", weights=weights, id_field="id")
+    singles = []
+    for k, model in enumerate(checkpoints):
+        build_index(config, model, corpus_file, tmp_path / f"single-{k}", id_field="id", progress=False)
+        singles.append(AttributionIndex.open(tmp_path / f"single-{k}"))
+    ensemble = AttributionIndex.open(tmp_path / "ens")
+    manifest = read_manifest(tmp_path / "ens")
+    assert summary.rows == 24 and manifest.dim == sum(s.manifest.dim for s in singles)
+    recorded = [(c.name_or_path, c.fingerprint, c.weight) for c in manifest.ensemble.checkpoints]
+    assert recorded == [(m, s.manifest.model.fingerprint, w) for m, s, w in zip(checkpoints, singles, weights)]
+    assert not (tmp_path / "ens" / "members").exists()
+    for query in QUERIES:
+        combined = scores_by_id(ensemble, query)
+        parts = [scores_by_id(single, query) for single in singles]
+        for example, score in combined.items():
+            expected = sum(w * part[example] for w, part in zip(weights, parts))
+            assert score == pytest.approx(expected, rel=1e-4, abs=1e-6 * max(map(abs, combined.values())))
+        ranked = sorted(combined, key=lambda i: -combined[i])
+        assert ranked[:5] == sorted(combined, key=lambda i: -sum(w * p[i] for w, p in zip(weights, parts)))[:5]
+
+
+def test_an_ensemble_refuses_other_architectures_and_what_it_cannot_do_yet(
+    checkpoints, tiny_models, corpus_file, tmp_path
+):
+    with pytest.raises(AttribIndexError, match="not one architecture .model_type: 'gpt2' vs 'llama'"):
+        build_ensemble(exact_config(), [checkpoints[0], str(tiny_models["llama"])], corpus_file, tmp_path / "mixed")
+    with pytest.raises(AttribIndexError, match="does not exist or has no config.json"):
+        build_ensemble(exact_config(), [checkpoints[0], str(tmp_path / "gone")], corpus_file, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()  # refused before anything was written
+    build_ensemble(exact_config("cosine"), checkpoints, corpus_file, tmp_path / "ens", id_field="id", progress=False)
+    index = AttributionIndex.open(tmp_path / "ens")
+    assert index.attribute("king queen", k=3).results[0].top[0].score <= 1.0 + 1e-6  # cosine of the concatenation
+    with pytest.raises(AttribIndexError, match="explain is not supported for a checkpoint ensemble"):
+        index.explain("king queen", [index.attribute("king", k=1).results[0].top[0].id])
+    with pytest.raises(AttribIndexError, match="appending to one is not supported yet"):
+        append_documents(tmp_path / "ens", corpus_file, id_field="id", progress=False)
+    with pytest.raises(AttribIndexError, match="cannot stand in for them"):
+        AttributionIndex.open(tmp_path / "ens", model=checkpoints[0])
+
+    # mutations work on stored rows and per-block curvature, as for any index
+    top = index.attribute("king queen", k=2).results[0].top
+    delete_ids(tmp_path / "ens", [top[0].id])
+    compact_index(tmp_path / "ens")
+    refresh_index(tmp_path / "ens")
+    assert verify_files(tmp_path / "ens", read_manifest(tmp_path / "ens")).ok
+    after = AttributionIndex.open(tmp_path / "ens").attribute("king queen", k=1).results[0].top
+    assert after[0].id != top[0].id  # the deleted best is gone
+
+
+def test_the_cli_builds_an_ensemble_from_repeated_models_and_shows_it(checkpoints, corpus_file, tmp_path):
+    from click.testing import CliRunner
+
+    from attribindex.cli import main
+
+    out = str(tmp_path / "ens")
+    command = ["build", "--config", "tiny", "--model", checkpoints[0], "--model", checkpoints[1]]
+    built = CliRunner().invoke(
+        main, command + ["--checkpoint-weights", "2,1", "--data", str(corpus_file), "--out", out]
+    )
+    assert built.exit_code == 0, built.output
+    assert "ensemble of 2 checkpoints" in built.output
+    info = CliRunner().invoke(main, ["info", out])
+    assert "ensemble     2 checkpoints" in info.output and "(×2)" in info.output
+    answer = CliRunner().invoke(main, ["query", out, "--text", "king queen crown", "-k", "3"])
+    assert answer.exit_code == 0 and "3. +" in answer.output, answer.output
+
+    process, url = start_server(out)  # a real server answers as the library does
+    try:
+        with Client(url) as client:
+            served = client.attribute(["king queen crown"], k=3).results[0].top
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    local = AttributionIndex.open(out).attribute(["king queen crown"], k=3).results[0].top
+    assert [a.id for a in served] == [a.id for a in local]
