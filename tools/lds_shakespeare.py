@@ -7,12 +7,14 @@ Steps (every artefact goes under --out; the ground truth resumes if interrupted)
   3. ground truth: --subsets models trained from the same initialisation on random halves, their query losses;
   4. for each Hessian kind (identity, raw, kfac, ekfac) × rank × damping: an index over the training speeches with the full model, and its
      LDS (mean Spearman over queries, 95 % bootstrap CI); a random-score baseline in the same table;
-  5. the exact, unprojected method (the `exact` section: full KFAC / EK-FAC factors of every captured layer, with
+  5. with --ensembles: indexes over the last N of 4 checkpoints saved during the full model's run;
+  6. the exact, unprojected method (the `exact` section: full KFAC / EK-FAC factors of every captured layer, with
      bias columns; EK-FAC also on the true Fisher, labels sampled from the model) × damping: the all-N scores of
      `exact_scores`, no index search at all, and their LDS in the same table.
 
     python tools/lds_shakespeare.py [--train 1000] [--queries 50] [--subsets 50] [--ranks 4,8,16,32,64] [--kinds identity,raw,kfac,ekfac] [--out DIR]
     python tools/lds_shakespeare.py --only-exact  # just the exact rows (and the random baseline)
+    python tools/lds_shakespeare.py --only-ensembles --ensembles 1,2,4 --ranks 16,64 --kinds kfac --dampings 0.1
 
 The numbers in docs/quality.md come from the defaults.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribindex import build_index
+from attribindex import build_ensemble, build_index
 from attribindex.config import (
     BuildConfig,
     ExactConfig,
@@ -52,6 +54,8 @@ from attribindex.model import load_model
 from attribindex.query import AttributionIndex
 from attribindex.testing import make_tiny_model, write_jsonl
 
+CHECKPOINTS = 4  # saved at each quarter of the full model's training run
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +79,13 @@ def main() -> None:
     )
     parser.add_argument("--exact-dampings", default=None, help="dampings of the exact rows (default: --dampings)")
     parser.add_argument("--only-exact", action="store_true", help="skip the projected rows (ground truth is reused)")
+    parser.add_argument(
+        "--ensembles",
+        default="",
+        help="checkpoint counts, e.g. 1,2,4: indexes over the last N of 4 checkpoints saved while the full model "
+        "trained (equal weights: the learning rate is constant), for each rank × Hessian kind × damping",
+    )
+    parser.add_argument("--only-ensembles", action="store_true", help="skip the other projected and exact rows")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("lds-shakespeare"))
     args = parser.parse_args()
@@ -93,12 +104,22 @@ def main() -> None:
         make_tiny_model(
             init, arch="llama", texts=[s["text"] for s in train], hidden=args.hidden, layers=2, vocab_size=512
         )
-    full = out / "full"
-    if not (full / "optimizer.pt").is_file():  # the full model and its AdamW state (for the optimizer-aware rows)
+    full, checkpoints = out / "full", out / "checkpoints"
+    # The full model, its AdamW state (for the optimizer-aware rows) and 4 checkpoints of its run (for ensembles).
+    if not (full / "optimizer.pt").is_file() or len(list(checkpoints.glob("checkpoint-*"))) != CHECKPOINTS:
         started = time.perf_counter()
         model, tokenizer = load_model(str(init), "float32", "cpu")
         full.mkdir(exist_ok=True)
-        train_causal_lm(model, tokenizer, documents, recipe, seed=0, optimizer_out=full / "optimizer.pt")
+        train_causal_lm(
+            model,
+            tokenizer,
+            documents,
+            recipe,
+            seed=0,
+            optimizer_out=full / "optimizer.pt",
+            checkpoints=CHECKPOINTS,
+            checkpoint_dir=checkpoints,
+        )
         model.save_pretrained(full)
         tokenizer.save_pretrained(full)
         print(f"full model trained in {time.perf_counter() - started:.1f} s")
@@ -115,7 +136,7 @@ def main() -> None:
     rows.append({"gradients": "-", "hessian": "random scores", "rank": "-", "damping": "-", "mode": "-", "lds": random})
     runs = [("plain", mode, int(rank)) for mode in args.modes.split(",") for rank in args.ranks.split(",") if rank]
     runs += [("adam √v", "dot", int(rank)) for rank in args.optimizer_ranks.split(",") if rank]
-    runs = [] if args.only_exact else runs
+    runs = [] if args.only_exact or args.only_ensembles else runs
     kinds = [
         (kind, damping)
         for kind in args.kinds.split(",")
@@ -149,8 +170,40 @@ def main() -> None:
                 flush=True,
             )
 
+    saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))  # oldest first
+    for count in [int(c) for c in args.ensembles.split(",") if c]:
+        members = [str(p) for p in saved[-count:]]
+        for rank in [int(r) for r in args.ranks.split(",") if r]:
+            for kind, damping in kinds:
+                config = BuildConfig(
+                    projection=ProjectionConfig(rank_in=rank, rank_out=rank),
+                    hessian=HessianConfig(kind=kind, damping=damping),
+                    extract=ExtractConfig(batch_size=16, max_length=recipe.max_length, dtype="float32", device="cpu"),
+                    store=StoreConfig(dtype="float32", chunk_rows=4096),
+                    index=IndexConfig(mode="dot", device="cpu"),
+                )
+                folder = out / "indexes" / f"ensemble{count}-{kind}-r{rank}-d{damping}"
+                started = time.perf_counter()
+                if count == 1:
+                    build_index(config, members[0], corpus, folder, id_field="id", progress=False, overwrite=True)
+                else:
+                    build_ensemble(config, members, corpus, folder, id_field="id", progress=False, overwrite=True)
+                seconds = time.perf_counter() - started
+                index = AttributionIndex.open(folder, device="cpu")
+                result = linear_datamodeling_score(
+                    training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses
+                )
+                shown = damping if kind != "identity" else "-"
+                rows.append(
+                    {"gradients": f"{count} of {CHECKPOINTS} checkpoints", "hessian": kind, "rank": rank}
+                    | {"damping": shown, "mode": "dot", "build_s": round(seconds, 1), "lds": result}
+                )
+                print(
+                    f"ensemble of {count}: {kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}"
+                )
+
     exact_dampings = [float(d) for d in (args.exact_dampings or args.dampings).split(",")]
-    for variant in [v for v in args.exact_kinds.split(",") if v]:
+    for variant in [v for v in args.exact_kinds.split(",") if v and not args.only_ensembles]:
         kind, fisher = variant.removesuffix("-true"), "true" if variant.endswith("-true") else "empirical"
         for damping in exact_dampings:
             # The projected part of this index is the cheapest there is; only its exact section is scored.

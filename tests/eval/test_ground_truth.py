@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from attribindex import AttribIndexError, AttributionIndex, build_index
@@ -171,3 +172,15 @@ def test_training_can_save_its_optimizer_state_for_optimizer_aware_attribution(t
     scales = load_second_moment_scales(tmp_path / "optimizer.pt", model, specs)
     assert scales.optimizer == "adam" and scales.record["step"] == 4  # 8 documents, batch 4, 2 epochs
     assert set(scales.out_scale) == {s.name for s in specs}
+
+
+def test_training_saves_checkpoints_along_the_run_for_ensembles(tiny_models, documents, tmp_path):
+    model, tokenizer = load_model(str(tiny_models["llama"]), "float32", "cpu")
+    train_causal_lm(model, tokenizer, documents[:8], RECIPE, seed=0, checkpoints=2, checkpoint_dir=tmp_path)
+    saved = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]  # 4 steps (8 documents, batch 4, 2 epochs), in halves
+    last, _ = load_model(str(tmp_path / "checkpoint-4"), "float32", "cpu")
+    first, _ = load_model(str(tmp_path / "checkpoint-2"), "float32", "cpu")
+    final = dict(model.named_parameters())
+    assert all(torch.equal(p, final[n]) for n, p in last.named_parameters())  # the last one is the trained model
+    assert not all(torch.equal(p, final[n]) for n, p in first.named_parameters())
