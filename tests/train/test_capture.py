@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, build_index
+from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, append_documents, build_index
 from attribindex.model import load_model
-from attribindex.store import read_manifest
+from attribindex.store import read_manifest, verify_files
 from attribindex.testing import write_jsonl
 from attribindex.train import DatasetRows, TrainingCapture, capture_training
 from tests.conftest import exact_config
@@ -250,6 +250,17 @@ def test_summed_rows_are_the_sum_of_an_examples_rows_over_its_steps(trainable, c
         np.testing.assert_allclose(row, parts[0] + parts[1], rtol=1e-5, atol=1e-7)
     training = read_manifest(tmp_path / "summed").training
     assert (training.rows, training.steps, training.gradients) == ("summed", 2, 12)
+
+    # a normal index: append with the trained model (saved), verify, query
+    model.save_pretrained(tmp_path / "trained")
+    tokenizer.save_pretrained(tmp_path / "trained")
+    more = write_jsonl(tmp_path / "more.jsonl", corpus_records[6:9])
+    added = append_documents(tmp_path / "summed", more, id_field="id", model=str(tmp_path / "trained"), progress=False)
+    assert added.added == 3 and verify_files(tmp_path / "summed", read_manifest(tmp_path / "summed")).ok
+    index = AttributionIndex.open(tmp_path / "summed", model=str(tmp_path / "trained"))
+    found = index.attribute(corpus_records[7]["text"], k=index.rows).results[0].top
+    assert {a.id for a in found} == {r["id"] for r in corpus_records[:9]}  # the captured six and the appended three
+    assert read_manifest(tmp_path / "summed").training.rows == "summed"  # the record survives the append
 
 
 @pytest.mark.parametrize("rows", ["per_step", "summed"])
