@@ -145,21 +145,12 @@ def main() -> None:
     for variant, mode, rank in runs:
         optimizer_state = str(full / "optimizer.pt") if variant != "plain" else None
         for kind, damping in kinds:
-            config = BuildConfig(
-                projection=ProjectionConfig(rank_in=rank, rank_out=rank, optimizer_state=optimizer_state),
-                hessian=HessianConfig(kind=kind, damping=damping),
-                extract=ExtractConfig(batch_size=16, max_length=recipe.max_length, dtype="float32", device="cpu"),
-                store=StoreConfig(dtype="float32", chunk_rows=4096),
-                index=IndexConfig(mode=mode, device="cpu"),
-            )
+            config = projected_config(rank, kind, damping, mode, recipe.max_length, optimizer_state)
             folder = out / "indexes" / (f"{mode}-{kind}-r{rank}-d{damping}" + ("-adam" if optimizer_state else ""))
             started = time.perf_counter()
             build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
             seconds = time.perf_counter() - started
-            index = AttributionIndex.open(folder, device="cpu")
-            result = linear_datamodeling_score(
-                training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses
-            )
+            result = index_lds(folder, queries, truth)
             shown = damping if kind != "identity" else "-"
             rows.append(
                 {"gradients": variant, "hessian": kind, "rank": rank, "damping": shown, "mode": mode}
@@ -175,13 +166,7 @@ def main() -> None:
         members = [str(p) for p in saved[-count:]]
         for rank in [int(r) for r in args.ranks.split(",") if r]:
             for kind, damping in kinds:
-                config = BuildConfig(
-                    projection=ProjectionConfig(rank_in=rank, rank_out=rank),
-                    hessian=HessianConfig(kind=kind, damping=damping),
-                    extract=ExtractConfig(batch_size=16, max_length=recipe.max_length, dtype="float32", device="cpu"),
-                    store=StoreConfig(dtype="float32", chunk_rows=4096),
-                    index=IndexConfig(mode="dot", device="cpu"),
-                )
+                config = projected_config(rank, kind, damping, "dot", recipe.max_length)
                 folder = out / "indexes" / f"ensemble{count}-{kind}-r{rank}-d{damping}"
                 started = time.perf_counter()
                 if count == 1:
@@ -189,10 +174,7 @@ def main() -> None:
                 else:
                     build_ensemble(config, members, corpus, folder, id_field="id", progress=False, overwrite=True)
                 seconds = time.perf_counter() - started
-                index = AttributionIndex.open(folder, device="cpu")
-                result = linear_datamodeling_score(
-                    training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses
-                )
+                result = index_lds(folder, queries, truth)
                 shown = damping if kind != "identity" else "-"
                 rows.append(
                     {"gradients": f"{count} of {CHECKPOINTS} checkpoints", "hessian": kind, "rank": rank}
@@ -247,6 +229,25 @@ def main() -> None:
             title=f"{best['gradients']} {best['mode']} {best['hessian']} rank {best['rank']}",
         )
         print(f"\nscatter of the best setting: {out / 'lds-scatter.png'}")
+
+
+def projected_config(
+    rank: int, kind: str, damping: float, mode: str, max_length: int, optimizer_state: str | None = None
+) -> BuildConfig:
+    """The projected rows' build config: float32 throughout, one chunk, exact flat search."""
+    return BuildConfig(
+        projection=ProjectionConfig(rank_in=rank, rank_out=rank, optimizer_state=optimizer_state),
+        hessian=HessianConfig(kind=kind, damping=damping),
+        extract=ExtractConfig(batch_size=16, max_length=max_length, dtype="float32", device="cpu"),
+        store=StoreConfig(dtype="float32", chunk_rows=4096),
+        index=IndexConfig(mode=mode, device="cpu"),
+    )
+
+
+def index_lds(folder: Path, queries: list[str], truth):
+    """LDS of the index in `folder`: its scores of every training example for each query, against the ground truth."""
+    index = AttributionIndex.open(folder, device="cpu")
+    return linear_datamodeling_score(training_scores(index, queries, truth.train_ids), truth.subsets, truth.losses)
 
 
 if __name__ == "__main__":
