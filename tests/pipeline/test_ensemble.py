@@ -18,6 +18,7 @@ from attribindex import (
     delete_ids,
     refresh_index,
 )
+from attribindex.config import load_config
 from attribindex.model import load_model
 from attribindex.serve import Client
 from attribindex.store import read_manifest, verify_files
@@ -123,3 +124,41 @@ def test_the_cli_builds_an_ensemble_from_repeated_models_and_shows_it(checkpoint
         process.wait(timeout=60)
     local = AttributionIndex.open(out).attribute(["king queen crown"], k=3).results[0].top
     assert [a.id for a in served] == [a.id for a in local]
+
+
+@pytest.mark.parametrize(
+    "kill_at",
+    [
+        ("attribindex.pipeline._ensemble", "build_folder", 2, "before"),  # the first checkpoint done, the second not
+        ("attribindex.pipeline._ensemble", "finalize_index", 1, "before"),  # rows stitched, nothing indexed
+    ],
+    ids=["between checkpoints", "before the index"],
+)
+def test_a_killed_ensemble_build_resumes_to_the_uninterrupted_result(kill_at, checkpoints, corpus_file, tmp_path):
+    from tests.killing import cli_killed
+
+    def command(out):
+        return ["build", "--config", "tiny", "--model", checkpoints[0], "--model", checkpoints[1]] + [
+            "--data",
+            str(corpus_file),
+            "--id-field",
+            "id",
+            "--out",
+            str(out),
+        ]
+
+    build_ensemble(load_config("tiny"), checkpoints, corpus_file, tmp_path / "whole", id_field="id", progress=False)
+    killed = cli_killed(kill_at, *command(tmp_path / "resumed"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    from click.testing import CliRunner
+
+    from attribindex.cli import main
+
+    again = CliRunner().invoke(main, command(tmp_path / "resumed"))
+    assert again.exit_code == 0, again.output
+    whole, resumed = AttributionIndex.open(tmp_path / "whole"), AttributionIndex.open(tmp_path / "resumed")
+    assert resumed.manifest.store.chunks == whole.manifest.store.chunks  # the same rows, byte for byte
+    for query in QUERIES:
+        a, b = whole.attribute(query, k=5).results[0].top, resumed.attribute(query, k=5).results[0].top
+        assert [x.id for x in a] == [x.id for x in b]
