@@ -238,18 +238,15 @@ def _stitch(
     record = writer.close()
     if record is not None:
         chunks.append(record)
-    curvature = CurvatureSums(count=members[0][1].rows, sums={})
-    specs, p_in, p_out = [], {}, {}
+    tensors, specs, p_in, p_out = {}, [], {}, {}
     for k, (folder, manifest) in enumerate(members):
         prefix = checkpoint_prefix(k)
         sums, _ = CurvatureSums.load(folder / layout.CURVATURE)
-        curvature = CurvatureSums(
-            count=curvature.count,
-            sums=curvature.tensors | {prefix + name: tensor for name, tensor in sums.tensors.items()},
-        )
+        tensors |= {prefix + name: tensor for name, tensor in sums.tensors.items()}
         member_specs = [ModuleSpec(m.name, m.kind, m.in_features, m.out_features, m.bias) for m in manifest.modules]
         member = ProjectionSet.load(folder / layout.PROJECTIONS, member_specs)
         specs += [dataclasses.replace(s, name=prefix + s.name) for s in member_specs]
         p_in |= {prefix + name: p for name, p in member.p_in.items()}
         p_out |= {prefix + name: p for name, p in member.p_out.items()}
+    curvature = CurvatureSums(count=members[0][1].rows, sums=tensors)
     return chunks, curvature, ProjectionSet(specs, p_in, p_out)

@@ -90,18 +90,25 @@ def read_checkpoint(out: Path, checkpoint: str = layout.CURVATURE, first_chunk: 
         return None
     curvature, note = CurvatureSums.load(path)
     state = from_json(ExtractState, note, f"{path} (metadata note)")
+    keep_committed_chunks(out, state.chunks, first_chunk)
+    return Checkpoint(curvature, state)
+
+
+def keep_committed_chunks(out: Path, chunks: list[ChunkRecord], first_chunk: int = 0) -> None:
+    """Before resuming: re-hash the committed `chunks` (resuming on top of a damaged one would build a wrong index)
+    and delete the chunk files from `first_chunk` on that they do not list (written after the commit), and
+    temporaries."""
     keep = set()
-    for chunk in state.chunks:
+    for chunk in chunks:
         for name, record in chunk.paths():
             keep.add(name)
             if file_problem(out, name, record) is not None:
                 raise AttribIndexError(
                     f"cannot resume the interrupted work in {out}: its chunk file {name} is missing or damaged."
                 )
-    for file in layout.chunk_files_from(out, first_chunk):  # chunks written after the last commit, and temporaries
+    for file in layout.chunk_files_from(out, first_chunk):
         if f"{layout.ROWS_DIR}/{file.name}" not in keep:
             file.unlink()
-    return Checkpoint(curvature, state)
 
 
 def remove_temporaries(out: Path) -> None:

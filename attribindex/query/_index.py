@@ -96,6 +96,7 @@ class AttributionIndex:
             self.index.configure(nprobe=point.nprobe, ef_search=point.ef_search)
         self._extractor: GradientExtractor | None = None
         self._members: list = []  # (CheckpointRecord, GradientExtractor) of an ensemble index
+        self._weights: torch.Tensor | None = None  # (D,) an ensemble's checkpoint weight per dimension
         self._fingerprint = ""
         self._reranker: ExactReranker | None = None
         self.exact_memory_bytes = EXACT_MEMORY_BYTES  # what one batch of re-ranked candidates may hold
@@ -166,6 +167,7 @@ class AttributionIndex:
             )
             extractor = GradientExtractor(lm, tokenizer, member, self.extract_config.max_length, compute)
             self._members.append((checkpoint, extractor))
+        self._weights = self._checkpoint_weights()
         self._extractor = self._members[-1][1]  # the last checkpoint: the index's recorded model (and tokenizer)
         self._fingerprint = self.manifest.model.fingerprint
 
@@ -200,6 +202,7 @@ class AttributionIndex:
             )
             index._fingerprint = self._fingerprint  # the same model object: its fingerprint is unchanged
             index._members = self._members  # an ensemble's checkpoints and their projections do not change
+            index._weights = self._weights
             if self._fingerprint != index.manifest.model.fingerprint:
                 raise IndexMismatchError(f"{self.root} was rebuilt with another model; restart with that model.")
         return index
@@ -266,7 +269,7 @@ class AttributionIndex:
         for group in batched([examples[i] for i in order], batch_size or self.extract_config.batch_size):
             if self.manifest.ensemble is not None:
                 raw, loss = self._ensemble_raw(group)
-                vectors.append(self.preconditioner.whiten(raw.to("cpu", torch.float32)) * self._checkpoint_weights())
+                vectors.append(self.preconditioner.whiten(raw.to("cpu", torch.float32)) * self._weights)
             else:
                 extracted = self._extractor.extract(group)
                 raw, loss = extracted.concatenated(self.module_names), extracted.losses

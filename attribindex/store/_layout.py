@@ -84,6 +84,11 @@ def capture_summed(step: int) -> str:
 CAPTURE_COMMITS = "capture.step-*.safetensors"  # matches both kinds of file above
 
 
+def capture_commit_step(name: str) -> int:
+    """The step of a file named by `capture_commit` or `capture_summed`."""
+    return int(name.removeprefix("capture.step-").split(".")[0])
+
+
 def is_temporary(name: str) -> bool:
     """Names of atomic-write temporaries (`.NAME.tmp-PID`) that a killed process can leave behind."""
     return name.startswith(".") and ".tmp-" in name

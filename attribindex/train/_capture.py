@@ -36,6 +36,7 @@ from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums
 from attribindex.logra import LoGraCapture
 from attribindex.model import model_fingerprint
+from attribindex.pipeline._extract import keep_committed_chunks
 from attribindex.pipeline._finalize import finalize_index, finalize_shard
 from attribindex.pipeline._merge import check_shards, merge_into
 from attribindex.pipeline._output import build_projections, bytes_on_disk, module_records, now, prepare_output
@@ -55,7 +56,6 @@ from attribindex.store import (
     ShardSlot,
     TokenizerRecord,
     TrainingRecord,
-    file_problem,
     layout,
     read_manifest,
     save_safetensors,
@@ -171,8 +171,7 @@ class TrainingCapture:
         self.projections.save(self._folder / layout.PROJECTIONS)
         self._names = [m.name for m in self.projections.modules]
         self._dims = self.projections.block_dims
-        self._kind = config.hessian.kind
-        self.curvature = CurvatureSums.for_kind(self._kind, self._names, self.projections.block_shapes)
+        self.curvature = CurvatureSums.for_kind(config.hessian.kind, self._names, self.projections.block_shapes)
         dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
         self._hooks = LoGraCapture(self.model, self.projections, dtype)
         self._hooks.track_factors = self.curvature.tracks_factors
@@ -306,25 +305,15 @@ class TrainingCapture:
         """Continue from the commit at `step`: its chunks, sums and counters; whatever was written after it goes."""
         path = self._folder / layout.capture_commit(step)
         if not path.is_file():
-            found = sorted(int(f.name.split("-")[1].split(".")[0]) for f in self._folder.glob(layout.CAPTURE_COMMITS))
+            found = sorted({layout.capture_commit_step(f.name) for f in self._folder.glob(layout.CAPTURE_COMMITS)})
             raise AttribIndexError(
-                f"training resumes at step {step}, but the capture in {self._folder} committed steps {sorted(set(found))} "
+                f"training resumes at step {step}, but the capture in {self._folder} committed steps {found} "
                 "only (a commit is made whenever a checkpoint is saved). Resume training from one of those "
                 "checkpoints, or start the capture over with overwrite=True."
             )
         self.curvature, note = CurvatureSums.load(path)
         self._chunks = [from_json(ChunkRecord, c, f"{path} (note)") for c in note["chunks"]]
-        kept = set()
-        for chunk in self._chunks:
-            for name, record in chunk.paths():
-                kept.add(name)
-                if file_problem(self._folder, name, record) is not None:
-                    raise AttribIndexError(
-                        f"cannot resume the capture in {self._folder}: {name} is missing or damaged."
-                    )
-        for file in layout.chunk_files_from(self._folder, 0):
-            if f"{layout.ROWS_DIR}/{file.name}" not in kept:
-                file.unlink()
+        keep_committed_chunks(self._folder, self._chunks)
         self._gradients, self._tokens, self._no_loss = note["gradients"], note["tokens"], note["no_loss"]
         self._steps_seen = set(note["steps_seen"])
         if self.rows_mode == "summed":
@@ -340,7 +329,7 @@ class TrainingCapture:
 
     def _drop_commits_after(self, step: int) -> None:
         for file in self._folder.glob(layout.CAPTURE_COMMITS):
-            if int(file.name.split("-")[1].split(".")[0]) > step:
+            if layout.capture_commit_step(file.name) > step:
                 file.unlink()
 
     def close(self) -> BuildSummary:
