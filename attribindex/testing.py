@@ -11,8 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -243,6 +245,24 @@ def start_server(index: str | Path, *flags: str, timeout_s: float = 60.0):
             time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"the server did not answer /health within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def running_server(index: str | Path, *flags: str) -> Iterator[str]:
+    """`start_server` as a context: yields the server's URL and stops it (SIGTERM) on leaving.
+
+    Example:
+        >>> with running_server("demo-index") as url:  # doctest: +SKIP
+        ...     Client(url).attribute(["a line"], k=3)
+    """
+    import signal
+
+    process, url = start_server(index, *flags)
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
 
 
 def server_log(process) -> str:

@@ -4,6 +4,12 @@ all created locally; nothing is downloaded."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -73,3 +79,54 @@ def exact_config(mode: str = "dot", kind: str = "raw", **projection) -> BuildCon
 
 def with_store(config: BuildConfig, **store) -> BuildConfig:
     return dataclasses.replace(config, store=dataclasses.replace(config.store, **store))
+
+
+# --- a wheel of this checkout, installed on its own (tests/test_packaging.py, tests/demo) ---
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_checked(command: list, cwd: Path, env: dict, timeout: float = 300) -> str:
+    """Run `command`; its stdout, or a failure that shows the end of both outputs."""
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory) -> tuple[Path, dict]:
+    """A fresh venv holding only the wheel built from this checkout; the dependencies come from the test's own
+    environment through a path line in a .pth file (which, unlike a .pth there, runs no editable-install hook)."""
+    root = tmp_path_factory.mktemp("packaging")
+    # Build from a copy of what a release holds, so no build/ or egg-info lands in the shared checkout.
+    source = root / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "attribindex", source / "attribindex", ignore=ignore)
+    shutil.copytree(ROOT / "index_configs", source / "index_configs")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PIP_NO_INDEX"] = "1"  # everything is local: nothing may come from a registry
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # --no-build-isolation: the build backend (setuptools) comes from this environment, offline.
+    run_checked([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", source], root, env)
+    (wheel,) = (root / "dist").glob("attribindex-*.whl")
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    presets = {p.name for p in (ROOT / "index_configs").glob("*.yaml")}
+    assert {n.removeprefix("attribindex/presets/") for n in names if n.startswith("attribindex/presets/")} == presets
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "attribindex").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
+    static = {p.relative_to(ROOT).as_posix() for p in (ROOT / "attribindex" / "serve" / "static").iterdir()}
+    assert static and static <= names, sorted(static - names)  # the explorer page `attribindex serve` answers at /
+
+    venv = root / "venv"
+    run_checked([sys.executable, "-m", "venv", "--without-pip", venv], root, env)
+    python = venv / "bin" / "python"
+    run_checked([*pip, "--python", python, "install", "--no-deps", wheel], root, env)
+    site = Path(
+        run_checked([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root, env).strip()
+    )
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))  # one folder in a venv
+    (site / "dependencies.pth").write_text("".join(f"{path}\n" for path in ours))
+    return venv, env

@@ -7,6 +7,7 @@ projections, curvature sums, writing rows); the index's final fit, after trainin
 
     python tools/bench_train_capture.py                     # Llama, hidden 512, 4 layers, batches of 8 × 128 tokens
     python tools/bench_train_capture.py --hidden 1024 --rank 16
+    python tools/bench_train_capture.py --fold               # AdamW's second moments refolded at every step
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def batches(tokenizer, count: int, size: int, length: int, seed: int):
         yield [f"doc-{start + i}" for i in range(len(part))], dict(inputs)
 
 
-def run(model, tokenizer, data, out: Path | None, config: BuildConfig) -> tuple[float, float]:
+def run(model, tokenizer, data, out: Path | None, config: BuildConfig, fold: bool = False) -> tuple[float, float]:
     """(seconds per training step, seconds to write the index after training) for one pass over `data`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -54,12 +55,13 @@ def run(model, tokenizer, data, out: Path | None, config: BuildConfig) -> tuple[
         for _, inputs in data[1:]:
             step(inputs)
         return (time.perf_counter() - started) / (len(data) - 1), 0.0
-    context = capture_training(model, tokenizer, out, config, overwrite=True)
+    context = capture_training(
+        model, tokenizer, out, config, optimizer=optimizer, overwrite=True, fold_second_moments=fold
+    )
     capture = context.__enter__()
     started = time.perf_counter()
     for ids, inputs in data[1:]:
-        step(inputs, capture, ids)
-        capture.end_step()
+        step(inputs, capture, ids)  # the optimizer's step ends the capture's step
     per_step = (time.perf_counter() - started) / (len(data) - 1)
     closed = time.perf_counter()
     context.__exit__(None, None, None)
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each loop, alternating")
     parser.add_argument("--rank", type=int, default=16, help="projection rank per side")
+    parser.add_argument("--fold", action="store_true", help="fold AdamW's current second moments in at every step")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -94,7 +97,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             plain.append(run(copy.deepcopy(base).train().requires_grad_(True), tokenizer, data, None, config)[0])
             model = copy.deepcopy(base).train().requires_grad_(True)
-            per_step, final = run(model, tokenizer, data, Path(tmp) / "index", config)
+            per_step, final = run(model, tokenizer, data, Path(tmp) / "index", config, args.fold)
             captured.append(per_step)
             finals.append(final)
             print(f"run {repeat}: plain {plain[-1] * 1000:.0f} ms/step, captured {captured[-1] * 1000:.0f} ms/step")
@@ -103,7 +106,7 @@ def main() -> None:
     print(
         f"Llama hidden {args.hidden} × {args.layers} layers ({parameters / 1e6:.1f} M parameters), AdamW, "
         f"batches of {args.batch_size} × {args.length} tokens, rank {args.rank} per side on every linear layer, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads" + (", second moments refolded at every step" if args.fold else "")
     )
     print(f"training step: plain {median_plain * 1000:.0f} ms, with capture {median_captured * 1000:.0f} ms")
     print(f"capture overhead: {median_captured / median_plain:.3f}× (median of {args.repeats} alternating runs)")

@@ -8,6 +8,8 @@ Steps (every artefact goes under --out; the ground truth resumes if interrupted)
   4. for each Hessian kind (identity, raw, kfac, ekfac) × rank × damping: an index over the training speeches with the full model, and its
      LDS (mean Spearman over queries, 95 % bootstrap CI); a random-score baseline in the same table;
   5. with --ensembles: indexes over the last N of 4 checkpoints saved during the full model's run;
+  5b. with --captures: indexes captured while training the full model again (rows summed over its steps), plain
+     or with AdamW's second moments folded in step by step (`adam`);
   6. the exact, unprojected method (the `exact` section: full KFAC / EK-FAC factors of every captured layer, with
      bias columns; EK-FAC also on the true Fisher, labels sampled from the model) × damping: the all-N scores of
      `exact_scores`, no index search at all, and their LDS in the same table.
@@ -15,6 +17,7 @@ Steps (every artefact goes under --out; the ground truth resumes if interrupted)
     python tools/lds_shakespeare.py [--train 1000] [--queries 50] [--subsets 50] [--ranks 4,8,16,32,64] [--kinds identity,raw,kfac,ekfac] [--out DIR]
     python tools/lds_shakespeare.py --only-exact  # just the exact rows (and the random baseline)
     python tools/lds_shakespeare.py --only-ensembles --ensembles 1,2,4 --ranks 16,64 --kinds kfac --dampings 0.1
+    python tools/lds_shakespeare.py --only-ensembles --ensembles "" --captures plain,adam --ranks 16,64 --kinds kfac
 
 The numbers in docs/quality.md come from the defaults.
 """
@@ -53,6 +56,7 @@ from attribindex.eval import (
 from attribindex.model import load_model
 from attribindex.query import AttributionIndex
 from attribindex.testing import make_tiny_model, write_jsonl
+from attribindex.train import capture_training
 
 CHECKPOINTS = 4  # saved at each quarter of the full model's training run
 
@@ -86,6 +90,12 @@ def main() -> None:
         "trained (equal weights: the learning rate is constant), for each rank × Hessian kind × damping",
     )
     parser.add_argument("--only-ensembles", action="store_true", help="skip the other projected and exact rows")
+    parser.add_argument(
+        "--captures",
+        default="",
+        help="indexes captured while training: plain, adam (second moments folded), plain-last, adam-last (the last "
+        "epoch only)",
+    )
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("lds-shakespeare"))
     args = parser.parse_args()
@@ -184,6 +194,24 @@ def main() -> None:
                     f"ensemble of {count}: {kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}"
                 )
 
+    for variant in [v for v in args.captures.split(",") if v]:
+        for rank in [int(r) for r in args.ranks.split(",") if r]:
+            for kind, damping in kinds:
+                config = projected_config(rank, kind, damping, "dot", recipe.max_length)
+                folder = out / "indexes" / f"capture-{variant}-{kind}-r{rank}-d{damping}"
+                started = time.perf_counter()
+                last_epoch = -(-len(documents) // recipe.batch_size) * (recipe.epochs - 1) if "last" in variant else 0
+                capture_run(init, full, documents, recipe, folder, config, "adam" in variant, last_epoch)
+                seconds = time.perf_counter() - started
+                result = index_lds(folder, queries, truth)
+                rows.append(
+                    {"gradients": f"captured in training, {variant}", "hessian": kind, "rank": rank}
+                    | {"damping": damping, "mode": "dot", "build_s": round(seconds, 1), "lds": result}
+                )
+                print(
+                    f"capture {variant}: {kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}"
+                )
+
     exact_dampings = [float(d) for d in (args.exact_dampings or args.dampings).split(",")]
     for variant in [v for v in args.exact_kinds.split(",") if v and not args.only_ensembles]:
         kind, fisher = variant.removesuffix("-true"), "true" if variant.endswith("-true") else "empirical"
@@ -242,6 +270,31 @@ def projected_config(
         store=StoreConfig(dtype="float32", chunk_rows=4096),
         index=IndexConfig(mode=mode, device="cpu"),
     )
+
+
+def capture_run(
+    init: Path, full: Path, documents, recipe, folder: Path, config: BuildConfig, fold: bool, from_step: int
+) -> None:
+    """Train the full model again from `init` (the same seed and order, so the same weights) while capturing an
+    index of its run (from `from_step` on) into `folder`: one row per speech, summed over the steps that trained
+    on it."""
+    model, tokenizer = load_model(str(init), "float32", "cpu")
+
+    def capture(optimizer):
+        return capture_training(
+            model,
+            tokenizer,
+            folder,
+            config,
+            optimizer=optimizer,
+            rows="summed",
+            model_path=str(full),
+            overwrite=True,
+            fold_second_moments=fold,
+            from_step=from_step,
+        )
+
+    train_causal_lm(model, tokenizer, documents, recipe, seed=0, capture=capture)
 
 
 def index_lds(folder: Path, queries: list[str], truth):

@@ -94,8 +94,9 @@ def _build_options(*, out_required: bool):
         click.option(
             "--checkpoint-weights",
             default=None,
-            metavar="W1,W2,…",
-            help="An ensemble's weight per checkpoint in a score, e.g. the learning rate at each (default: 1 each).",
+            metavar="W1,W2,…|lr",
+            help="An ensemble's weight per checkpoint in a score (default: 1 each); `lr`: the learning rate each "
+            "Trainer checkpoint was saved at, as TracIn weighs them.",
         ),
         click.option(
             "--data", required=True, help="A .jsonl file, a folder of .txt files, a saved HF dataset, or a hub dataset."
@@ -208,7 +209,7 @@ def build(
     from attribindex.pipeline import build_ensemble, build_index
 
     config = _build_config(config_path, max_length, batch_size, hessian, optimizer_state)
-    weights = _float_list(checkpoint_weights)
+    weights = "lr" if checkpoint_weights == "lr" else _float_list(checkpoint_weights)
     if len(models) > 1:
         if num_shards is not None or shard_index is not None:
             raise click.UsageError("an ensemble (several --model) is built in one process: drop --num-shards.")

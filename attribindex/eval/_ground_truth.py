@@ -9,6 +9,7 @@ On-disk (a folder, written atomically after every subset, so an interrupted run 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -58,35 +59,46 @@ def train_causal_lm(
     optimizer_out: str | Path | None = None,
     checkpoints: int = 0,
     checkpoint_dir: str | Path | None = None,
+    capture: Callable[[torch.optim.Optimizer], contextlib.AbstractContextManager] | None = None,
 ):
     """Train `model` in place on `documents` (mean token loss per batch, AdamW), data order from `seed`.
 
     `optimizer_out`: also save the optimizer's final `state_dict()` there (for optimizer-aware attribution,
     `projection.optimizer_state`). `checkpoints` > 0: save the model (with `tokenizer`) after each of that many equal
-    parts of the run into `checkpoint_dir/checkpoint-<step>` (the last one is the final model), for ensembles."""
+    parts of the run into `checkpoint_dir/checkpoint-<step>` (the last one is the final model), for ensembles.
+    `capture`: given the optimizer, a `capture_training(...)` context that indexes the run as it trains."""
     generator = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = [tokenize(tokenizer, d.text, recipe.max_length, d.id) for d in documents]
-    examples = [e for e in examples if sum(e.loss_mask)]
+    examples = [(d, tokenize(tokenizer, d.text, recipe.max_length, d.id)) for d in documents]
+    examples = [(d, e) for d, e in examples if sum(e.loss_mask)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     model.train().requires_grad_(True)
     steps = recipe.epochs * -(-len(examples) // recipe.batch_size)
     save_at = {round(steps * (part + 1) / checkpoints) for part in range(checkpoints)} if checkpoints else set()
     step = 0
-    for _ in range(recipe.epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for group in batched([examples[i] for i in order], recipe.batch_size):
-            batch = collate(group, pad)
-            losses = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
-            loss = losses.sum() / batch.loss_mask[:, 1:].sum()  # mean over target tokens
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step in save_at:
-                folder = Path(checkpoint_dir) / f"checkpoint-{step}"
-                model.save_pretrained(folder)
-                tokenizer.save_pretrained(folder)
+    with capture(optimizer) if capture is not None else contextlib.nullcontext() as capturing:
+        for _ in range(recipe.epochs):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for group in batched([examples[i] for i in order], recipe.batch_size):
+                batch = collate([e for _, e in group], pad)
+                tokens = batch.loss_mask[:, 1:].sum()
+                with (
+                    capturing.batch([d.id for d, _ in group], [d.text for d, _ in group], loss_scale=1 / float(tokens))
+                    if capturing is not None
+                    else contextlib.nullcontext()
+                ):
+                    losses = per_example_loss(
+                        model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False
+                    )
+                    loss = losses.sum() / tokens  # mean over target tokens
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                step += 1
+                if step in save_at:
+                    folder = Path(checkpoint_dir) / f"checkpoint-{step}"
+                    model.save_pretrained(folder)
+                    tokenizer.save_pretrained(folder)
     if optimizer_out is not None:
         with atomic_open(Path(optimizer_out)) as handle:
             torch.save(optimizer.state_dict(), handle)

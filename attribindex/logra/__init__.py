@@ -11,7 +11,12 @@ from attribindex.logra._extractor import (
 )
 from attribindex.logra._hooks import LayerHooks, TokenListener, masked_tokens
 from attribindex.logra._modules import ModuleSpec, select_modules
-from attribindex.logra._optimizer import SecondMomentScales, load_second_moment_scales, save_named_second_moments
+from attribindex.logra._optimizer import (
+    SecondMomentScales,
+    live_second_moment_scales,
+    load_second_moment_scales,
+    save_named_second_moments,
+)
 from attribindex.logra._projection import ProjectionSet, gaussian_projection
 
 __all__ = [
@@ -26,6 +31,7 @@ __all__ = [
     "SecondMomentScales",
     "capture_gradients",
     "gaussian_projection",
+    "live_second_moment_scales",
     "load_second_moment_scales",
     "masked_tokens",
     "per_example_loss",

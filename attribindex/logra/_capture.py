@@ -36,9 +36,8 @@ class LoGraCapture(LayerHooks):
 
     def __init__(self, model: nn.Module, projections: ProjectionSet, dtype: torch.dtype):
         super().__init__(model, [spec.name for spec in projections.modules], dtype, [])
-        device = next(model.parameters()).device
-        self._p_in = {n: p.to(device=device, dtype=dtype) for n, p in projections.p_in.items()}
-        self._p_out = {n: p.to(device=device, dtype=dtype) for n, p in projections.p_out.items()}
+        self._device = next(model.parameters()).device
+        self.use_projections(projections)
         self._acts: dict[str, torch.Tensor] = {}
         self.gradients: dict[str, torch.Tensor] = {}
         self.track_factors = False
@@ -54,6 +53,12 @@ class LoGraCapture(LayerHooks):
         super().__exit__(*exc)
         self._acts.clear()
         self._input_factors.clear()
+
+    def use_projections(self, projections: ProjectionSet) -> None:
+        """Project with these matrices from the next pass on (same modules and ranks; a training capture refolds
+        the optimizer's second moments into them step by step)."""
+        self._p_in = {n: p.to(device=self._device, dtype=self.dtype) for n, p in projections.p_in.items()}
+        self._p_out = {n: p.to(device=self._device, dtype=self.dtype) for n, p in projections.p_out.items()}
 
     def on_input(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         acts = project_inputs(x, self._p_in[name])  # (B, T, k_in)

@@ -144,28 +144,82 @@ def load_second_moment_scales(
         raise AttribIndexError(f"eps must be > 0 (it floors √v̂), got {eps}. Pass Adam's eps, e.g. 1e-8.")
     params = dict(model.named_parameters())
     wanted = [_weight_of(spec, params) for spec in modules]
-    biases = {spec.name: f"{spec.name}.bias" for spec in modules if spec.bias}
-    file_format, states, mapping = _read_states(path, model, wanted + list(biases.values()), trust_pickle)
+    biases = [f"{spec.name}.bias" for spec in modules if spec.bias]
+    file_format, states, mapping = _read_states(path, model, wanted + biases, trust_pickle)
+    scales = _factorise(states, params, modules, eps, str(path))
+    scales.record = {
+        "optimizer": scales.optimizer,
+        "file": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "format": file_format,
+        "mapping": mapping,
+        **scales.record,
+    }
+    return scales
 
+
+def live_second_moment_scales(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    modules: list[ModuleSpec],
+    eps: float = 1e-8,
+    *,
+    measure_error: bool = True,
+) -> SecondMomentScales | None:
+    """`load_second_moment_scales` of a training optimizer's current state, read in memory; None before its first
+    step (Adam-family optimizers create their second moments then). `measure_error=False` skips the relative
+    error of Adam's factorisation (a pass over every v; the record then has none), for a refold at every step.
+
+    Example:
+        >>> scales = live_second_moment_scales(adamw, model, specs)  # after adamw.step()  # doctest: +SKIP
+        >>> scales.record["step"]  # doctest: +SKIP
+        1
+    """
+    states = _named_states(optimizer, model)
+    if not any(key in state for state in states.values() for key in _MOMENT_KEYS):
+        if any(states.values()):  # it has stepped (momentum buffers, a step count) and keeps no second moment
+            raise AttribIndexError(
+                f"{type(optimizer).__name__} keeps no second moments (exp_avg_sq), so there is nothing to fold in: "
+                "that is Adam-family optimizers and Adafactor. Capture without folding second moments."
+            )
+        return None
+    params = dict(model.named_parameters())
+    for spec in modules:
+        _weight_of(spec, params)
+    where = f"the training optimizer ({type(optimizer).__name__})"
+    return _factorise(states, params, modules, eps, where, measure_error)
+
+
+def _factorise(
+    states: dict[str, dict[str, Any]],
+    params: dict[str, nn.Parameter],
+    modules: list[ModuleSpec],
+    eps: float,
+    where: str,
+    measure_error: bool = True,
+) -> SecondMomentScales:
+    """1/√v̂ per captured module, factorised, from the parameters' named optimizer states; `where` names them in
+    errors."""
     kinds: dict[str, str] = {}
     out_scale: dict[str, torch.Tensor] = {}
     in_scale: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     steps: dict[str, float | None] = {}
     corrections: set[str] = set()
-    for spec, name in zip(modules, wanted):
+    for spec in modules:
+        name = f"{spec.name}.weight"
         moments = states.get(name)
         if not moments or not any(key in moments for key in _MOMENT_KEYS):
             raise AttribIndexError(
-                f"{path} has no second moment for {name!r} (captured module {spec.name!r}): the layer was frozen "
-                f"during training, or the file belongs to another model. Fix: exclude the module (add "
+                f"{where} has no second moment for {name!r} (captured module {spec.name!r}): the layer was frozen "
+                f"during training, or the state belongs to another model. Fix: exclude the module (add "
                 f"{spec.name!r} to projection.exclude) or supply the optimizer state of the run that trained it."
             )
-        _check_shapes(name, moments, tuple(params[name].shape), path)
+        _check_shapes(name, moments, tuple(params[name].shape), where)
         steps[spec.name] = _as_float(moments.get("step"))
         if "exp_avg_sq_row" in moments and "exp_avg_sq_col" in moments:
             kinds[spec.name] = "adafactor"
-            bias_v = _bias_moment(states, biases, spec, path, ("exp_avg_sq",))
+            bias_v = _bias_moment(states, spec, where, ("exp_avg_sq",))
             out_scale[spec.name], in_scale[spec.name], errors[spec.name] = _adafactor_factors(
                 moments["exp_avg_sq_row"], moments["exp_avg_sq_col"], spec.kind, bias_v
             )
@@ -174,38 +228,36 @@ def load_second_moment_scales(
             v = next(moments[key] for key in _FULL_KEYS if key in moments)
             correction, note = _bias_correction(steps[spec.name], _as_float(moments.get("beta2")))
             corrections.add(note)
-            bias_v = _bias_moment(states, biases, spec, path, _FULL_KEYS)
+            bias_v = _bias_moment(states, spec, where, _FULL_KEYS)
             out_scale[spec.name], in_scale[spec.name], errors[spec.name] = _adam_factors(
-                v, spec.kind, correction, eps, bias_v
+                v, spec.kind, correction, eps, bias_v, measure_error
             )
         else:
             raise AttribIndexError(
-                f"the state of {name!r} in {path} has only {sorted(k for k in moments if k in _MOMENT_KEYS)}: "
+                f"the state of {name!r} in {where} has only {sorted(k for k in moments if k in _MOMENT_KEYS)}: "
                 f"Adafactor needs both exp_avg_sq_row and exp_avg_sq_col. Fix: supply the complete state. {_FORMATS}"
             )
     if len(set(kinds.values())) > 1:
         by_kind = {kind: [m for m, k in kinds.items() if k == kind][:3] for kind in set(kinds.values())}
         raise AttribIndexError(
-            f"{path} mixes Adam (full exp_avg_sq) and Adafactor (factored) states across captured modules "
+            f"{where} mixes Adam (full exp_avg_sq) and Adafactor (factored) states across captured modules "
             f"({by_kind}). Fix: supply the state of a single optimizer, or capture only modules it trained."
         )
     optimizer = next(iter(kinds.values()))
-    worst = max(errors, key=errors.__getitem__)
     known_steps = {s for s in steps.values() if s is not None}
     record = {
-        "optimizer": optimizer,
-        "file": str(path.resolve()),
-        "sha256": file_sha256(path),
-        "format": file_format,
-        "mapping": mapping,
         "step": (int(known_steps.pop()) if len(known_steps) == 1 else steps) if known_steps else None,
         "bias_correction": "; ".join(sorted(corrections)) if corrections else "not applicable (Adafactor)",
         "approximation": _ADAFACTOR_APPROXIMATION if optimizer == "adafactor" else _ADAM_APPROXIMATION,
         "eps": eps,
-        "relative_error": sum(errors.values()) / len(errors),
-        "relative_error_max": errors[worst],
-        "relative_error_worst_module": worst,
     }
+    if measure_error:
+        worst = max(errors, key=errors.__getitem__)
+        record |= {
+            "relative_error": sum(errors.values()) / len(errors),
+            "relative_error_max": errors[worst],
+            "relative_error_worst_module": worst,
+        }
     return SecondMomentScales(optimizer, out_scale, in_scale, record)
 
 
@@ -224,22 +276,13 @@ def save_named_second_moments(optimizer: torch.optim.Optimizer, model: nn.Module
         PosixPath('run/second_moments.safetensors')
     """
     path = Path(path)
-    names = {id(p): name for name, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
-    for group in optimizer.param_groups:
-        beta2 = _beta2(group)
-        for param in group["params"]:
-            state = optimizer.state.get(param)
-            name = names.get(id(param))
-            if not state or name is None:
-                continue  # never stepped (frozen), or not part of this model
-            for key in _MOMENT_KEYS:
-                if isinstance(state.get(key), torch.Tensor):
-                    tensors[f"{name}.{key}"] = state[key].detach().cpu().contiguous()
-            if (step := _as_float(state.get("step"))) is not None:
-                tensors[f"{name}.step"] = torch.tensor(step, dtype=torch.float64)
-            if beta2 is not None:
-                tensors[f"{name}.beta2"] = torch.tensor(beta2, dtype=torch.float64)
+    for name, state in _named_states(optimizer, model).items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+            else:  # step, beta2
+                tensors[f"{name}.{key}"] = torch.tensor(value, dtype=torch.float64)
     if not any(key.rsplit(".", 1)[1] in _MOMENT_KEYS for key in tensors):
         raise AttribIndexError(
             f"{type(optimizer).__name__} holds no second moment for any parameter of {type(model).__name__}. "
@@ -249,6 +292,28 @@ def save_named_second_moments(optimizer: torch.optim.Optimizer, model: nn.Module
     metadata = {"format": "attribindex.second_moments", "version": "1", "optimizer": type(optimizer).__name__}
     save_safetensors(tensors, path, metadata)
     return path
+
+
+def _named_states(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{parameter name: its second moments (tensors, as the optimizer holds them), `step` and `beta2` when known}
+    for every parameter of `model` the optimizer has stepped; names found by identity, so grouping is irrelevant."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    names = {id(p): name for name, p in model.named_parameters()}
+    states: dict[str, dict[str, Any]] = {}
+    for group in optimizer.param_groups:
+        beta2 = _beta2(group)
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            name = names.get(id(param))
+            if not state or name is None:
+                continue  # never stepped (frozen), or not part of this model
+            entry: dict[str, Any] = {k: state[k] for k in _MOMENT_KEYS if isinstance(state.get(k), torch.Tensor)}
+            if (step := _as_float(state.get("step"))) is not None:
+                entry["step"] = step
+            if beta2 is not None:
+                entry["beta2"] = beta2
+            states[name] = entry
+    return states
 
 
 # --- the math -----------------------------------------------------------------------------------------
@@ -283,9 +348,15 @@ def _adafactor_factors(
 
 
 def _adam_factors(
-    v: torch.Tensor, kind: str, correction: float, eps: float, bias_v: torch.Tensor | None = None
+    v: torch.Tensor,
+    kind: str,
+    correction: float,
+    eps: float,
+    bias_v: torch.Tensor | None = None,
+    measure_error: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(out_scale, in_scale, relative error) of the rank-1 factorisation of Adam's v / correction.
+    """(out_scale, in_scale, relative error, or NaN unless `measure_error`) of the rank-1 factorisation of Adam's
+    v / correction.
 
     With `bias_v` (n_out,), the bias's second moment is the last column of the factorised matrix (the bias is
     the gradient's input column of ones), so in_scale has n_in + 1 entries."""
@@ -302,9 +373,11 @@ def _adam_factors(
     root = m.sqrt().sqrt()
     a = (r.sqrt() / root).clamp_min(math.sqrt(eps))  # (n_out,)
     b = (c.sqrt() / root).clamp_min(math.sqrt(eps))  # (n_in,)
-    approx = torch.outer(a.float(), b.float())  # (n_out, n_in) √v̂
-    target = (v / correction).sqrt().clamp_min(eps)  # (n_out, n_in) √v floored as Adam's + eps does
-    error = float(torch.linalg.norm(approx - target) / torch.linalg.norm(target))
+    error = float("nan")
+    if measure_error:
+        approx = torch.outer(a.float(), b.float())  # (n_out, n_in) √v̂
+        target = (v / correction).sqrt().clamp_min(eps)  # (n_out, n_in) √v floored as Adam's + eps does
+        error = float(torch.linalg.norm(approx - target) / torch.linalg.norm(target))
     return (1.0 / a).float(), (1.0 / b).float(), error
 
 
@@ -443,7 +516,7 @@ def _map_optimizer_ids(
         for pid, name in names.items():
             model_name = by_plain.get(_plain(name))
             if model_name is not None and pid in state:
-                _check_shapes(model_name, state[pid], params[model_name], path)
+                _check_shapes(model_name, state[pid], params[model_name], str(path))
     else:
         fitting, closest = [], None
         for label, candidate in _candidate_orders(model, groups):
@@ -529,18 +602,18 @@ def _decay_parameter_names(model: nn.Module, patterns: list[str]) -> set[str]:
 
 
 def _bias_moment(
-    states: dict[str, dict[str, Any]], biases: dict[str, str], spec: ModuleSpec, path: Path, keys: tuple[str, ...]
+    states: dict[str, dict[str, Any]], spec: ModuleSpec, where: str, keys: tuple[str, ...]
 ) -> torch.Tensor | None:
     """The (n_out,) second moment of `spec`'s captured bias, or None when its bias is not captured."""
-    if spec.name not in biases:
+    if not spec.bias:
         return None
-    name = biases[spec.name]
+    name = f"{spec.name}.bias"
     moments = states.get(name) or {}
     found = next((moments[key] for key in keys if isinstance(moments.get(key), torch.Tensor)), None)
     if found is None or found.numel() != spec.out_features:
         raise AttribIndexError(
-            f"{path} has no second moment of shape ({spec.out_features},) for the bias {name!r} (captured module "
-            f"{spec.name!r}); the bias was frozen during training or the file belongs to another model. Fix: set "
+            f"{where} has no second moment of shape ({spec.out_features},) for the bias {name!r} (captured module "
+            f"{spec.name!r}); the bias was frozen during training or the state belongs to another model. Fix: set "
             "projection.bias: false to leave biases out, or supply the optimizer state of the run that trained it."
         )
     return found.reshape(-1)
@@ -574,10 +647,10 @@ def _shape_problem(name: str, moments: dict[str, Any], shape: tuple[int, ...]) -
     return None
 
 
-def _check_shapes(name: str, moments: dict[str, Any], shape: tuple[int, ...], path: Path) -> None:
+def _check_shapes(name: str, moments: dict[str, Any], shape: tuple[int, ...], where: str) -> None:
     if (problem := _shape_problem(name, moments, shape)) is not None:
         raise AttribIndexError(
-            f"{path} does not belong to this model: {problem}. Fix: pass the model that was trained with this "
+            f"{where} does not belong to this model: {problem}. Fix: pass the model that was trained with this "
             "optimizer state (same architecture and sizes), or the optimizer state of this model's training run."
         )
 

@@ -81,10 +81,14 @@ class ProjectionSet:
             m.name: gaussian_projection(seed, m.name, "out", min(rank_out, m.out_features), m.out_features)
             for m in modules
         }
-        if optimizer is not None:
-            p_in = {name: p * optimizer.in_scale[name][None, :] for name, p in p_in.items()}  # (k_in, n_in)
-            p_out = {name: p * optimizer.out_scale[name][None, :] for name, p in p_out.items()}  # (k_out, n_out)
-        return cls(modules, p_in, p_out)
+        plain = cls(modules, p_in, p_out)
+        return plain if optimizer is None else plain.folded(optimizer)
+
+    def folded(self, optimizer: SecondMomentScales) -> ProjectionSet:
+        """These projections times the optimizer's factorised 1/√v̂: P_in diag(in_scale), P_out diag(out_scale)."""
+        p_in = {name: p * optimizer.in_scale[name][None, :] for name, p in self.p_in.items()}  # (k_in, n_in)
+        p_out = {name: p * optimizer.out_scale[name][None, :] for name, p in self.p_out.items()}  # (k_out, n_out)
+        return ProjectionSet(self.modules, p_in, p_out)
 
     @property
     def block_dims(self) -> list[int]:

@@ -55,6 +55,44 @@ from attribindex.store import (
 )
 
 
+def checkpoint_learning_rate(checkpoint: str | Path) -> float:
+    """The learning rate a `transformers.Trainer` checkpoint folder was saved at: its scheduler's last rate
+    (`scheduler.pt`), else the last `learning_rate` logged in `trainer_state.json`; the first parameter group's.
+
+    Example:
+        >>> checkpoint_learning_rate("run/checkpoint-500")  # doctest: +SKIP
+        4.2e-05
+    """
+    import torch
+
+    folder = Path(checkpoint)
+    scheduler, state = folder / "scheduler.pt", folder / "trainer_state.json"
+    rate = None
+    if scheduler.is_file():
+        try:
+            rates = torch.load(scheduler, map_location="cpu", weights_only=True).get("_last_lr")
+        except Exception as err:  # a damaged or foreign file: say which, whatever torch raised
+            raise AttribIndexError(f"{scheduler} could not be read ({type(err).__name__}: {err}).") from None
+        rate = float(rates[0]) if rates else None
+    if rate is None and state.is_file():
+        logged = [
+            e["learning_rate"] for e in json.loads(state.read_text()).get("log_history", []) if "learning_rate" in e
+        ]
+        rate = float(logged[-1]) if logged else None
+    if rate is None:
+        raise AttribIndexError(
+            f"{folder} has no learning rate on record (neither scheduler.pt nor a learning_rate logged in "
+            "trainer_state.json): it is not a transformers.Trainer checkpoint. Give the weights as numbers "
+            "(--checkpoint-weights 3e-4,1e-4)."
+        )
+    if not rate > 0:
+        raise AttribIndexError(
+            f"{folder} was saved at learning rate {rate}: TracIn would give it no weight. Leave that checkpoint out, "
+            "or give the weights as numbers."
+        )
+    return rate
+
+
 def checkpoint_prefix(k: int) -> str:
     """How checkpoint k's modules are named in an ensemble index: `checkpoint-<k>/<module>`."""
     return f"checkpoint-{k}/"
@@ -66,7 +104,7 @@ def build_ensemble(
     data: str | Path | Corpus,
     out: str | Path,
     *,
-    weights: list[float] | None = None,
+    weights: list[float] | str | None = None,
     text_field: str = "text",
     id_field: str | None = None,
     split: str = "train",
@@ -76,7 +114,8 @@ def build_ensemble(
     progress: bool = True,
 ) -> BuildSummary:
     """Build one index over the checkpoints `models` (model folders or hub ids of one architecture), each weighted
-    by `weights` (default 1 each) in a query's score; resume an interrupted one with the same call.
+    by `weights` (default 1 each; ``"lr"``: the learning rate each Trainer checkpoint was saved at, as TracIn weighs
+    them, see `checkpoint_learning_rate`) in a query's score; resume an interrupted one with the same call.
 
     Example:
         >>> build_ensemble(load_config("tiny"), ["run/checkpoint-100", "run/checkpoint-200"], "corpus.jsonl",
@@ -85,6 +124,10 @@ def build_ensemble(
     started = time.perf_counter()
     if len(models) < 2:
         raise AttribIndexError(f"an ensemble needs at least 2 checkpoints, got {len(models)}; use build_index for one.")
+    if weights == "lr":
+        weights = [checkpoint_learning_rate(m) for m in models]
+    elif isinstance(weights, str):
+        raise AttribIndexError(f"weights must be numbers, one per checkpoint, or 'lr'; got {weights!r}.")
     weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
     if len(weights) != len(models) or not all(np.isfinite(w) and w > 0 for w in weights):
         raise AttribIndexError(

@@ -28,6 +28,9 @@ class AttributionCallback(TrainerCallback):
         id_field, text_field: the dataset's id and text columns.
         rows: ``per_step`` (one row per example and step, id ``<id>@<step>``) or ``summed`` (one per example).
         model_path: where the trained model is saved, for `attribindex query` (default: the Trainer's output_dir).
+        fold_second_moments: divide each step's rows by the Trainer's optimizer's current √v̂ (AdamW, Adafactor), as
+            TrackStar and LESS do, and queries by its √v̂ after the last step.
+        from_step: capture the steps from this global step on (e.g. the last epoch's); earlier ones add no row.
 
     Example:
         >>> callback = AttributionCallback("train-index", load_config("tiny"), dataset=train, id_field="id",
@@ -48,14 +51,19 @@ class AttributionCallback(TrainerCallback):
         rows: RowsMode = "per_step",
         model_path: str | None = None,
         overwrite: bool = False,
+        fold_second_moments: bool = False,
+        from_step: int = 0,
     ):
         self.out, self.config, self.dataset = Path(out), config, dataset
         self.id_field, self.text_field, self.rows = id_field, text_field, rows
-        self.model_path, self.overwrite = model_path, overwrite
+        self.model_path, self.overwrite, self.fold_second_moments = model_path, overwrite, fold_second_moments
+        self.from_step = from_step
         self.capture: TrainingCapture | None = None
         self.summary: BuildSummary | None = None
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **_):
+    def on_train_begin(
+        self, args, state, control, model=None, processing_class=None, train_dataloader=None, optimizer=None, **_
+    ):
         if processing_class is None or not hasattr(processing_class, "decode"):
             raise AttribIndexError(
                 "AttributionCallback needs the tokenizer: pass processing_class=tokenizer to Trainer."
@@ -73,6 +81,8 @@ class AttributionCallback(TrainerCallback):
             identify=rows,
             description=f"examples a transformers.Trainer trained on ({args.num_train_epochs:g} epochs)",
             resume_step=state.global_step or None,  # resume_from_checkpoint: continue the capture's commit there
+            optimizer_moments=optimizer if self.fold_second_moments else None,
+            from_step=self.from_step,
         )
 
     def on_step_begin(self, args, state, control, **_):
@@ -84,6 +94,7 @@ class AttributionCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **_):
         self.capture.finish_batch()
+        self.capture.flush_deferred()  # the optimizer has just updated: a first step's rows can be projected
         self._commit_if_saving(state, control)
 
     def on_epoch_end(self, args, state, control, **_):

@@ -10,6 +10,12 @@ loss. Dividing by c gives exactly the rows `attribindex build` computes at the s
 
 A loss the model did not compute itself (label smoothing, a custom `compute_loss`) has no such c, and is refused
 unless the loop states it (`loss_scale`).
+
+With `optimizer_moments`, the training optimizer's current second moments are folded into the projections step by
+step (TrackStar / LESS divide by √v̂; see `attribindex.logra._optimizer`): the rows of step s are divided by the √v̂
+the optimizer holds after max(s, 1) updates, the newest it has when the step's gradient is computed. Adam has none
+before its first update, so the first step's layer inputs and output gradients are kept until that update and
+projected then. Queries are divided by the √v̂ after the last update.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from attribindex.config import BuildConfig, rows_settings
 from attribindex.data import Document
 from attribindex.errors import AttribIndexError
 from attribindex.hessian import CurvatureSums
-from attribindex.logra import LoGraCapture
+from attribindex.logra import LayerHooks, LoGraCapture, live_second_moment_scales
 from attribindex.model import model_fingerprint
 from attribindex.pipeline._extract import keep_committed_chunks
 from attribindex.pipeline._finalize import finalize_index, finalize_shard
@@ -80,6 +86,21 @@ class _MicroBatch:
     denominator: torch.Tensor | None = None  # N: what the model divided its summed loss by
     outer_gradient: torch.Tensor | None = None  # ∂L/∂(the model's loss), once backward reaches it
     wanted_loss: bool = False
+    mask: torch.Tensor | None = None  # (B, T) attention mask
+    deferred: bool = False  # its layer tensors are recorded, to be projected once the optimizer has second moments
+
+
+class _Recorder:
+    """Keeps a pass's layer inputs and output gradients in hook order, for projections not known yet."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[bool, str, torch.Tensor]] = []  # (is an input, layer, (B, T, n) tensor)
+
+    def on_input(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.events.append((True, name, x.clone()))  # the model may reuse an activation's storage later
+
+    def on_output_grad(self, name: str, delta: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.events.append((False, name, delta))
 
 
 @dataclass
@@ -119,13 +140,23 @@ class TrainingCapture:
         identify: Identify | None = None,
         description: str = "examples seen in training",
         resume_step: int | None = None,
+        optimizer_moments: torch.optim.Optimizer | None = None,
+        from_step: int = 0,
     ):
         if rows not in ("per_step", "summed"):
             raise AttribIndexError(f"rows must be 'per_step' or 'summed', got {rows!r}.")
+        if from_step < 0:
+            raise AttribIndexError(f"from_step must be >= 0 (an optimizer step, counted from 0), got {from_step}.")
         if config.exact.enabled:
             raise AttribIndexError(
                 "the config's `exact` section needs a pass over the stored examples after training, which a capture "
                 "during training does not make. Remove `exact` from the config, or build the index after training."
+            )
+        if optimizer_moments is not None and config.projection.optimizer_state is not None:
+            raise AttribIndexError(
+                "the config names an optimizer state file (projection.optimizer_state) and the capture was asked to "
+                "fold the training optimizer's own second moments: choose one. Remove projection.optimizer_state to "
+                "fold the live ones step by step, or capture without folding them."
             )
         is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         self.model = model.module if is_ddp else model  # the hooks go on the model itself, not on DDP's wrapper
@@ -142,6 +173,7 @@ class TrainingCapture:
         self.out, self.model_path, self.description = Path(out), model_path, description
         self.identify = identify
         self.step = 0  # optimizer steps completed: the step of the next micro-batch
+        self.from_step = from_step  # steps before it train on examples that get no row
         self.summary: BuildSummary | None = None
 
         request = BuildRequest(
@@ -175,6 +207,12 @@ class TrainingCapture:
         dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
         self._hooks = LoGraCapture(self.model, self.projections, dtype)
         self._hooks.track_factors = self.curvature.tracks_factors
+        # Folding the optimizer's live second moments: the plain projections, refolded for each step
+        self._moments_of, self._plain_projections = optimizer_moments, self.projections
+        self._folded_step: int | None = None
+        self._recorder = _Recorder()
+        self._recording = LayerHooks(self.model, self._names, dtype, [self._recorder])
+        self._deferred: list[tuple[_MicroBatch, float, list]] = []
         self._chunks: list[ChunkRecord] = []
         self._summed: dict[str, _Summed] = {}
         self._per_step_ids: set[str] = set()  # this run's, for the duplicate check
@@ -217,6 +255,7 @@ class TrainingCapture:
         """An optimizer step was taken: the next micro-batch belongs to the next step. `capture_training` calls it
         through the optimizer's step hook when given the optimizer."""
         self.finish_batch()
+        self.flush_deferred()
         self.step += 1
 
     def finish_batch(self) -> None:
@@ -237,14 +276,69 @@ class TrainingCapture:
         batch, self._batch = self._batch, None
         if batch is None:
             return
-        backpropagated = bool(self._hooks.gradients)  # else a training-mode forward with no backward: no training
+        if batch.deferred:
+            hooks, backpropagated = self._recording, any(not is_input for is_input, _, _ in self._recorder.events)
+        else:
+            hooks, backpropagated = self._hooks, bool(self._hooks.gradients)
         if backpropagated:
-            self._hooks.finish_pass()  # layers the loss did not reach get zero gradients
-        self._hooks.__exit__(None, None, None)
+            hooks.finish_pass()  # layers the loss did not reach get zero gradients
+        hooks.__exit__(None, None, None)
         if not backpropagated:
+            return  # a training-mode forward with no backward trained on nothing
+        if batch.deferred:
+            self._deferred.append((batch, self._scale_of(batch), self._recorder.events))
+            self._recorder.events = []
             return
-        gradients, factors = self._hooks.gradients, self._hooks.factors
-        scale = self._scale_of(batch)
+        self._add_batch(batch, self._scale_of(batch), self._hooks.gradients, self._hooks.factors)
+
+    def flush_deferred(self, required: bool = False) -> None:
+        """Project the micro-batches kept until the optimizer had second moments, once it has them (`required`: it
+        must have them by now)."""
+        if not self._deferred:
+            return
+        with self._aborting_on_error():
+            if not self._refold():
+                if not required:
+                    return
+                raise AttribIndexError(
+                    f"{type(self._moments_of).__name__} holds no second moments to fold into the rows of step "
+                    f"{self._deferred[0][0].step}: it has taken no step yet, or it keeps none (only Adam-family "
+                    "optimizers and Adafactor do). Commit or close the capture after an optimizer step, or capture "
+                    "without folding second moments."
+                )
+            deferred, self._deferred = self._deferred, []
+            for batch, scale, events in deferred:
+                self._hooks.start_pass()
+                self._hooks.token_mask = batch.mask
+                for is_input, name, tensor in events:
+                    if is_input:
+                        self._hooks.on_input(name, tensor, batch.mask)
+                    else:
+                        self._hooks.on_output_grad(name, tensor, batch.mask)
+                self._add_batch(batch, scale, self._hooks.gradients, self._hooks.factors)
+
+    def _refold(self, measure_error: bool = False) -> bool:
+        """Fold the optimizer's current second moments into the projections of this step (once per step); False
+        while it holds none (before its first update). True at once without `optimizer_moments`. `measure_error`:
+        record how well Adam's v is factorised (a pass over every v, so only for the queries' fold)."""
+        if self._moments_of is None or self._folded_step == self.step:
+            return True
+        scales = live_second_moment_scales(
+            self._moments_of,
+            self.model,
+            self._plain_projections.modules,
+            self.config.projection.optimizer_eps,
+            measure_error=measure_error,
+        )
+        if scales is None:
+            return False
+        self.projections, self._optimizer_moments = self._plain_projections.folded(scales), scales
+        self._hooks.use_projections(self.projections)
+        self._folded_step = self.step
+        return True
+
+    def _add_batch(self, batch: _MicroBatch, scale: float, gradients: dict, factors: dict) -> None:
+        """Rows (and curvature terms) of a backpropagated micro-batch from its projected gradients and factors."""
         rows = torch.cat([gradients[name] for name in self._names], dim=1) / scale  # (B, D)
         keep = batch.counted > 0  # an example whose labels are all ignored contributes no gradient
         self._no_loss += int((~keep).sum())
@@ -279,6 +373,7 @@ class TrainingCapture:
         run resumed from an earlier checkpoint than the last commit is fine too. Each commit keeps its own copy of
         the curvature sums (and, with rows="summed", of the summed rows) until the index is written."""
         self.finish_batch()
+        self.flush_deferred(required=True)
         record = self._writer.close()  # the partial chunk: a commit ends at a chunk's end
         if record is not None:
             self._chunks.append(record)
@@ -337,7 +432,10 @@ class TrainingCapture:
         torchrun every rank calls it: per_step rows are merged from the ranks' shards, summed rows are sent to
         rank 0 and added up there (an example's steps may fall on several ranks)."""
         self.finish_batch()
+        self.flush_deferred(required=True)
         self._remove_hooks()
+        if self._moments_of is not None:
+            self._fold_for_queries()
         extracted_seconds = time.perf_counter() - self._started_at
         if self._ranks.size == 1:
             self._write(finalize=True)
@@ -365,6 +463,24 @@ class TrainingCapture:
             search=manifest.index.description,
         )
         return self.summary
+
+    def _fold_for_queries(self) -> None:
+        """Queries are divided by the √v̂ after the last update: the stored projections get that fold."""
+        self._folded_step = None
+        if not self._refold(measure_error=True):
+            raise AttribIndexError(
+                f"{type(self._moments_of).__name__} holds no second moments to fold into the queries: it took no step "
+                "during the capture, or it keeps none (only Adam-family optimizers and Adafactor do). Train at least "
+                "one step, or capture without folding second moments."
+            )
+        self.projections.save(self._folder / layout.PROJECTIONS)
+        self._optimizer_moments.record = {
+            "optimizer": self._optimizer_moments.optimizer,
+            "source": "the training optimizer's state, folded in step by step",
+            "rows": "the rows of step s are divided by the √v̂ the optimizer holds after max(s, 1) updates",
+            "queries": "divided by the √v̂ after the last update (step in this record)",
+            **self._optimizer_moments.record,
+        }
 
     def _write(self, finalize: bool) -> None:
         """Write the remaining rows and the curvature sums into this process's folder, then the index
@@ -519,6 +635,7 @@ class TrainingCapture:
         """Stop capturing without writing an index: the folder stays incomplete (no manifest)."""
         self._batch = None
         self._hooks.__exit__(None, None, None)
+        self._recording.__exit__(None, None, None)
         self._remove_hooks()
 
     # ---- the model's side ----
@@ -529,8 +646,8 @@ class TrainingCapture:
             self._open_batch(module, args, kwargs)
 
     def _open_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (module.training and torch.is_grad_enabled()):
-            return  # evaluation, generation: nothing is trained on
+        if not (module.training and torch.is_grad_enabled()) or self.step < self.from_step:
+            return  # evaluation, generation: nothing is trained on; or a step before the captured ones
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, torch.Tensor):
             raise AttribIndexError("the capture needs the model called with input_ids (a tensor of token ids).")
@@ -543,6 +660,9 @@ class TrainingCapture:
             counted = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,) positions whose next token is predicted
         else:
             counted = attention_mask[:, 1:].sum(dim=1)  # a loss of the loop's own: assume every real token counts
+        if self._deferred and self._deferred[0][0].step < self.step:
+            self.flush_deferred()  # the optimizer has updated since
+        deferred = not self._refold()
         self._batch = _MicroBatch(
             step=self.step,
             ids=ids,
@@ -551,10 +671,14 @@ class TrainingCapture:
             counted=counted.detach().cpu(),
             loss_scale=loss_scale,
             wanted_loss=labels is not None,
+            mask=attention_mask,
+            deferred=deferred,
         )
-        self._hooks.token_mask = attention_mask
+        hooks = self._recording if deferred else self._hooks
+        hooks.token_mask = attention_mask
         self._hooks.start_pass()
-        self._hooks.__enter__()
+        self._recorder.events = []
+        hooks.__enter__()
 
     def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         batch = self._batch
@@ -678,6 +802,8 @@ def capture_training(
     model_path: str | None = None,
     overwrite: bool = False,
     resume_step: int | None = None,
+    fold_second_moments: bool = False,
+    from_step: int = 0,
 ) -> Iterator[TrainingCapture]:
     """Capture an index of what a training loop trains on, in any PyTorch loop: each forward + backward inside
     `with capture.batch(ids):` adds its examples' rows at the current weights; the index is written when the block
@@ -689,6 +815,10 @@ def capture_training(
         model_path: where the trained model will be saved, recorded so `attribindex query` finds it.
         resume_step: training resumes from its checkpoint at this step: continue the capture from the commit made
             there (`capture.commit()` when the loop saved that checkpoint).
+        fold_second_moments: divide each step's rows by the optimizer's current √v̂ (Adam family, Adafactor), as
+            TrackStar and LESS do; queries by its √v̂ after the last step. Needs `optimizer`.
+        from_step: capture the steps from this one on (e.g. the last epoch's, whose weights are near the final
+            model's; see docs/quality.md); earlier steps train as usual and add no row.
 
     Example:
         >>> with capture_training(model, tokenizer, "train-index", load_config("tiny"), optimizer=opt) as capture:
@@ -698,8 +828,19 @@ def capture_training(
         ...         opt.step(); opt.zero_grad()
         >>> print(capture.summary.format())  # doctest: +SKIP
     """
+    if fold_second_moments and optimizer is None:
+        raise AttribIndexError("fold_second_moments=True needs the optimizer: pass optimizer=… to capture_training.")
     capture = TrainingCapture(
-        model, tokenizer, out, config, rows=rows, model_path=model_path, overwrite=overwrite, resume_step=resume_step
+        model,
+        tokenizer,
+        out,
+        config,
+        rows=rows,
+        model_path=model_path,
+        overwrite=overwrite,
+        resume_step=resume_step,
+        optimizer_moments=optimizer if fold_second_moments else None,
+        from_step=from_step,
     )
     handle = optimizer.register_step_post_hook(lambda *_: capture.end_step()) if optimizer is not None else None
     try:

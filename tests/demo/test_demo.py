@@ -11,6 +11,7 @@ from attribindex.cli import main
 from attribindex.demo import DEMO_QUERIES, demo_corpus, load_shakespeare_speeches, shakespeare_speeches_by_id
 from attribindex.errors import AttribIndexError
 from attribindex.query import AttributionIndex
+from tests.conftest import run_checked
 
 
 def test_speeches_are_clean_stable_and_cover_every_play():
@@ -48,13 +49,13 @@ def test_demo_corpus_holds_every_source_once_and_keeps_held_out_apart():
         assert any(word.strip(",.;") in source["text"] for word in first_words)
 
 
-def test_demo_traces_every_query_to_its_own_speech_at_rank_1(tmp_path):
-    """The default demo, as a user runs it: every famous line, the paraphrase and the prompt → completion find
-    their own speech first, in the printed output and in the index itself."""
+def test_demo_traces_every_query_to_its_own_speech_at_rank_1(installed_wheel, tmp_path):
+    """The default demo, as a user runs it from an installed wheel: every famous line, the paraphrase and the
+    prompt → completion find their own speech first, in the printed output and in the index itself."""
+    venv, env = installed_wheel
     out = tmp_path / "demo-index"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    output = result.output
+    output = run_checked([venv / "bin" / "attribindex", "demo", "--out", out], tmp_path, env, timeout=600)
+    assert "rows       306" in output  # 300 sampled + the 6 query sources
     for query in DEMO_QUERIES:
         heading = output.index(f"— {query.label}\n")
         first = output[heading:].split("\n")[1]

@@ -184,3 +184,25 @@ def test_training_saves_checkpoints_along_the_run_for_ensembles(tiny_models, doc
     final = dict(model.named_parameters())
     assert all(torch.equal(p, final[n]) for n, p in last.named_parameters())  # the last one is the trained model
     assert not all(torch.equal(p, final[n]) for n, p in first.named_parameters())
+
+
+def test_a_capture_indexes_the_run_without_changing_it(tiny_models, documents, tmp_path):
+    """What the capture LDS rows of docs/quality.md rest on: capturing a training run leaves its weights bit for bit
+    as they were, and sums every document's gradient over the epochs that trained on it."""
+    from attribindex.store import read_manifest
+    from attribindex.train import capture_training
+
+    plain, tokenizer = load_model(str(tiny_models["llama"]), "float32", "cpu")
+    train_causal_lm(plain, tokenizer, documents[:8], RECIPE, seed=0)
+    model, _ = load_model(str(tiny_models["llama"]), "float32", "cpu")
+
+    def capture(optimizer):
+        return capture_training(
+            model, tokenizer, tmp_path / "captured", exact_config(), optimizer=optimizer, rows="summed"
+        )
+
+    train_causal_lm(model, tokenizer, documents[:8], RECIPE, seed=0, capture=capture)
+    trained = dict(plain.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    manifest = read_manifest(tmp_path / "captured")
+    assert manifest.rows == 8 and manifest.training.gradients == 16 and manifest.training.steps == 4

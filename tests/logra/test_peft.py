@@ -12,7 +12,8 @@ import torch
 
 from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, append_documents, build_index
 from attribindex.model import load_model, model_fingerprint
-from attribindex.testing import write_jsonl
+from attribindex.serve import Client
+from attribindex.testing import running_server, write_jsonl
 from tests.conftest import exact_config
 from tests.reference import explicit_projected_gradients
 
@@ -96,18 +97,26 @@ def test_a_broken_adapter_folder_is_refused_with_the_fix(adapter, tmp_path, corp
         build_index(exact_config(), str(missing), corpus_file, tmp_path / "b", progress=False)
 
 
-def test_the_cli_builds_and_queries_an_adapter_folder(adapter, corpus_file, tmp_path):
+def test_the_cli_plans_builds_queries_and_serves_an_adapter_folder(adapter, corpus_file, tmp_path):
     from click.testing import CliRunner
 
     from attribindex.cli import main
 
     out = str(tmp_path / "idx")
-    built = CliRunner().invoke(
-        main,
-        ["build", "--config", "tiny", "--model", str(adapter), "--data", str(corpus_file)]
-        + ["--id-field", "id", "--out", out],
-    )
+    common = ["--config", "tiny", "--model", str(adapter), "--data", str(corpus_file), "--id-field", "id"]
+    planned = CliRunner().invoke(main, ["plan", *common, "--json", "--probe-batches", "1"])
+    assert planned.exit_code == 0, planned.output
+    built = CliRunner().invoke(main, ["build", *common, "--out", out])
     assert built.exit_code == 0, built.output
+    manifest = AttributionIndex.open(out, load_model_now=False).manifest
+    plan = json.loads(planned.stdout)
+    assert [m["name"] for m in plan["modules"]] == [m.name for m in manifest.modules]  # the adapters' A and B
+    assert all(".lora_" in m.name for m in manifest.modules) and plan["dim"] == manifest.dim
+
     answer = CliRunner().invoke(main, ["query", out, "--text", "king queen crown", "-k", "2", "--json"])
     assert answer.exit_code == 0, answer.output
-    assert len(json.loads(answer.output)["results"][0]["top"]) == 2
+    top = [a["id"] for a in json.loads(answer.output)["results"][0]["top"]]
+    assert len(top) == 2
+    with running_server(out) as url, Client(url) as client:  # the server loads the adapter named in the manifest
+        served = client.attribute(["king queen crown"], k=2).results[0].top
+    assert [a.id for a in served] == top

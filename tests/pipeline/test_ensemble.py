@@ -22,7 +22,7 @@ from attribindex.config import load_config
 from attribindex.model import load_model
 from attribindex.serve import Client
 from attribindex.store import read_manifest, verify_files
-from attribindex.testing import start_server
+from attribindex.testing import running_server, write_jsonl
 from tests.conftest import exact_config
 
 QUERIES = ["king queen crown sword", "storm war peace love death night"]
@@ -115,15 +115,60 @@ def test_the_cli_builds_an_ensemble_from_repeated_models_and_shows_it(checkpoint
     answer = CliRunner().invoke(main, ["query", out, "--text", "king queen crown", "-k", "3"])
     assert answer.exit_code == 0 and "3. +" in answer.output, answer.output
 
-    process, url = start_server(out)  # a real server answers as the library does
-    try:
-        with Client(url) as client:
-            served = client.attribute(["king queen crown"], k=3).results[0].top
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    with running_server(out) as url, Client(url) as client:  # a real server answers as the library does
+        served = client.attribute(["king queen crown"], k=3).results[0].top
     local = AttributionIndex.open(out).attribute(["king queen crown"], k=3).results[0].top
     assert [a.id for a in served] == [a.id for a in local]
+
+
+def test_trainer_checkpoints_are_weighed_by_their_learning_rate(tiny_models, corpus_records, checkpoints, tmp_path):
+    """TracIn's weights: `--checkpoint-weights lr` reads the rate each Trainer checkpoint was saved at (warm-up makes
+    them differ); a folder that is not a Trainer checkpoint is refused with the fix."""
+    from click.testing import CliRunner
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    from attribindex.cli import main
+
+    model, tokenizer = load_model(str(tiny_models["gpt2"]), device="cpu")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    dataset = Dataset.from_list(corpus_records[:8]).map(lambda r: tokenizer(r["text"], truncation=True, max_length=32))
+    rates = {}
+
+    class Rates(TrainerCallback):
+        def on_save(self, args, state, control, lr_scheduler=None, **_):
+            rates[state.global_step] = lr_scheduler.get_last_lr()[0]
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        logging_strategy="no",
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    Trainer(model, args, collator, dataset, processing_class=tokenizer, callbacks=[Rates()]).train()
+    assert rates[2] < rates[4] == 1e-3
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_records[:6])
+    out = str(tmp_path / "ens")
+    members = ["--model", str(tmp_path / "run" / "checkpoint-2"), "--model", str(tmp_path / "run" / "checkpoint-4")]
+    command = ["build", "--config", "tiny", *members, "--data", str(corpus), "--out", out]
+    built = CliRunner().invoke(main, command + ["--checkpoint-weights", "lr"])
+    assert built.exit_code == 0, built.output
+    weights = [c.weight for c in read_manifest(out).ensemble.checkpoints]
+    assert weights == pytest.approx([rates[2], rates[4]], rel=1e-12)
+
+    plain = ["build", "--config", "tiny", "--model", checkpoints[0], "--model", checkpoints[1], "--data", str(corpus)]
+    refused = CliRunner().invoke(main, plain + ["--out", str(tmp_path / "no"), "--checkpoint-weights", "lr"])
+    assert refused.exit_code != 0 and "not a transformers.Trainer checkpoint" in refused.output, refused.output
+    assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize(

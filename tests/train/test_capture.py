@@ -41,11 +41,11 @@ def trainable(tiny_models):
     return model.train().requires_grad_(True), tokenizer
 
 
-def train(model, tokenizer, records, out, config, *, micro=3, accumulation=2, rows="per_step", lr=0.05):
+def train(model, tokenizer, records, out, config, *, micro=3, accumulation=2, rows="per_step", lr=0.05, **options):
     """SGD over `records` with gradient accumulation, capturing; returns the weights each step trained at."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     weights = []
-    with capture_training(model, tokenizer, out, config, optimizer=optimizer, rows=rows) as capture:
+    with capture_training(model, tokenizer, out, config, optimizer=optimizer, rows=rows, **options) as capture:
         for number, (part, inputs) in enumerate(micro_batches(tokenizer, records, micro)):
             if number % accumulation == 0:
                 weights.append(copy.deepcopy(model.state_dict()))
@@ -96,6 +96,18 @@ def test_rows_captured_in_a_loop_equal_a_build_at_each_steps_weights(trainable, 
         AttributionIndex.open(tmp_path / "captured")  # the manifest names the untrained checkpoint it started from
     found = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer).attribute("king", k=3)
     assert {a.id.rsplit("@", 1)[1] for a in found.results[0].top} <= {"0", "1"}  # ids name their step
+
+
+def test_from_step_leaves_the_earlier_steps_out(trainable, corpus_records, tmp_path):
+    model, tokenizer = trainable
+    records = corpus_records[:12]
+    weights, capture = train(model, tokenizer, records, tmp_path / "captured", exact_config(), from_step=1)
+    captured = assert_rows_equal_builds(
+        tmp_path / "captured", {1: weights[1]}, model, tokenizer, records, exact_config(), tmp_path
+    )
+    assert sorted(captured) == sorted(f"{r['id']}@1" for r in records[6:])  # step 0 trained on the first 6
+    training = read_manifest(tmp_path / "captured").training
+    assert (training.first_step, training.last_step, training.gradients) == (1, 1, 6)
 
 
 def test_a_trainer_with_the_callback_captures_what_a_build_computes(trainable, corpus_records, tmp_path):
@@ -308,7 +320,8 @@ def test_a_trainer_resumed_from_a_checkpoint_captures_no_row_twice_and_none_miss
 ):
     """Interrupted after the capture committed step 4 but before the Trainer wrote checkpoint-4 (the worst
     moment), training resumes from checkpoint-2: the capture goes back to its commit at 2 and ends with exactly
-    the rows of an uninterrupted run."""
+    the rows of an uninterrupted run. AdamW's second moments are folded in step by step: from the Trainer's own
+    (wrapped) optimizer, then from the state it restores from checkpoint-2."""
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
@@ -329,8 +342,8 @@ def test_a_trainer_resumed_from_a_checkpoint_captures_no_row_twice_and_none_miss
             output_dir=str(run_dir),
             per_device_train_batch_size=2,
             num_train_epochs=1,
-            learning_rate=0.05,
-            optim="sgd",
+            learning_rate=1e-3,
+            optim="adamw_torch",
             lr_scheduler_type="constant",
             use_cpu=True,
             report_to=[],
@@ -339,7 +352,9 @@ def test_a_trainer_resumed_from_a_checkpoint_captures_no_row_twice_and_none_miss
             logging_strategy="no",
             seed=0,
         )
-        capture = AttributionCallback(out, config, dataset=dataset, id_field="id", text_field="text")
+        capture = AttributionCallback(
+            out, config, dataset=dataset, id_field="id", text_field="text", fold_second_moments=True
+        )
         callbacks = [capture, Interrupt()] if interrupt else [capture]
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         trainer = Trainer(model, args, collator, dataset, processing_class=tokenizer, callbacks=callbacks)
@@ -359,6 +374,7 @@ def test_a_trainer_resumed_from_a_checkpoint_captures_no_row_twice_and_none_miss
         np.testing.assert_allclose(resumed[key], row, rtol=1e-6, atol=1e-9)
     manifest = read_manifest(tmp_path / "resumed")
     assert manifest.rows == manifest.training.gradients == 12 and manifest.log[0].resumed.rows == 4
+    assert manifest.projection.optimizer["step"] == 6 and "step by step" in manifest.projection.optimizer["source"]
     assert not list((tmp_path / "resumed").glob("capture.step-*"))  # the commits go once the index is written
 
 
@@ -423,3 +439,69 @@ def test_an_optimizer_state_in_the_config_is_folded_in_as_in_a_build(trainable, 
     assert_rows_equal_builds(
         tmp_path / "captured", dict(enumerate(weights)), model, tokenizer, records, config, tmp_path
     )
+
+
+def test_the_live_optimizers_second_moments_are_folded_in_step_by_step(trainable, corpus_records, tmp_path):
+    """AdamW, 3 steps of 2 micro-batches: the rows of step s equal a build at step s's weights with the optimizer
+    state after max(s, 1) updates (the first step waits for its update: Adam has no v before it), and queries are
+    folded with the state after the last update."""
+    from attribindex.logra import save_named_second_moments
+
+    model, tokenizer = trainable
+    records = corpus_records[:18]
+    config = exact_config("dot", kind="kfac")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    weights, moments = [], {}
+    with capture_training(
+        model, tokenizer, tmp_path / "captured", config, optimizer=optimizer, fold_second_moments=True
+    ) as capture:
+        for number, (part, inputs) in enumerate(micro_batches(tokenizer, records, 3)):
+            if number % 2 == 0:
+                weights.append(copy.deepcopy(model.state_dict()))
+            with capture.batch([r["id"] for r in part], texts=[r["text"] for r in part]):
+                (model(**inputs).loss / 2).backward()
+            if number % 2 == 1:
+                optimizer.step()
+                optimizer.zero_grad()
+                step = len(weights)
+                moments[step] = save_named_second_moments(optimizer, model, tmp_path / f"moments-{step}.safetensors")
+    assert capture.summary.rows == 18 and sorted(moments) == [1, 2, 3]
+    for step, state in enumerate(weights):
+        folded = exact_config("dot", kind="kfac", optimizer_state=str(moments[max(step, 1)]))
+        (tmp_path / f"step-{step}").mkdir()
+        assert_rows_equal_builds(
+            tmp_path / "captured", {step: state}, model, tokenizer, records, folded, tmp_path / f"step-{step}"
+        )
+    record = read_manifest(tmp_path / "captured").projection
+    assert record.optimizer["optimizer"] == "adam" and record.optimizer["step"] == 3
+    assert read_manifest(tmp_path / "step-2" / "built-2").projection.hash != record.hash  # after update 2, not 3
+    final = exact_config("dot", kind="kfac", optimizer_state=str(moments[3]))
+    corpus = write_jsonl(tmp_path / "one.jsonl", records[:1])
+    build_index(final, str(tmp_path / "step-2" / "model-2"), corpus, tmp_path / "final", id_field="id", progress=False)
+    assert read_manifest(tmp_path / "final").projection.hash == record.hash  # queries: the state after update 3
+    found = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer).attribute("king", k=3)
+    assert len(found.results[0].top) == 3
+
+
+def test_folding_second_moments_needs_an_optimizer_that_keeps_them(trainable, corpus_records, tmp_path):
+    model, tokenizer = trainable
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    (part, inputs), *_ = micro_batches(tokenizer, corpus_records[:3], 3)
+    with (
+        pytest.raises(AttribIndexError, match="SGD holds no second moments.*keeps none.*without folding"),
+        capture_training(
+            model, tokenizer, tmp_path / "sgd", exact_config(), optimizer=optimizer, fold_second_moments=True
+        ) as capture,
+    ):
+        with capture.batch([r["id"] for r in part]):
+            model(**inputs).loss.backward()
+        optimizer.step()
+    assert not (tmp_path / "sgd" / "manifest.json").exists()
+    with pytest.raises(AttribIndexError, match="choose one"):
+        TrainingCapture(
+            model,
+            tokenizer,
+            tmp_path / "both",
+            exact_config(optimizer_state=str(tmp_path / "x.pt")),
+            optimizer_moments=torch.optim.AdamW(model.parameters()),
+        )
