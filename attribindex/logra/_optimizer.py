@@ -180,7 +180,7 @@ def live_second_moment_scales(
         if any(states.values()):  # it has stepped (momentum buffers, a step count) and keeps no second moment
             raise AttribIndexError(
                 f"{type(optimizer).__name__} keeps no second moments (exp_avg_sq), so there is nothing to fold in: "
-                "that is Adam-family optimizers and Adafactor. Capture without folding second moments."
+                "only Adam-family optimizers and Adafactor do. Capture without folding second moments."
             )
         return None
     params = dict(model.named_parameters())

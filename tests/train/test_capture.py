@@ -13,8 +13,9 @@ import torch
 
 from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, append_documents, build_index
 from attribindex.model import load_model
+from attribindex.serve import Client
 from attribindex.store import read_manifest, verify_files
-from attribindex.testing import write_jsonl
+from attribindex.testing import running_server, write_jsonl
 from attribindex.train import DatasetRows, TrainingCapture, capture_training
 from tests.conftest import exact_config
 
@@ -481,6 +482,11 @@ def test_the_live_optimizers_second_moments_are_folded_in_step_by_step(trainable
     assert read_manifest(tmp_path / "final").projection.hash == record.hash  # queries: the state after update 3
     found = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer).attribute("king", k=3)
     assert len(found.results[0].top) == 3
+    model.save_pretrained(tmp_path / "trained")
+    tokenizer.save_pretrained(tmp_path / "trained")
+    with running_server(tmp_path / "captured", "--model", str(tmp_path / "trained")) as url, Client(url) as client:
+        served = client.attribute(["king"], k=3).results[0].top  # a captured index is served like any other
+    assert [a.id for a in served] == [a.id for a in found.results[0].top]
 
 
 def test_folding_second_moments_needs_an_optimizer_that_keeps_them(trainable, corpus_records, tmp_path):
