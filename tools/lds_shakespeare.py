@@ -157,19 +157,11 @@ def main() -> None:
         for kind, damping in kinds:
             config = projected_config(rank, kind, damping, mode, recipe.max_length, optimizer_state)
             folder = out / "indexes" / (f"{mode}-{kind}-r{rank}-d{damping}" + ("-adam" if optimizer_state else ""))
-            started = time.perf_counter()
-            build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
-            seconds = time.perf_counter() - started
-            result = index_lds(folder, queries, truth)
-            shown = damping if kind != "identity" else "-"
-            rows.append(
-                {"gradients": variant, "hessian": kind, "rank": rank, "damping": shown, "mode": mode}
-                | {"build_s": round(seconds, 1), "lds": result}
-            )
-            print(
-                f"{variant:<8} {mode:<7}{kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}",
-                flush=True,
-            )
+
+            def build(config=config, folder=folder):
+                build_index(config, str(full), corpus, folder, id_field="id", progress=False, overwrite=True)
+
+            rows.append(measured_row(variant, kind, rank, damping, mode, build, folder, queries, truth))
 
     saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))  # oldest first
     for count in [int(c) for c in args.ensembles.split(",") if c]:
@@ -178,39 +170,28 @@ def main() -> None:
             for kind, damping in kinds:
                 config = projected_config(rank, kind, damping, "dot", recipe.max_length)
                 folder = out / "indexes" / f"ensemble{count}-{kind}-r{rank}-d{damping}"
-                started = time.perf_counter()
-                if count == 1:
-                    build_index(config, members[0], corpus, folder, id_field="id", progress=False, overwrite=True)
-                else:
-                    build_ensemble(config, members, corpus, folder, id_field="id", progress=False, overwrite=True)
-                seconds = time.perf_counter() - started
-                result = index_lds(folder, queries, truth)
-                shown = damping if kind != "identity" else "-"
-                rows.append(
-                    {"gradients": f"{count} of {CHECKPOINTS} checkpoints", "hessian": kind, "rank": rank}
-                    | {"damping": shown, "mode": "dot", "build_s": round(seconds, 1), "lds": result}
-                )
-                print(
-                    f"ensemble of {count}: {kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}"
-                )
+
+                def build(config=config, folder=folder, members=members):
+                    if len(members) == 1:
+                        build_index(config, members[0], corpus, folder, id_field="id", progress=False, overwrite=True)
+                    else:
+                        build_ensemble(config, members, corpus, folder, id_field="id", progress=False, overwrite=True)
+
+                label = f"{count} of {CHECKPOINTS} checkpoints"
+                rows.append(measured_row(label, kind, rank, damping, "dot", build, folder, queries, truth))
 
     for variant in [v for v in args.captures.split(",") if v]:
         for rank in [int(r) for r in args.ranks.split(",") if r]:
             for kind, damping in kinds:
                 config = projected_config(rank, kind, damping, "dot", recipe.max_length)
                 folder = out / "indexes" / f"capture-{variant}-{kind}-r{rank}-d{damping}"
-                started = time.perf_counter()
                 last_epoch = -(-len(documents) // recipe.batch_size) * (recipe.epochs - 1) if "last" in variant else 0
-                capture_run(init, full, documents, recipe, folder, config, "adam" in variant, last_epoch)
-                seconds = time.perf_counter() - started
-                result = index_lds(folder, queries, truth)
-                rows.append(
-                    {"gradients": f"captured in training, {variant}", "hessian": kind, "rank": rank}
-                    | {"damping": damping, "mode": "dot", "build_s": round(seconds, 1), "lds": result}
-                )
-                print(
-                    f"capture {variant}: {kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}"
-                )
+
+                def build(config=config, folder=folder, variant=variant, last_epoch=last_epoch):
+                    capture_run(init, full, documents, recipe, folder, config, "adam" in variant, last_epoch)
+
+                label = f"captured in training, {variant}"
+                rows.append(measured_row(label, kind, rank, damping, "dot", build, folder, queries, truth))
 
     exact_dampings = [float(d) for d in (args.exact_dampings or args.dampings).split(",")]
     for variant in [v for v in args.exact_kinds.split(",") if v and not args.only_ensembles]:
@@ -295,6 +276,21 @@ def capture_run(
         )
 
     train_causal_lm(model, tokenizer, documents, recipe, seed=0, capture=capture)
+
+
+def measured_row(label, kind, rank, damping, mode, build, folder: Path, queries: list[str], truth) -> dict:
+    """Run `build` (which writes the index in `folder`), time it, score the index's LDS and print a line: the
+    table's row."""
+    started = time.perf_counter()
+    build()
+    seconds = time.perf_counter() - started
+    result = index_lds(folder, queries, truth)
+    print(f"{label:<34} {mode:<7}{kind:<9} rank {rank:<3} damping {damping:<5} {seconds:6.1f} s  {result.format()}")
+    shown = damping if kind != "identity" else "-"
+    return {"gradients": label, "hessian": kind, "rank": rank, "damping": shown, "mode": mode} | {
+        "build_s": round(seconds, 1),
+        "lds": result,
+    }
 
 
 def index_lds(folder: Path, queries: list[str], truth):
