@@ -10,7 +10,14 @@ Example:
 from attribindex._version import __version__
 from attribindex.config import BuildConfig, load_config
 from attribindex.data import PromptCompletion
-from attribindex.errors import AttribIndexError, IndexMismatchError
+from attribindex.errors import (
+    AttribIndexError,
+    DiskFullError,
+    IndexMismatchError,
+    OutOfMemoryError,
+    PermissionDeniedError,
+    ResourceError,
+)
 from attribindex.eval import RecallReport, measure_recall
 from attribindex.pipeline import (
     AppendSummary,
@@ -53,15 +60,19 @@ __all__ = [
     "BuildPlan",
     "BuildSummary",
     "Client",
+    "DiskFullError",
     "EditSummary",
     "ExplainedExample",
     "Explanation",
     "IndexMismatchError",
     "MergeSummary",
+    "OutOfMemoryError",
+    "PermissionDeniedError",
     "PromptCompletion",
     "QueryResult",
     "QueryVectors",
     "RecallReport",
+    "ResourceError",
     "TokenContribution",
     "TrainingCapture",
     "append_documents",

@@ -12,12 +12,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from attribindex.data import write_jsonl as write_jsonl  # production code, re-exported for tests and tools
 
 _WORDS = [
     "king",
@@ -87,13 +88,6 @@ def tiny_corpus(n: int, seed: int = 0, min_words: int = 6, max_words: int = 24) 
         text = " ".join(rng.choice(words) for _ in range(length)).capitalize() + "."
         docs.append({"id": f"doc-{i:04d}", "text": text, "topic": topic})
     return docs
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def make_tokenizer(texts: list[str], vocab_size: int = 256):
@@ -210,9 +204,10 @@ def make_tiny_model(
     return path
 
 
-def start_server(index: str | Path, *flags: str, timeout_s: float = 60.0):
+def start_server(index: str | Path, *flags: str, timeout_s: float = 60.0, prelude: str = ""):
     """Start `attribindex serve INDEX` as a subprocess on a free loopback port; return (process, url) once
     /health answers. The caller stops it (`process.send_signal(SIGTERM)`); `server_log(process)` is its stderr.
+    `prelude`: Python code the process runs before the command line (a test's hold on the model pass, say).
 
     Example:
         >>> process, url = start_server("demo-index", "--token", "s3cret")  # doctest: +SKIP
@@ -228,7 +223,12 @@ def start_server(index: str | Path, *flags: str, timeout_s: float = 60.0):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "attribindex", "serve", str(index), "--port", str(port), *flags]
+    arguments = ["serve", str(index), "--port", str(port), *flags]
+    if prelude:  # then the command line, as `python -m attribindex` runs it
+        run_cli = "import runpy; runpy.run_module('attribindex', run_name='__main__', alter_sys=True)"
+        command = [sys.executable, "-c", f"{prelude}\n{run_cli}", *arguments]
+    else:
+        command = [sys.executable, "-m", "attribindex", *arguments]
     # stderr goes to a file that lives as long as the server: an unread pipe would block a chatty one
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
@@ -248,21 +248,36 @@ def start_server(index: str | Path, *flags: str, timeout_s: float = 60.0):
 
 
 @contextlib.contextmanager
-def running_server(index: str | Path, *flags: str) -> Iterator[str]:
-    """`start_server` as a context: yields the server's URL and stops it (SIGTERM) on leaving.
+def serving(index: str | Path, **options) -> Iterator[str]:
+    """The server `attribindex serve INDEX` runs (`create_server(index, **options)`: the same uvicorn server and
+    app), run from a thread of this process on a free loopback port; yields its URL and stops it on leaving. For
+    tests about what a server answers; `start_server` starts the process itself.
 
     Example:
-        >>> with running_server("demo-index") as url:  # doctest: +SKIP
-        ...     Client(url).attribute(["a line"], k=3)
+        >>> with serving("demo-index", token="s3cret") as url:  # doctest: +SKIP
+        ...     Client(url, token="s3cret").attribute(["a line"], k=3)
     """
-    import signal
+    import socket
+    import threading
+    import time
 
-    process, url = start_server(index, *flags)
-    try:
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    from attribindex.serve._run import create_server
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        server = create_server(index, "127.0.0.1", listening.getsockname()[1], **options)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start (see its log above)")
+            time.sleep(0.01)
+        try:
+            yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=60)
 
 
 def server_log(process) -> str:

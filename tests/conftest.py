@@ -26,7 +26,12 @@ from attribindex.config import (
 )
 from attribindex.testing import make_tiny_model, tiny_corpus, write_jsonl
 
-torch.set_num_threads(2)
+# Two cores: under pytest-xdist (-n 2) each worker gets one, and so do the processes it starts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+
+from tests.forking import forked
 
 # Patches `module.attr` so that its call number `nth` SIGKILLs the process just before it starts
 # ("before") or just after it returns ("after"), then runs attribindex.<function>(*args, **kwargs), or with
@@ -45,9 +46,8 @@ def run_killed(kill_at: tuple[str, str, int, str], function: str, *args, **kwarg
     """
     module, attr, nth, when = kill_at
     arguments = json.dumps({"args": [str(a) for a in args], "kwargs": kwargs})
-    # -u: what the process printed before it was killed is not lost in a buffer (it shows how far it got)
-    command = [sys.executable, "-u", "-c", _DRIVER, module, attr, str(nth), when, function, arguments]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # a real process, forked from one that has imported attribindex (its stdout is unbuffered, as with -u)
+    return forked(_DRIVER, module, attr, str(nth), when, function, arguments)
 
 
 def cli_killed(kill_at: tuple[str, str, int, str], *args: str) -> subprocess.CompletedProcess:

@@ -1,19 +1,61 @@
 """Independent reference computations the tests compare against: plain autograd, explicit
-Kronecker projection, and influence by a linear solve (not via H^{-1/2})."""
+Kronecker projection, and influence by a linear solve (not via H^{-1/2}).
+
+Nothing here tokenises, pads or computes a loss through attribindex: an example is tokenised by the HF tokenizer
+call itself, its labels and mask are made here, and its loss is `torch.nn.functional.cross_entropy`."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from attribindex.data import collate, tokenize
-from attribindex.logra import ProjectionSet, per_example_loss
+from attribindex.data import PromptCompletion
+from attribindex.logra import ProjectionSet
+
+IGNORED = -100  # the label of a position that carries no loss
+
+
+def reference_example(tokenizer, item, max_length: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (1, T), of one unpadded example: the HF tokenizer's ids (special
+    tokens added) cut to `max_length`; labels hold the token where it carries loss and -100 elsewhere. The first
+    token is never predicted; of a (prompt, completion) pair, tokenised as the joined text, the tokens holding a
+    completion character (their offsets end past the prompt) carry loss, special tokens never."""
+    if isinstance(item, PromptCompletion):
+        if not getattr(tokenizer, "is_fast", False):
+            raise AssertionError("the reference finds a pair's completion tokens by offsets: give a fast tokenizer")
+        encoded = tokenizer(
+            item.prompt + item.completion, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False
+        )
+        boundary = len(item.prompt)
+        carries = [
+            end > boundary and not special
+            for (_, end), special in zip(encoded["offset_mapping"], encoded["special_tokens_mask"])
+        ]
+    else:
+        encoded = tokenizer(item, verbose=False)
+        carries = [True] * len(encoded["input_ids"])
+    ids, carries = encoded["input_ids"][:max_length], carries[:max_length]
+    carries[0] = False  # nothing before it to predict it from
+    assert any(carries), f"{name}: no token carries loss"
+    input_ids = torch.tensor([ids])
+    labels = torch.tensor([[token if carry else IGNORED for token, carry in zip(ids, carries)]])
+    return input_ids, torch.ones_like(input_ids), labels  # one unpadded example: every position is a real token
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) Σ_t ℓ_t per example: position t's logits predict label t + 1; positions labelled -100 add nothing."""
+    shifted, targets = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    token_loss = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORED, reduction="none"
+    )
+    return token_loss.view(targets.shape).sum(dim=1)
 
 
 def _plain_backward(model, tokenizer, item, name: str, layers: list[str], max_length: int) -> dict:
     """One unpadded example through plain autograd (full logits, no hooks of ours), float64: per captured layer
     (module, its input, its output) with `.grad` set on the module's weight and bias and on the output."""
     modules = dict(model.named_modules())
-    batch = collate([tokenize(tokenizer, item, max_length, name)], tokenizer.pad_token_id)
+    input_ids, attention_mask, labels = reference_example(tokenizer, item, max_length, name)
     seen = {}
 
     def keep(module, args, output):
@@ -25,8 +67,9 @@ def _plain_backward(model, tokenizer, item, name: str, layers: list[str], max_le
     with torch.enable_grad():
         for n in layers:
             modules[n].requires_grad_(True)
-        loss = per_example_loss(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunked_head=False)
-        loss.sum().backward()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as a model's own loss computes it
+        summed_token_loss(logits, labels).sum().backward()
     for handle in handles:
         handle.remove()
     model.requires_grad_(False)

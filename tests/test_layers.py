@@ -71,3 +71,39 @@ def test_the_modules_import_each_other_without_a_circle():
 def test_the_circle_finder_finds_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _imported_by(target: str) -> list[str]:
+    """The package's modules that import `target` or anything below it."""
+    return sorted(
+        name for name, targets in _imports().items() if any(t == target or t.startswith(f"{target}.") for t in targets)
+    )
+
+
+def test_only_the_command_line_imports_the_command_line():
+    """The CLI is the outermost layer: the demo, the server and the library render and run without it."""
+    outside = [name for name in _imported_by("attribindex.cli") if not name.startswith("attribindex.cli")]
+    assert outside == ["attribindex.__main__"]  # `python -m attribindex` is the command line
+
+
+def test_nothing_in_the_package_imports_the_test_helpers():
+    assert _imported_by("attribindex.testing") == []
+
+
+def test_only_the_store_reads_manifest_keys():
+    """The manifest is read and written through the store's typed records; a `manifest["key"]` elsewhere would copy
+    its schema by hand (and drift from it)."""
+    offenders = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.parent.name != "store" and 'manifest["' in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
+
+
+def test_every_module_reads_in_one_sitting():
+    """A module over ~550 lines holds more than one concern (STYLE.md); split it where the concerns separate."""
+    long = {
+        str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 560
+    }
+    assert long == {}

@@ -1,7 +1,7 @@
-"""Reading corpora, stable ids, tokenisation and batching."""
+"""Reading (and writing) corpora, stable ids, tokenisation and batching."""
 
 from attribindex.data._batching import Batch, PromptCompletion, TokenizedExample, batched, collate, tokenize
-from attribindex.data._documents import Corpus, Document, content_id, open_corpus, shard_window
+from attribindex.data._documents import Corpus, Document, content_id, open_corpus, shard_window, write_jsonl
 
 __all__ = [
     "Batch",
@@ -15,4 +15,5 @@ __all__ = [
     "open_corpus",
     "shard_window",
     "tokenize",
+    "write_jsonl",
 ]

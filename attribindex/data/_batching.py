@@ -54,8 +54,8 @@ def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str
     Raises AttribIndexError when no token is left to carry loss, naming the item `name`.
 
     Example:
-        >>> from attribindex.testing import make_tokenizer
-        >>> tokenizer = make_tokenizer(["Who is the Dane? Hamlet, the Dane."])
+        >>> from transformers import AutoTokenizer
+        >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
         >>> example = tokenize(tokenizer, PromptCompletion("Who is the Dane?", " Hamlet"), 64, "query 0")
         >>> example.input_ids == tokenizer("Who is the Dane? Hamlet")["input_ids"]
         True

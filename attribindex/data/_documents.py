@@ -1,4 +1,4 @@
-"""Corpus readers: jsonl files, folders of .txt files, HF datasets on disk or on the hub.
+"""Corpus readers: jsonl files, folders of .txt files, HF datasets on disk or on the hub; and a .jsonl writer.
 
 Every document gets a stable external id (from the corpus, or a content hash) and a `source`
 pointer back to where its text came from.
@@ -176,6 +176,20 @@ def _jsonl_records(path: Path):
                 yield f"{path.name}:{line_no}", record
 
     return records
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    """Write `records` as a .jsonl corpus (one JSON object per line, the form `open_corpus` reads), creating the
+    folders above it; returns the path.
+
+    Example:
+        >>> write_jsonl("corpus.jsonl", [{"id": "doc-1", "text": "To be, or not to be"}])  # doctest: +SKIP
+        PosixPath('corpus.jsonl')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
 
 
 def _txt_folder_records(folder: Path, files: list[Path]):

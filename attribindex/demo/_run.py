@@ -17,15 +17,14 @@ from pathlib import Path
 
 import click
 
-from attribindex.cli._render import explained_lines
 from attribindex.config import load_config
-from attribindex.data import PromptCompletion
+from attribindex.data import PromptCompletion, write_jsonl
 from attribindex.demo._assets import demo_model_dir, load_shakespeare_speeches, shakespeare_speeches_by_id
 from attribindex.errors import AttribIndexError
 from attribindex.pipeline import build_index
 from attribindex.query import AttributionIndex, QueryResult, one_line
+from attribindex.query._render import explained_lines
 from attribindex.store import layout, read_manifest
-from attribindex.testing import write_jsonl
 
 DEFAULT_SPEECHES = 300  # ≈ 75 s of extraction on 2 AVX2 cores: the demo stays under 2 minutes after set-up
 HELD_OUT = 24  # speeches kept out of the index and used as queries to measure play / genre agreement

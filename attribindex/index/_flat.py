@@ -46,7 +46,11 @@ def import_faiss():
 
 
 def gpu_available() -> bool:
-    faiss = import_faiss()
+    """Whether faiss can search on a GPU here (False without faiss: a CUDA search then runs through torch)."""
+    try:
+        faiss = import_faiss()
+    except AttribIndexError:
+        return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 

@@ -5,7 +5,8 @@ from attribindex.pipeline._build import build_index
 from attribindex.pipeline._edit import EditSummary, compact_index, delete_ids, refresh_index, set_operating_point
 from attribindex.pipeline._ensemble import build_ensemble, checkpoint_learning_rate
 from attribindex.pipeline._merge import merge_shards
-from attribindex.pipeline._plan import BuildPlan, plan_build
+from attribindex.pipeline._plan import plan_build
+from attribindex.pipeline._plan_report import BuildPlan
 from attribindex.pipeline._summary import BuildSummary, MergeSummary
 
 __all__ = [

@@ -12,7 +12,7 @@ from pathlib import Path
 from attribindex.config import BuildConfig
 from attribindex.data import Corpus, open_corpus
 from attribindex.errors import AttribIndexError
-from attribindex.pipeline._output import ModelCache, resolve_model_path
+from attribindex.pipeline._output import ModelCache, build_resource_failures, resolve_model_path
 from attribindex.pipeline._sharded import build_sharded
 from attribindex.pipeline._single import build_folder
 from attribindex.pipeline._summary import BuildSummary
@@ -57,14 +57,16 @@ def build_index(
         >>> build_index(load_config("tiny"), "./tiny-gpt2", "corpus.jsonl", "s1", num_shards=4, shard_index=1)  # doctest: +SKIP
     """
     _warn_about_precision(config)
-    corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
-    model = resolve_model_path(model)
     if shard_index is not None and num_shards is None:
         raise AttribIndexError("`shard_index` needs `num_shards`: say how many shards the corpus is split into.")
-    if num_shards is not None and shard_index is None:
-        return build_sharded(config, model, corpus, Path(out), num_shards, overwrite, skip_empty, progress, keep_shards)
-    shard = ShardSlot(index=shard_index, count=num_shards) if num_shards is not None else None
-    return build_folder(config, model, corpus, Path(out), overwrite, skip_empty, progress, shard, ModelCache())
+    out = Path(out)
+    with build_resource_failures(out, config):
+        corpus = data if isinstance(data, Corpus) else open_corpus(data, text_field, id_field, split, limit)
+        model = resolve_model_path(model)
+        if num_shards is not None and shard_index is None:
+            return build_sharded(config, model, corpus, out, num_shards, overwrite, skip_empty, progress, keep_shards)
+        shard = ShardSlot(index=shard_index, count=num_shards) if num_shards is not None else None
+        return build_folder(config, model, corpus, out, overwrite, skip_empty, progress, shard, ModelCache())
 
 
 def _warn_about_precision(config: BuildConfig) -> None:

@@ -58,8 +58,11 @@ class EditSummary:
     already_deleted: int = 0
     bytes_freed: int = 0
     drift_before: DriftRecord | None = None
+    nothing_to_do: str = ""  # why the index was already as this change would leave it
 
     def format(self) -> str:
+        if self.nothing_to_do:
+            return f"{'unchanged':<10} {self.out} ({self.live_rows:,} live rows): {self.nothing_to_do}; nothing to do"
         state = f"now version {self.version}" if self.version else "nothing changed"
         lines = [f"{self.action:<10} {self.rows:,} rows in {self.out} ({state}, {self.live_rows:,} live rows)"]
         if self.already_deleted:
@@ -196,7 +199,9 @@ def _bytes(manifest: IndexManifest) -> int:
 
 def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
     """Re-whiten every stored row with the preconditioner the current curvature sums imply (after appends
-    and deletes), without running the model. Query vectors from before are refused afterwards.
+    and deletes), without running the model. Query vectors from before are refused afterwards. When the
+    whitening in use already is that one (nothing changed since the build or the last refresh), no version is
+    written.
 
     Example:
         >>> from attribindex import refresh_index
@@ -213,6 +218,10 @@ def refresh_index(index_dir: str | Path, progress: bool = True) -> EditSummary:
         preconditioner = fit_preconditioner(
             hessian.kind, sums, manifest.module_names, manifest.block_dims, hessian.damping, change.live_rows()
         )
+        if preconditioner.hash() == hessian.preconditioner_hash:  # e.g. a rerun of a refresh that committed
+            why = f"its whitening (version {manifest.version}) already is the one its curvature sums give"
+            seconds = time.perf_counter() - started
+            return EditSummary(root, "refreshed", None, 0, manifest.live_rows, seconds, nothing_to_do=why)
         drift = drift_between(change.preconditioner(), preconditioner, sums.count)
         name = change.name(layout.PRECONDITIONER)
         preconditioner.save(root / name)

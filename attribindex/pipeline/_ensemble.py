@@ -33,6 +33,7 @@ from attribindex.pipeline._finalize import finalize_index
 from attribindex.pipeline._output import (
     ModelCache,
     build_request,
+    build_resource_failures,
     bytes_on_disk,
     module_records,
     now,
@@ -71,8 +72,12 @@ def checkpoint_learning_rate(checkpoint: str | Path) -> float:
     if scheduler.is_file():
         try:
             rates = torch.load(scheduler, map_location="cpu", weights_only=True).get("_last_lr")
-        except Exception as err:  # a damaged or foreign file: say which, whatever torch raised
-            raise AttribIndexError(f"{scheduler} could not be read ({type(err).__name__}: {err}).") from None
+        except Exception as err:  # a damaged or foreign file: say which, whatever torch raised (its first sentence)
+            cause = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+            raise AttribIndexError(
+                f"{scheduler} could not be read ({type(err).__name__}: {cause}). Copy the checkpoint again, or give the "
+                "weights as numbers (--checkpoint-weights 3e-4,1e-4)."
+            ) from None
         rate = float(rates[0]) if rates else None
     if rate is None and state.is_file():
         logged = [
@@ -154,6 +159,21 @@ def build_ensemble(
         build_request(config, " + ".join(models), corpus, skip_empty), data=f"{corpus.description} (weights {weights})"
     )
     prepare_output(out, overwrite, request)
+    with build_resource_failures(out, config):
+        return _build_members_and_stitch(config, models, weights, corpus, out, skip_empty, progress, started)
+
+
+def _build_members_and_stitch(
+    config: BuildConfig,
+    models: list[str],
+    weights: list[float],
+    corpus: Corpus,
+    out: Path,
+    skip_empty: bool,
+    progress: bool,
+    started: float,
+) -> BuildSummary:
+    """Extract each checkpoint as a member shard (resumable), then stitch them into the index."""
     cache = ModelCache()
     members: list[tuple[Path, ShardManifest]] = []
     for k, model in enumerate(models):

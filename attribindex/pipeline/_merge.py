@@ -17,7 +17,7 @@ from attribindex._progress import progress as progress_bar
 from attribindex._records import first_difference, to_json
 from attribindex._version import __version__
 from attribindex.config import rows_settings
-from attribindex.errors import AttribIndexError
+from attribindex.errors import AttribIndexError, resource_failures
 from attribindex.hessian import CurvatureSums
 from attribindex.pipeline._exact import model_extractor
 from attribindex.pipeline._finalize import finalize_index
@@ -134,8 +134,9 @@ def merge_shards(
     shards = check_shards(folders, [read_manifest(folder, kind="shard") for folder in folders])
     out = Path(out)
     request = MergeRequest(merge=tuple(str(folder.resolve()) for folder, _ in shards))
-    prepare_output(out, overwrite, request)  # an interrupted merge of the same shards simply starts again
-    return merge_into(out, shards, progress)
+    with resource_failures(out, then="the merge starts again (the shards are left as they are)"):
+        prepare_output(out, overwrite, request)  # an interrupted merge of the same shards simply starts again
+        return merge_into(out, shards, progress)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

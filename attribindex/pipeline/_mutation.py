@@ -20,7 +20,7 @@ from typing import Any
 import filelock
 import numpy as np
 
-from attribindex.errors import AttribIndexError
+from attribindex.errors import AttribIndexError, resource_failures
 from attribindex.hessian import CurvatureSums, Preconditioner, fit_preconditioner
 from attribindex.pipeline._output import now
 from attribindex.pipeline._write_segments import raw_blocks, sampled_raw_blocks, write_segment
@@ -47,6 +47,7 @@ class Mutation:
         self.root = root
         self.manifest = manifest
         self.version = manifest.version + 1
+        self.committed = False  # the new manifest is written: what is left is tidying up
 
     def name(self, base: str) -> str:
         return layout.versioned(base, self.version)
@@ -110,26 +111,42 @@ class Mutation:
 
 
 @contextlib.contextmanager
-def mutation(root: Path, keep_pending_append: bool = False) -> Iterator[Mutation]:
+def mutation(
+    root: Path, keep_pending_append: bool = False, memory_fix: str = "close other programs"
+) -> Iterator[Mutation]:
     """Lock the index, clear a crashed mutation's leftovers, and yield the next version to fill and `commit`.
 
-    `keep_pending_append` spares an interrupted append's files, for an append that may resume it.
+    `keep_pending_append` spares an interrupted append's files, for an append that may resume it. Running out of
+    disk space, permission or memory on the way is reported as a `ResourceError` saying what the same command
+    does when run again (`memory_fix`: how this mutation can need less memory).
     """
     root = Path(root)
-    read_manifest(root)  # a clear error for a folder that is not a complete index, before anything is created
-    lock = filelock.FileLock(root / layout.LOCK, timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise AttribIndexError(
-            f"another attribindex process is changing {root} right now. Wait for it to finish, then retry."
-        ) from None
-    try:
-        manifest = read_manifest(root)  # re-read under the lock
-        collect_garbage(root, manifest, keep_pending_append)
-        yield Mutation(root, manifest)
-    finally:
-        lock.release()
+    version = read_manifest(root).version  # a clear error for a folder that is not a complete index, first
+    change: Mutation | None = None
+
+    def then() -> str:
+        if change is not None and change.committed:
+            return f"version {change.version} is committed, and the rerun tidies up what is left"
+        if keep_pending_append:
+            return f"it resumes from its last written chunk (until then the index is version {version}, unchanged)"
+        return f"the index is still version {version}, unchanged"
+
+    with resource_failures(root, then, memory_fix):
+        lock = filelock.FileLock(root / layout.LOCK, timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise AttribIndexError(
+                f"another attribindex process is changing {root} right now. Wait for it to finish, then retry."
+            ) from None
+        try:
+            manifest = read_manifest(root)  # re-read under the lock
+            version = manifest.version
+            collect_garbage(root, manifest, keep_pending_append)
+            change = Mutation(root, manifest)
+            yield change
+        finally:
+            lock.release()
 
 
 def commit(change: Mutation, event: type[MutationEvent], **details: Any) -> IndexManifest:
@@ -143,6 +160,7 @@ def commit(change: Mutation, event: type[MutationEvent], **details: Any) -> Inde
         log=change.manifest.log + (logged,),
     )
     write_manifest(change.root, manifest)
+    change.committed = True
     collect_garbage(change.root, manifest)
     return manifest
 

@@ -3,24 +3,32 @@ folder, its `building.json` marker, the request that decides its rows, and the m
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import shutil
 from pathlib import Path
 
 from attribindex._records import first_difference, to_json
+from attribindex._version import __version__
 from attribindex.config import BuildConfig, rows_settings
 from attribindex.data import Corpus
-from attribindex.errors import AttribIndexError
+from attribindex.errors import AttribIndexError, resource_failures
 from attribindex.logra import ProjectionSet, SecondMomentScales, load_second_moment_scales, select_modules
-from attribindex.model import load_model
+from attribindex.model import load_model, model_fingerprint
 from attribindex.pipeline._extract import release_freed_memory
 from attribindex.store import (
     BuildMarker,
     BuildRequest,
+    CorpusRecord,
+    ManifestHeader,
     MergeRequest,
+    ModelRecord,
     ModuleRecord,
+    ProjectionRecord,
     ShardSlot,
+    TokenizerRecord,
+    TrainingRecord,
     layout,
     read_manifest,
     read_marker,
@@ -149,6 +157,79 @@ def build_projections(config: BuildConfig, lm) -> tuple[ProjectionSet, SecondMom
         modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out, optimizer
     )
     return projections, optimizer
+
+
+def build_resource_failures(out: Path, config: BuildConfig) -> contextlib.AbstractContextManager[None]:
+    """Running out of disk space, permission or memory in a build, as one message with the fix (the rerun resumes).
+
+    Example:
+        >>> with build_resource_failures(Path("idx"), config):  # doctest: +SKIP
+        ...     build_folder(...)
+    """
+    batch_size = config.extract.batch_size
+    return resource_failures(
+        out,
+        then="it resumes from its last written chunk",
+        memory_fix=f"lower extract.batch_size (`batch_size={max(1, batch_size // 2)}`; it is {batch_size}) or "
+        "close other programs",
+        disk_hint=" (`attribindex plan` with the same options shows what the build needs)",
+    )
+
+
+def corpus_record(corpus: Corpus, skipped_empty: int, truncated: int, tokens: int) -> CorpusRecord:
+    """The manifest's record of the corpus a build read (or a plan counted)."""
+    return CorpusRecord(
+        description=corpus.description,
+        text_field=corpus.text_field,
+        id_field=corpus.id_field,
+        skipped_empty=skipped_empty,
+        truncated=truncated,
+        tokens=tokens,
+    )
+
+
+def manifest_header(
+    config: BuildConfig,
+    model_path: str,
+    lm,
+    tokenizer,
+    projections: ProjectionSet,
+    optimizer: SecondMomentScales | None,
+    corpus: CorpusRecord,
+    created: str,
+    *,
+    fingerprint: str | None = None,
+    projection_hash: str | None = None,
+    training: TrainingRecord | None = None,
+) -> ManifestHeader:
+    """The manifest keys an index and a shard share (docs/format.md documents every key), for a build, a capture
+    (`training`) and a plan. `fingerprint` and `projection_hash` default to the model's and the projections' own; a
+    plan passes placeholders of their length, since it sizes the manifest without hashing anything."""
+    return ManifestHeader(
+        created=created,
+        attribindex_version=__version__,
+        model=ModelRecord(
+            name_or_path=model_path,
+            class_name=type(lm).__name__,
+            # weights changed by training belong to no revision of the checkpoint the run started from
+            revision=None if training is not None else getattr(getattr(lm, "config", None), "_commit_hash", None),
+            fingerprint=fingerprint or model_fingerprint(lm),
+        ),
+        tokenizer=TokenizerRecord(
+            name_or_path=model_path, class_name=type(tokenizer).__name__, vocab_size=len(tokenizer)
+        ),
+        config=config,
+        corpus=corpus,
+        modules=module_records(projections),
+        dim=projections.dim,
+        projection=ProjectionRecord(
+            seed=config.projection.seed,
+            hash=projection_hash or projections.hash(),
+            file=layout.PROJECTIONS,
+            optimizer=optimizer.record if optimizer is not None else None,
+        ),
+        training=training,
+    )
 
 
 def module_records(projections: ProjectionSet) -> tuple[ModuleRecord, ...]:

@@ -7,16 +7,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from attribindex._version import __version__
 from attribindex.config import BuildConfig
 from attribindex.data import Corpus, shard_window
 from attribindex.errors import AttribIndexError
 from attribindex.logra import (
     GradientExtractor,
-    ProjectionSet,
-    SecondMomentScales,
 )
-from attribindex.model import DTYPES, model_fingerprint
+from attribindex.model import DTYPES
 from attribindex.pipeline._exact import ExactFactors, check_exact_memory
 from attribindex.pipeline._extract import Extraction, extract, read_checkpoint, remove_temporaries
 from attribindex.pipeline._finalize import finalize_index, finalize_shard
@@ -26,7 +23,8 @@ from attribindex.pipeline._output import (
     build_request,
     bytes_on_disk,
     clear_folder,
-    module_records,
+    corpus_record,
+    manifest_header,
     now,
     prepare_output,
 )
@@ -34,15 +32,11 @@ from attribindex.pipeline._summary import BuildSummary
 from attribindex.store import (
     BuildEvent,
     BuildRequest,
-    CorpusRecord,
     IndexManifest,
     ManifestHeader,
-    ModelRecord,
-    ProjectionRecord,
     ResumedRecord,
     ShardSlice,
     ShardSlot,
-    TokenizerRecord,
     layout,
 )
 
@@ -178,52 +172,9 @@ def _extract_rows(
         position,
         exact=exact,
     )
-    header = _header(config, request, corpus, lm, tokenizer, projections, optimizer, extraction, started)
+    state = extraction.state
+    read = corpus_record(corpus, state.skipped, state.truncated, state.tokens)
+    header = manifest_header(config, request.model, lm, tokenizer, projections, optimizer, read, started)
     resumed = ResumedRecord(rows=extraction.resumed_rows, time=now()) if extraction.resumed_rows else None
     event = BuildEvent(rows=extraction.state.rows, time=started, resumed=resumed)
     return _Extracted(extraction, header, event, extractor)
-
-
-def _header(
-    config: BuildConfig,
-    request: BuildRequest,
-    corpus: Corpus,
-    lm,
-    tokenizer,
-    projections: ProjectionSet,
-    optimizer: SecondMomentScales | None,
-    extraction: Extraction,
-    created: str,
-) -> ManifestHeader:
-    """The manifest keys an index and a shard share (docs/format.md documents every key)."""
-    state = extraction.state
-    return ManifestHeader(
-        created=created,
-        attribindex_version=__version__,
-        model=ModelRecord(
-            name_or_path=request.model,
-            class_name=type(lm).__name__,
-            revision=getattr(getattr(lm, "config", None), "_commit_hash", None),
-            fingerprint=model_fingerprint(lm),
-        ),
-        tokenizer=TokenizerRecord(
-            name_or_path=request.model, class_name=type(tokenizer).__name__, vocab_size=len(tokenizer)
-        ),
-        config=config,
-        corpus=CorpusRecord(
-            description=corpus.description,
-            text_field=corpus.text_field,
-            id_field=corpus.id_field,
-            skipped_empty=state.skipped,
-            truncated=state.truncated,
-            tokens=state.tokens,
-        ),
-        modules=module_records(projections),
-        dim=projections.dim,
-        projection=ProjectionRecord(
-            seed=config.projection.seed,
-            hash=projections.hash(),
-            file=layout.PROJECTIONS,
-            optimizer=optimizer.record if optimizer is not None else None,
-        ),
-    )

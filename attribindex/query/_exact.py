@@ -29,6 +29,12 @@ def check_exact(
     limit_source: str = "attribindex.query.MAX_EXACT_CANDIDATES",
 ) -> None:
     """Refuse a re-rank request the index or the numbers cannot serve, saying what to change."""
+    if manifest.ensemble is not None:  # checked first: rebuilding an ensemble with the exact section is refused too
+        raise AttribIndexError(
+            f"index {manifest.index_id} is a checkpoint ensemble: exact, unprojected influence is not supported for a "
+            f"checkpoint ensemble yet (its build refuses the `exact` section). Use an index of one checkpoint for it, "
+            f"built with `exact: {{enabled: true}}`."
+        )
     if manifest.exact is None:
         raise AttribIndexError(
             f"index {manifest.index_id} was built without the `exact` section, so it has no unprojected curvature to "

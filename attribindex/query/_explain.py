@@ -25,7 +25,8 @@ from attribindex.logra import GradientExtractor, ProjectionSet, project_inputs
 class TokenContribution:
     """One token's share of a score: the tokenizer's `token`, the `text` it covers in the original document (or
     the query's prompt + completion) at characters [start, end), and its `contribution`. Special tokens (BOS)
-    cover no text (start == end).
+    cover no text (start == end); the bytes of one character share its span; a token that cannot be placed in the
+    text (a slow tokenizer that normalises it) has start = end = -1 and its decoded text.
 
     Example:
         >>> TokenContribution(token="Ġcrown", text=" crown", start=9, end=15, contribution=0.12)
@@ -186,8 +187,7 @@ def split_scores(
 
 def token_spans(tokenizer, item: str | PromptCompletion, ids: list[int]) -> list[tuple[str, str, int, int]]:
     """(token, covered text, start, end) of each of `ids`, the tokenisation of `item` (a prompt + completion as one
-    text). Character offsets come from a fast tokenizer; a slow one gives each token's decoded text and no offsets
-    (start = end = -1)."""
+    text). Character offsets come from a fast tokenizer, or, for a slow one, from decoding (`_decoded_spans`)."""
     text = item.prompt + item.completion if isinstance(item, PromptCompletion) else item
     tokens = tokenizer.convert_ids_to_tokens(ids)
     if getattr(tokenizer, "is_fast", False):
@@ -195,4 +195,43 @@ def token_spans(tokenizer, item: str | PromptCompletion, ids: list[int]) -> list
         if encoded["input_ids"][: len(ids)] == list(ids):
             offsets = encoded["offset_mapping"][: len(ids)]
             return [(token, text[s:e], s, e) for token, (s, e) in zip(tokens, offsets)]
-    return [(token, tokenizer.decode([i]), -1, -1) for token, i in zip(tokens, ids)]
+    spans = _decoded_spans(tokenizer, text, ids)
+    return [
+        (token, text[s:e] if s >= 0 else tokenizer.decode([i]), s, e) for token, i, (s, e) in zip(tokens, ids, spans)
+    ]
+
+
+def _decoded_spans(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
+    """Character spans of `ids` in `text` for a tokenizer without offsets (a slow, pure-Python one).
+
+    Token k's text is what decoding adds when it joins the tokens before it: decoded with the last token that
+    completed a character as left context (so a word-start marker or a byte-level character decodes as it does
+    in the whole text), checked against `text` at the current position; should that not match, the decoded
+    prefix ids[: k + 1] is tried. A token that completes no character of its own (one byte of a multi-byte
+    character) shares the span of the token that completes it, as a fast tokenizer's offsets have it; special
+    tokens cover no text (start == end). Tokens that nothing matches (a tokenizer that normalises the text, a text
+    cut inside a character) get (-1, -1). Each token costs two decodes of a few tokens, not of the whole prefix."""
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    spans = [(-1, -1)] * len(ids)
+    pending: list[int] = []  # tokens waiting for the one that completes their character
+    end, context, context_text = 0, 0, ""  # position in `text`; where the next decoding window starts, and its text
+    for k, token_id in enumerate(ids):
+        if token_id in special:
+            spans[k] = (end, end)
+            continue
+        pending.append(k)
+        window = decode(ids[context : k + 1])
+        piece = window[len(context_text) :] if window.startswith(context_text) else None
+        if piece is None or not text.startswith(piece, end):
+            whole = decode(ids[: k + 1])
+            piece = whole[end:] if text.startswith(whole) else ""
+        if piece:
+            for p in pending:
+                spans[p] = (end, end + len(piece))
+            end, pending = end + len(piece), []
+            context, context_text = k, decode([token_id])
+    return spans

@@ -1,8 +1,12 @@
-"""The library entry point: open an index with its model and answer attribution queries."""
+"""The library entry point: open an index with its model and answer attribution queries.
+
+`AttributionIndex` is one facade kept whole: opening and checking the folder, query vectors, search, `attribute`,
+`exact_scores` and `explain` each orchestrate the modules beside it (`_exact` re-ranks, `_explain` splits scores
+over tokens, `_ensemble` runs a checkpoint ensemble's models, `_results` shapes the answers).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ from attribindex.hessian import Preconditioner, normalize_rows
 from attribindex.index import SegmentedIndex, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
+from attribindex.query._ensemble import checkpoint_members, checkpoint_weights, ensemble_raw
 from attribindex.query._exact import EXACT_MEMORY_BYTES, ExactReranker, check_exact
 from attribindex.query._explain import (
     ExplainedExample,
@@ -148,38 +153,10 @@ class AttributionIndex:
 
     def _attach_checkpoints(self, dtype: str | None, device: str) -> None:
         """An ensemble index: every checkpoint's model, each with its own block of the projections."""
-        self._members = []
-        compute = DTYPES[dtype or self.extract_config.dtype]
-        for checkpoint in self.manifest.ensemble.checkpoints:
-            lm, tokenizer = load_model(checkpoint.name_or_path, dtype or self.extract_config.dtype, device)
-            fingerprint = model_fingerprint(lm)
-            if fingerprint != checkpoint.fingerprint:
-                raise IndexMismatchError(
-                    f"checkpoint {checkpoint.name_or_path} differs from the one this ensemble was built with "
-                    f"(fingerprint {fingerprint[:19]}… instead of {checkpoint.fingerprint[:19]}…). Restore it, or "
-                    "rebuild the ensemble."
-                )
-            specs = [m for m in self.projections.modules if m.name.startswith(checkpoint.prefix)]
-            member = ProjectionSet(
-                [dataclasses.replace(m, name=m.name.removeprefix(checkpoint.prefix)) for m in specs],
-                {m.name.removeprefix(checkpoint.prefix): self.projections.p_in[m.name] for m in specs},
-                {m.name.removeprefix(checkpoint.prefix): self.projections.p_out[m.name] for m in specs},
-            )
-            extractor = GradientExtractor(lm, tokenizer, member, self.extract_config.max_length, compute)
-            self._members.append((checkpoint, extractor))
-        self._weights = self._checkpoint_weights()
+        self._members = checkpoint_members(self.manifest, self.projections, self.extract_config, dtype, device)
+        self._weights = checkpoint_weights(self.manifest)
         self._extractor = self._members[-1][1]  # the last checkpoint: the index's recorded model (and tokenizer)
         self._fingerprint = self.manifest.model.fingerprint
-
-    def _ensemble_raw(self, group: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D) raw projected gradients of tokenized queries at every checkpoint, side by side in the index's
-        block order, and their (B,) losses under the last checkpoint."""
-        blocks, losses = [], None
-        for _, extractor in self._members:
-            extracted = extractor.extract(group)
-            blocks.append(extracted.concatenated([m.name for m in extractor.projections.modules]))
-            losses = extracted.losses
-        return torch.cat(blocks, dim=1), losses
 
     def _refuse_for_ensembles(self, what: str) -> None:
         if self.manifest.ensemble is not None:
@@ -268,7 +245,7 @@ class AttributionIndex:
         vectors, losses = [], []
         for group in batched([examples[i] for i in order], batch_size or self.extract_config.batch_size):
             if self.manifest.ensemble is not None:
-                raw, loss = self._ensemble_raw(group)
+                raw, loss = ensemble_raw(self._members, group)
                 vectors.append(self.preconditioner.whiten(raw.to("cpu", torch.float32)) * self._weights)
             else:
                 extracted = self._extractor.extract(group)
@@ -523,11 +500,6 @@ class AttributionIndex:
                 self.root, self.manifest, self.extractor, self.store, self.exact_memory_bytes
             )
         return self._reranker
-
-    def _checkpoint_weights(self) -> torch.Tensor:
-        """(D,) each checkpoint's weight over its blocks: the query side of Σ_k w_k ⟨W_k g_q, W_k g_n⟩."""
-        weights = {c.prefix: c.weight for c in self.manifest.ensemble.checkpoints}
-        return torch.cat([torch.full((m.dim,), weights[m.name.split("/", 1)[0] + "/"]) for m in self.manifest.modules])
 
     def _attributions(self, scores: np.ndarray, rows: np.ndarray) -> list[Attribution]:
         valid = [(float(s), int(r)) for s, r in zip(scores, rows) if r >= 0]

@@ -224,21 +224,25 @@ def _bearer_auth(token: str | None) -> list:
     return [Depends(bearer_token)]
 
 
+# What a refused body should have looked like, per route (the fix a validation message ends with).
+_EXAMPLE_BODIES = {
+    "": '{"queries": ["a text"], "k": 10}',
+    f"{API_PREFIX}/explain": '{"query": "a text", "ids": ["doc-1"]}',
+}
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every refusal and fault as a JSON `{"error": {"type", "message"}}` body, never a trace."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
         problems = err.errors()
+        example = f"Send a JSON object such as {_EXAMPLE_BODIES.get(request.url.path, _EXAMPLE_BODIES[''])}."
         if any(p["type"] == "json_invalid" for p in problems):
-            return _error(
-                400,
-                "malformed_json",
-                'the request body is not valid JSON. Send a JSON object such as {"queries": ["a text"], "k": 10}.',
-            )
+            return _error(400, "malformed_json", f"the request body is not valid JSON. {example}")
         first = problems[0]
         where = ".".join(str(part) for part in first["loc"] if part != "body")
-        return _error(422, "invalid_request", f"{where or 'body'}: {first['msg']}.")
+        return _error(422, "invalid_request", f"{where or 'body'}: {first['msg']}. {example}")
 
     @app.exception_handler(_Unauthorized)
     async def unauthorized(request: Request, err: _Unauthorized):
@@ -315,8 +319,11 @@ def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRo
         query = (
             body.query if isinstance(body.query, str) else PromptCompletion(body.query.prompt, body.query.completion)
         )
-        if len(body.ids) > limits.max_k:
-            raise AttribIndexError(f"{len(body.ids)} ids in one request; this server explains at most {limits.max_k}.")
+        if len(body.ids) > 2 * limits.max_k:  # a query's top k and bottom k, as the explorer asks
+            raise AttribIndexError(
+                f"{len(body.ids)} ids in one request; this server explains at most {2 * limits.max_k} (its max_k "
+                f"{limits.max_k} for the top and as many for the bottom)."
+            )
         _check_query(query, 0, batcher.index, tokenizer, limits)
         if body.exact:
             check_exact(batcher.index.manifest, 1, 1, 0)  # before model work: the index may lack the section
@@ -364,5 +371,8 @@ def _check_query(query, i: int, index: AttributionIndex, tokenizer, limits: Serv
     text = query if isinstance(query, str) else query.prompt + query.completion
     length = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     if length > limits.max_tokens:
-        raise AttribIndexError(f"query {i} has {length} tokens; this server takes at most {limits.max_tokens}.")
+        raise AttribIndexError(
+            f"query {i} has {length} tokens; this server takes at most {limits.max_tokens}. Send a shorter query, or "
+            "start the server with a larger --max-tokens."
+        )
     tokenize(tokenizer, query, index.extract_config.max_length, f"query {i}")  # refuses a query with no loss

@@ -19,7 +19,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(
+def create_server(
     index_dir: str | Path,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -28,11 +28,12 @@ def serve(
     model: str | None = None,
     device: str = "auto",
     limits: ServerLimits | None = None,
-) -> None:
-    """Serve `index_dir` over HTTP until interrupted; in-flight requests finish on SIGTERM, new ones are refused.
+):
+    """The uvicorn server `serve` runs, ready to run: the index and its model loaded once, the app made, what it
+    serves announced on stderr. `serve` runs it in the foreground; a test may run it from a thread.
 
     Example:
-        >>> serve("demo-index", port=8000, token="s3cret")  # doctest: +SKIP
+        >>> create_server("demo-index", port=8000).run()  # doctest: +SKIP
     """
     import uvicorn
 
@@ -48,4 +49,22 @@ def serve(
     if not is_loopback(host) and token is None:
         print(f"warning: {host} is reachable from other machines and no --token is set.", file=sys.stderr)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
-    uvicorn.Server(config).run()
+    return uvicorn.Server(config)
+
+
+def serve(
+    index_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    token: str | None = None,
+    model: str | None = None,
+    device: str = "auto",
+    limits: ServerLimits | None = None,
+) -> None:
+    """Serve `index_dir` over HTTP until interrupted; in-flight requests finish on SIGTERM, new ones are refused.
+
+    Example:
+        >>> serve("demo-index", port=8000, token="s3cret")  # doctest: +SKIP
+    """
+    create_server(index_dir, host, port, token=token, model=model, device=device, limits=limits).run()

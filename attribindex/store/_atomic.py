@@ -4,6 +4,7 @@ files written byte-reproducibly."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +13,14 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask (read once: setting it back at once is the only way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -26,6 +35,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        # safetensors writes through a temporary of its own, made owner-only (0600): an index built by one user
+        # must stay readable by those who query it, as every other file of it is (the mode `open` gives)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)

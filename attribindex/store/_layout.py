@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
 SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
-FORMAT_VERSION = 7  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
+FORMAT_VERSION = 8  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
 # 4: kfac/ekfac curvature and preconditioner tensors, optimizer-aware projections; 5: the `exact` section;
 # 6: captured biases (`modules[].bias`), the head excluded as the model's output embedding; 7: `training`, rows
-# captured while a model trains
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 1 is read as one segment; 2 has flat segments only
+# captured while a model trains; 8: an append event's `request`, so a rerun of a committed append is recognised
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 1 is read as one segment; 2 has flat segments only
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
 BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete
@@ -27,7 +28,7 @@ SHARDS_DIR = "shards"  # a multi-process build keeps its shards here until they 
 MEMBERS_DIR = "members"  # a checkpoint ensemble's per-checkpoint extractions, until they are stitched
 DELETED = "deleted.npy"  # sorted int64 global rows hidden from every result (versioned, see `versioned`)
 APPEND_CHECKPOINT = "append.checkpoint.safetensors"  # curvature of rows being appended, until the commit
-APPEND_REQUEST = "append.request.json"  # what the append in progress is doing: a rerun of it resumes
+APPEND_REQUEST = "append.request.json"  # what the append in progress is doing (its `request`): a rerun of it resumes
 LOCK = ".lock"  # held (flock) by the one process changing an index
 
 # Per chunk `rows/<chunk>.<suffix>`; chunks are numbered in build order and never renamed.
@@ -89,9 +90,15 @@ def capture_commit_step(name: str) -> int:
     return int(name.removeprefix("capture.step-").split(".")[0])
 
 
+# safetensors (from 0.5) writes a file through a temporary of Rust's `tempfile` crate in the same folder, `.tmp`
+# and 6 letters or digits, then renames it: a process killed in between leaves it behind.
+_SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def is_temporary(name: str) -> bool:
-    """Names of atomic-write temporaries (`.NAME.tmp-PID`) that a killed process can leave behind."""
-    return name.startswith(".") and ".tmp-" in name
+    """Names of temporaries a killed process can leave behind: atomic writes' (`.NAME.tmp-PID`) and safetensors'
+    own (`.tmpXXXXXX`)."""
+    return (name.startswith(".") and ".tmp-" in name) or _SAFETENSORS_TEMPORARY.fullmatch(name) is not None
 
 
 def chunk_files_from(root: Path, first: int) -> list[Path]:

@@ -21,7 +21,7 @@ from attribindex.data import Document
 from attribindex.store import _layout as layout
 from attribindex.store._atomic import atomic_open
 from attribindex.store._codec import decode, encode, numpy_store_dtype
-from attribindex.store._manifest import ChunkRecord, file_record
+from attribindex.store._manifest_records import ChunkRecord, file_record
 from attribindex.store._verify import check_file
 
 

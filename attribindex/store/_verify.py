@@ -7,7 +7,7 @@ from pathlib import Path
 
 from attribindex.errors import AttribIndexError
 from attribindex.store._atomic import file_sha256
-from attribindex.store._manifest import FileRecord, Manifest
+from attribindex.store._manifest_records import FileRecord, Manifest
 
 
 def file_problem(root: Path, name: str, record: FileRecord, content: bool = True) -> str | None:

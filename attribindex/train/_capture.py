@@ -1,15 +1,9 @@
 """Capture LoGra rows while a model trains, from the training loop's own backward pass: no second backward.
 
-A training loop backpropagates L = c · Σ_b ℓ_b, where ℓ_b is example b's summed token loss (the loss an index row
-is the gradient of) and c a constant of the micro-batch: HF's causal-LM loss is Σ ℓ / N with N the batch's counted
-tokens (or the Trainer's `num_items_in_batch`), and the loop may scale it further (1 / accumulation steps, a world
-size, an AMP loss scale). The layer hooks see δ = c · ∂ℓ_b/∂y for each example's positions, so every projected
-gradient and KFAC output factor they form carries c (c² for the factor). c is read, not assumed: N from the labels
-or `num_items_in_batch` the model was given, and the loop's own factor as the gradient arriving at the model's
-loss. Dividing by c gives exactly the rows `attribindex build` computes at the same weights.
-
-A loss the model did not compute itself (label smoothing, a custom `compute_loss`) has no such c, and is refused
-unless the loop states it (`loss_scale`).
+Each row is the gradient a training loop's own backward pass brings to the layer hooks, divided by the loss's
+constant (`attribindex.train._loss_scale`); rows are kept and committed at checkpoints by
+`attribindex.train._captured_rows`, and the index is written after training by `attribindex.train._write_capture`.
+This module ties them to the model: the forward hooks that open and close each micro-batch, and the loop's side.
 
 With `optimizer_moments`, the training optimizer's current second moments are folded into the projections step by
 step (TrackStar / LESS divide by √v̂; see `attribindex.logra._optimizer`): the rows of step s are divided by the √v̂
@@ -22,72 +16,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from attribindex._records import from_json, to_json
-from attribindex._version import __version__
 from attribindex.config import BuildConfig, rows_settings
-from attribindex.data import Document
-from attribindex.errors import AttribIndexError
+from attribindex.errors import AttribIndexError, resource_failures
 from attribindex.hessian import CurvatureSums
 from attribindex.logra import LayerHooks, LoGraCapture, live_second_moment_scales
-from attribindex.model import model_fingerprint
-from attribindex.pipeline._extract import keep_committed_chunks
-from attribindex.pipeline._finalize import finalize_index, finalize_shard
-from attribindex.pipeline._merge import check_shards, merge_into
-from attribindex.pipeline._output import build_projections, bytes_on_disk, module_records, now, prepare_output
+from attribindex.pipeline._output import build_projections, bytes_on_disk, prepare_output
 from attribindex.pipeline._ranks import Ranks
 from attribindex.pipeline._summary import BuildSummary
-from attribindex.store import (
-    BuildEvent,
-    BuildRequest,
-    ChunkRecord,
-    ChunkWriter,
-    CorpusRecord,
-    ManifestHeader,
-    ModelRecord,
-    ProjectionRecord,
-    ResumedRecord,
-    ShardSlice,
-    ShardSlot,
-    TokenizerRecord,
-    TrainingRecord,
-    layout,
-    read_manifest,
-    save_safetensors,
+from attribindex.store import BuildRequest, ManifestHeader, ShardSlot, layout, read_manifest
+from attribindex.train._captured_rows import CapturedRows, RowsMode
+from attribindex.train._loss_scale import (
+    IGNORE_INDEX,
+    MicroBatch,
+    counted_tokens,
+    kept,
+    loss_scale_of,
+    unscaled_factors,
+    watch_model_loss,
 )
+from attribindex.train._write_capture import CaptureTarget, capture_header, write_capture
 
-RowsMode = Literal["per_step", "summed"]
-IGNORE_INDEX = -100  # the label of a position that carries no loss (HF's convention)
 # (input_ids (B, T), attention_mask (B, T)) → the batch's (ids, texts or None, sources), for loops that do not say them
 Identify = Callable[[torch.Tensor, torch.Tensor], tuple[list[str], list, list[str]]]
-
-
-@dataclass
-class _MicroBatch:
-    """One forward + backward of the training loop, from the model's forward to the end of its backward."""
-
-    step: int
-    ids: list[str]
-    texts: list[str]
-    sources: list[str]
-    counted: torch.Tensor  # (B,) tokens carrying loss per example
-    loss_scale: float | None  # c, when the loop states it
-    denominator: torch.Tensor | None = None  # N: what the model divided its summed loss by
-    outer_gradient: torch.Tensor | None = None  # ∂L/∂(the model's loss), once backward reaches it
-    wanted_loss: bool = False
-    mask: torch.Tensor | None = None  # (B, T) attention mask
-    deferred: bool = False  # its layer tensors are recorded, to be projected once the optimizer has second moments
 
 
 class _Recorder:
@@ -101,13 +58,6 @@ class _Recorder:
 
     def on_output_grad(self, name: str, delta: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.events.append((False, name, delta))
-
-
-@dataclass
-class _Summed:
-    document: Document
-    row: torch.Tensor  # (D,) Σ over its steps
-    steps: list[int] = field(default_factory=list)
 
 
 class TrainingCapture:
@@ -202,29 +152,23 @@ class TrainingCapture:
         self.projections, self._optimizer_moments = build_projections(config, self.model)
         self.projections.save(self._folder / layout.PROJECTIONS)
         self._names = [m.name for m in self.projections.modules]
-        self._dims = self.projections.block_dims
-        self.curvature = CurvatureSums.for_kind(config.hessian.kind, self._names, self.projections.block_shapes)
+        curvature = CurvatureSums.for_kind(config.hessian.kind, self._names, self.projections.block_shapes)
         dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
         self._hooks = LoGraCapture(self.model, self.projections, dtype)
-        self._hooks.track_factors = self.curvature.tracks_factors
+        self._hooks.track_factors = curvature.tracks_factors
         # Folding the optimizer's live second moments: the plain projections, refolded for each step
         self._moments_of, self._plain_projections = optimizer_moments, self.projections
         self._folded_step: int | None = None
         self._recorder = _Recorder()
         self._recording = LayerHooks(self.model, self._names, dtype, [self._recorder])
-        self._deferred: list[tuple[_MicroBatch, float, list]] = []
-        self._chunks: list[ChunkRecord] = []
-        self._summed: dict[str, _Summed] = {}
-        self._per_step_ids: set[str] = set()  # this run's, for the duplicate check
-        self._steps_seen: set[int] = set()
-        self._gradients = self._tokens = self._no_loss = 0
-        self._resumed_rows, self._resumed_at = 0, ""
+        self._deferred: list[tuple[MicroBatch, float, list]] = []
+        dims = self.projections.block_dims
+        self._rows = CapturedRows(self._folder, config, rows, self._names, dims, curvature, resume_step)
         if resume_step is not None:
-            self._restore(resume_step)
-        first_chunk = len(self._chunks)
-        self._writer = ChunkWriter(self._folder, self._dims, config.store.dtype, config.store.chunk_rows, first_chunk)
+            self.step = resume_step
+        self._target = CaptureTarget(self.out, self._folder, config, self._request, self._marker.started, self._ranks)
         self._pending: tuple[list[str], list[str] | None, float | None] | None = None
-        self._batch: _MicroBatch | None = None
+        self._batch: MicroBatch | None = None
         self._handles = [
             self.model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
             self.model.register_forward_hook(self._on_forward_end, with_kwargs=True),
@@ -286,10 +230,10 @@ class TrainingCapture:
         if not backpropagated:
             return  # a training-mode forward with no backward trained on nothing
         if batch.deferred:
-            self._deferred.append((batch, self._scale_of(batch), self._recorder.events))
+            self._deferred.append((batch, loss_scale_of(batch), self._recorder.events))
             self._recorder.events = []
             return
-        self._add_batch(batch, self._scale_of(batch), self._hooks.gradients, self._hooks.factors)
+        self._add_batch(batch, loss_scale_of(batch), self._hooks.gradients, self._hooks.factors)
 
     def flush_deferred(self, required: bool = False) -> None:
         """Project the micro-batches kept until the optimizer had second moments, once it has them (`required`: it
@@ -337,14 +281,14 @@ class TrainingCapture:
         self._folded_step = self.step
         return True
 
-    def _add_batch(self, batch: _MicroBatch, scale: float, gradients: dict, factors: dict) -> None:
+    def _add_batch(self, batch: MicroBatch, scale: float, gradients: dict, factors: dict) -> None:
         """Rows (and curvature terms) of a backpropagated micro-batch from its projected gradients and factors."""
         rows = torch.cat([gradients[name] for name in self._names], dim=1) / scale  # (B, D)
         keep = batch.counted > 0  # an example whose labels are all ignored contributes no gradient
-        self._no_loss += int((~keep).sum())
-        self._tokens += int(batch.counted.sum())
+        self._rows.no_loss += int((~keep).sum())
+        self._rows.tokens += int(batch.counted.sum())
         if not bool(keep.all()):
-            rows, batch = rows[keep], _kept(batch, keep)
+            rows, batch = rows[keep], kept(batch, keep)
             factors = {name: f[keep] for name, f in factors.items()}
         if len(batch.ids) == 0:
             return
@@ -353,18 +297,10 @@ class TrainingCapture:
                 f"step {batch.step}: the captured gradient of an example is not finite (NaN or inf); the loss or "
                 "the weights overflowed. Check the training run (e.g. a lower learning rate, or float32)."
             )
-        blocks = dict(zip(self._names, rows.split(self._dims, dim=1)))
         factor_rows = None
-        if self.curvature.tracks_factors:
-            factor_rows = {}
-            for name, (_, k_in) in zip(self._names, self.projections.block_shapes):
-                both = factors[name].clone()  # (B, k_in² + k_out²): the output factor Σ δ̃δ̃ᵀ holds c²
-                both[:, k_in * k_in :] /= scale * scale
-                factor_rows[name] = both
-        self.curvature.update(blocks, factor_rows)
-        self._gradients += len(batch.ids)
-        self._steps_seen.add(batch.step)
-        self._store(batch, rows)
+        if self._rows.curvature.tracks_factors:
+            factor_rows = unscaled_factors(factors, self._names, self.projections.block_shapes, scale)
+        self._rows.add(batch, rows, factor_rows)
 
     def commit(self) -> None:
         """Make the rows of the steps before `self.step` durable: call it when the loop saves a checkpoint at that
@@ -374,58 +310,8 @@ class TrainingCapture:
         the curvature sums (and, with rows="summed", of the summed rows) until the index is written."""
         self.finish_batch()
         self.flush_deferred(required=True)
-        record = self._writer.close()  # the partial chunk: a commit ends at a chunk's end
-        if record is not None:
-            self._chunks.append(record)
-        note = {
-            "step": self.step,
-            "chunks": [to_json(chunk) for chunk in self._chunks],
-            "gradients": self._gradients,
-            "tokens": self._tokens,
-            "no_loss": self._no_loss,
-            "steps_seen": sorted(self._steps_seen),
-        }
-        if self.rows_mode == "summed":
-            entries = list(self._summed.values())
-            rows = torch.stack([e.row for e in entries]) if entries else torch.zeros(0, self.projections.dim)
-            documents = [[e.document.id, e.document.text, e.document.source, e.steps] for e in entries]
-            save_safetensors(
-                {"rows": rows.contiguous()},
-                self._folder / layout.capture_summed(self.step),
-                {"documents": json.dumps(documents)},
-            )
-        self.curvature.save(self._folder / layout.capture_commit(self.step), note=note)  # the commit point
-
-    def _restore(self, step: int) -> None:
-        """Continue from the commit at `step`: its chunks, sums and counters; whatever was written after it goes."""
-        path = self._folder / layout.capture_commit(step)
-        if not path.is_file():
-            found = sorted({layout.capture_commit_step(f.name) for f in self._folder.glob(layout.CAPTURE_COMMITS)})
-            raise AttribIndexError(
-                f"training resumes at step {step}, but the capture in {self._folder} committed steps {found} "
-                "only (a commit is made whenever a checkpoint is saved). Resume training from one of those "
-                "checkpoints, or start the capture over with overwrite=True."
-            )
-        self.curvature, note = CurvatureSums.load(path)
-        self._chunks = [from_json(ChunkRecord, c, f"{path} (note)") for c in note["chunks"]]
-        keep_committed_chunks(self._folder, self._chunks)
-        self._gradients, self._tokens, self._no_loss = note["gradients"], note["tokens"], note["no_loss"]
-        self._steps_seen = set(note["steps_seen"])
-        if self.rows_mode == "summed":
-            summed = self._folder / layout.capture_summed(step)
-            with safe_open(str(summed), framework="pt") as handle:
-                documents = json.loads(handle.metadata()["documents"])
-                rows = handle.get_tensor("rows")
-            for (i, text, source, steps), row in zip(documents, rows):
-                self._summed[i] = _Summed(Document(id=i, text=text, source=source), row, steps)
-        self.step = step
-        self._resumed_rows, self._resumed_at = sum(chunk.rows for chunk in self._chunks), now()
-        self._drop_commits_after(step)
-
-    def _drop_commits_after(self, step: int) -> None:
-        for file in self._folder.glob(layout.CAPTURE_COMMITS):
-            if layout.capture_commit_step(file.name) > step:
-                file.unlink()
+        with resource_failures(self.out, then="the capture resumes from its last commit with the training run"):
+            self._rows.commit(self.step, self.projections.dim)
 
     def close(self) -> BuildSummary:
         """Finish the last micro-batch, fit the preconditioner and write the index (the manifest last). Under
@@ -437,12 +323,9 @@ class TrainingCapture:
         if self._moments_of is not None:
             self._fold_for_queries()
         extracted_seconds = time.perf_counter() - self._started_at
-        if self._ranks.size == 1:
-            self._write(finalize=True)
-        elif self.rows_mode == "per_step":
-            self._merge_shards()
-        else:
-            self._sum_over_ranks()
+        kept = "the commits made so far are kept: resume the training run from its last checkpoint to capture the rest"
+        with resource_failures(self.out, then=kept):
+            write_capture(self._target, self._rows, self._header)
         manifest = read_manifest(self.out)
         training = manifest.training
         processes = f" from {self._ranks.size} processes" if self._ranks.size > 1 else ""
@@ -482,111 +365,18 @@ class TrainingCapture:
             **self._optimizer_moments.record,
         }
 
-    def _write(self, finalize: bool) -> None:
-        """Write the remaining rows and the curvature sums into this process's folder, then the index
-        (`finalize`) or this rank's shard."""
-        for entry in self._summed.values():
-            shown = ", ".join(map(str, entry.steps[:8])) + (
-                f", … ({len(entry.steps)} in all)" if len(entry.steps) > 8 else ""
-            )
-            document = dataclasses.replace(entry.document, source=f"{entry.document.source}, steps {shown}")
-            self._add_rows(entry.row[None], [document])
-        record = self._writer.close()
-        if record is not None:
-            self._chunks.append(record)
-        if not self._chunks:
-            raise AttribIndexError(
-                "no example was captured: no training-mode forward + backward ran on the model inside the capture."
-            )
-        self.curvature.save(self._folder / layout.CURVATURE)
-        self._drop_commits_after(-1)  # the rows are complete from here on: the commits are no longer needed
-        header, chunks = self._header(), self._chunks
-        resumed = ResumedRecord(rows=self._resumed_rows, time=self._resumed_at) if self._resumed_at else None
-        event = BuildEvent(rows=sum(chunk.rows for chunk in chunks), time=self._marker.started, resumed=resumed)
-        if finalize:
-            finalize_index(self.out, self.config, header, self.curvature, chunks, event, progress=False)
-        else:
-            window = ShardSlice(index=self._ranks.rank, count=self._ranks.size, documents=(0, 0))  # no corpus slice
-            finalize_shard(self._folder, self.config, header, self._request, self.curvature, chunks, window, event)
-
     def _header(self) -> ManifestHeader:
-        steps = sorted(self._steps_seen)
-        return ManifestHeader(
-            created=self._marker.started,
-            attribindex_version=__version__,
-            model=ModelRecord(
-                name_or_path=self.model_path,
-                class_name=type(self.model).__name__,
-                revision=None,
-                fingerprint=model_fingerprint(self.model),
-            ),
-            tokenizer=TokenizerRecord(
-                name_or_path=self.model_path,
-                class_name=type(self.tokenizer).__name__,
-                vocab_size=len(self.tokenizer),
-            ),
+        return capture_header(
+            started=self._marker.started,
+            model=self.model,
+            model_path=self.model_path,
+            tokenizer=self.tokenizer,
             config=self.config,
-            corpus=CorpusRecord(
-                description=self.description,
-                text_field="text",
-                id_field="id",
-                skipped_empty=self._no_loss,
-                truncated=0,
-                tokens=self._tokens,
-            ),
-            modules=module_records(self.projections),
-            dim=self.projections.dim,
-            projection=ProjectionRecord(
-                seed=self.config.projection.seed,
-                hash=self.projections.hash(),
-                file=layout.PROJECTIONS,
-                optimizer=self._optimizer_moments.record if self._optimizer_moments is not None else None,
-            ),
-            training=TrainingRecord(
-                rows=self.rows_mode,
-                steps=len(steps),
-                first_step=steps[0] if steps else 0,
-                last_step=steps[-1] if steps else 0,
-                gradients=self._gradients,
-            ),
+            description=self.description,
+            projections=self.projections,
+            optimizer_moments=self._optimizer_moments,
+            rows=self._rows,
         )
-
-    def _sum_over_ranks(self) -> None:
-        """rows="summed" under torchrun: every rank's sums (rows per example, curvature, counts) go to rank 0, which
-        adds them up and writes the index into `out` (its own folder); every rank leaves the same way."""
-        mine = {
-            "rows": {i: (e.document, e.steps, e.row.cpu()) for i, e in self._summed.items()},
-            "curvature": self.curvature,
-            "counts": (self._gradients, self._tokens, self._no_loss, sorted(self._steps_seen)),
-        }
-        everyone = self._ranks.gather_to_first(mine)
-        error = None
-        if self._ranks.rank == 0:
-            try:
-                for other in everyone[1:]:
-                    self._add_sums(other)
-                self._write(finalize=True)
-                shutil.rmtree(self.out / layout.SHARDS_DIR, ignore_errors=True)  # the other ranks' commit folders
-            except AttribIndexError as err:
-                error = str(err)
-        error = self._ranks.broadcast_from_first(error)
-        if error:
-            raise AttribIndexError(error)
-
-    def _add_sums(self, other: dict) -> None:
-        for i, (document, steps, row) in other["rows"].items():
-            entry = self._summed.get(i)
-            if entry is None:
-                self._summed[i] = _Summed(document, row.clone(), list(steps))
-            else:
-                entry.row += row
-                entry.steps = sorted(entry.steps + list(steps))
-        self.curvature.merge(other["curvature"])
-        gradients, tokens, no_loss, steps = other["counts"]
-        self._gradients += gradients
-        self._tokens += tokens
-        self._no_loss += no_loss
-        self._steps_seen |= set(steps)
 
     def _prepare(self, overwrite: bool, request: BuildRequest, resume_step: int | None) -> str | None:
         """Ready the output folder (rank 0 only); the refusal's message, broadcast so that every rank stops."""
@@ -606,30 +396,6 @@ class TrainingCapture:
                 "Capture the run from its start (or pass resume_step=None to index only the steps from here on)."
             )
         return None
-
-    def _merge_shards(self) -> None:
-        """rows="per_step" under torchrun: each rank writes its shard; rank 0 merges them into the index, and every
-        rank leaves the same way."""
-        error = None
-        try:
-            self._write(finalize=False)
-        except AttribIndexError as err:
-            error = f"rank {self._ranks.rank}: {err}"
-        errors = [e for e in self._ranks.gather(error) if e]
-        if errors:
-            raise AttribIndexError(errors[0])
-        if self._ranks.rank == 0:
-            try:
-                root = self.out / layout.SHARDS_DIR
-                folders = [root / layout.shard_dir_name(i, self._ranks.size) for i in range(self._ranks.size)]
-                shards = check_shards(folders, [read_manifest(folder, kind="shard") for folder in folders])
-                merge_into(self.out, shards, progress=False)
-                shutil.rmtree(root)
-            except AttribIndexError as err:
-                error = str(err)
-        error = self._ranks.broadcast_from_first(error)
-        if error:
-            raise AttribIndexError(error)
 
     def abort(self) -> None:
         """Stop capturing without writing an index: the folder stays incomplete (no manifest)."""
@@ -655,15 +421,19 @@ class TrainingCapture:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         labels = kwargs.get("labels")
+        if labels is not None and ((attention_mask[:, :-1] == 0) & (labels[:, 1:] != IGNORE_INDEX)).any():
+            # a build never predicts a token from padding: such a row would be no build's row, so no query's
+            raise AttribIndexError(
+                "a label is predicted from a padding position (left padding, each row's first token labelled, as "
+                "DataCollatorForLanguageModeling labels it): set the label of each row's first real token to -100, "
+                "or pad on the right."
+            )
         ids, texts, sources, loss_scale = self._examples(input_ids, attention_mask)
-        if labels is not None:
-            counted = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,) positions whose next token is predicted
-        else:
-            counted = attention_mask[:, 1:].sum(dim=1)  # a loss of the loop's own: assume every real token counts
+        counted = counted_tokens(labels, attention_mask)
         if self._deferred and self._deferred[0][0].step < self.step:
             self.flush_deferred()  # the optimizer has updated since
         deferred = not self._refold()
-        self._batch = _MicroBatch(
+        self._batch = MicroBatch(
             step=self.step,
             ids=ids,
             texts=texts,
@@ -684,20 +454,7 @@ class TrainingCapture:
         batch = self._batch
         if batch is None:
             return
-        loss = getattr(output, "loss", None)
-        if batch.loss_scale is not None or loss is None or not loss.requires_grad:
-            return
-        items = kwargs.get("num_items_in_batch")
-        labels = kwargs["labels"]
-        if items is None:
-            batch.denominator = (labels[:, 1:] != IGNORE_INDEX).sum()  # HF's causal-LM loss: the mean over tokens
-        else:
-            batch.denominator = torch.as_tensor(items)  # HF's loss with num_items_in_batch: the sum over it
-
-        def record(gradient: torch.Tensor) -> None:
-            batch.outer_gradient = gradient.detach()
-
-        loss.register_hook(record)
+        watch_model_loss(batch, kwargs, output)
 
     def _examples(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         if self._pending is not None:
@@ -726,68 +483,10 @@ class TrainingCapture:
     def _decode(self, row: torch.Tensor, mask: torch.Tensor) -> str:
         return self.tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True)
 
-    def _scale_of(self, batch: _MicroBatch) -> float:
-        if batch.loss_scale is not None:
-            return batch.loss_scale
-        if batch.outer_gradient is not None and batch.denominator is not None:
-            return (batch.outer_gradient / batch.denominator.to(batch.outer_gradient)).item()
-        cause = "was called without labels" if not batch.wanted_loss else "computed a loss that was not backpropagated"
-        raise AttribIndexError(
-            f"step {batch.step}: the model {cause}, so the loss trained on was computed outside it (label smoothing, "
-            "a compute_loss_func or compute_loss of the Trainer, or a loop's own loss), and the capture cannot tell "
-            "how it weighs each example. It inverts the model's own cross-entropy times a constant: with the Trainer, "
-            "turn off label_smoothing_factor and custom losses; in a loop, pass labels to the model, or state c in "
-            "capture.batch(ids, loss_scale=c) for a loss L = c · Σ_b Σ_t ℓ_bt."
-        )
-
-    def _store(self, batch: _MicroBatch, rows: torch.Tensor) -> None:
-        if self.rows_mode == "per_step":
-            documents = [
-                Document(id=f"{i}@{batch.step}", text=text, source=source)
-                for i, text, source in zip(batch.ids, batch.texts, batch.sources)
-            ]
-            for document in documents:
-                if document.id in self._per_step_ids:
-                    raise AttribIndexError(
-                        f"example {document.id.rsplit('@', 1)[0]!r} was trained on twice in step {batch.step}: its "
-                        "id is not unique. Give every example its own id, or capture with rows='summed'."
-                    )
-                self._per_step_ids.add(document.id)
-            self._add_rows(rows, documents)
-            return
-        for i, text, source, row in zip(batch.ids, batch.texts, batch.sources, rows):
-            entry = self._summed.get(i)
-            if entry is None:
-                self._summed[i] = _Summed(Document(id=i, text=text, source=source), row.clone(), [batch.step])
-            else:
-                entry.row += row
-                entry.steps.append(batch.step)
-
-    def _add_rows(self, rows: torch.Tensor, documents: list[Document]) -> None:
-        start = 0
-        while start < len(documents):
-            take = min(self._writer.room, len(documents) - start)
-            record = self._writer.add(rows[start : start + take].float(), documents[start : start + take])
-            if record is not None:
-                self._chunks.append(record)
-            start += take
-
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _kept(batch: _MicroBatch, keep: torch.Tensor) -> _MicroBatch:
-    picked = [i for i, k in enumerate(keep.tolist()) if k]
-    return _MicroBatch(
-        step=batch.step,
-        ids=[batch.ids[i] for i in picked],
-        texts=[batch.texts[i] for i in picked],
-        sources=[batch.sources[i] for i in picked],
-        counted=batch.counted[keep],
-        loss_scale=batch.loss_scale,
-    )
 
 
 @contextlib.contextmanager

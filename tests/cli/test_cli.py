@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from attribindex.cli import main
-from attribindex.cli._main import in_flags
+from attribindex.cli._base import in_flags
 from attribindex.errors import AttribIndexError
 from attribindex.testing import write_jsonl
 
@@ -192,7 +192,7 @@ def test_build_errors(tiny_models, corpus_file, tmp_path, built):
 
 def test_library_errors_name_parameters_and_the_cli_names_its_flags(tiny_models, corpus_file, built):
     from attribindex import build_index, load_config
-    from attribindex.cli._main import build, merge  # the click commands
+    from attribindex.cli._build import build, merge  # the click commands
 
     with pytest.raises(AttribIndexError, match="Pass `overwrite=True` to replace it") as caught:
         build_index(load_config("tiny"), str(tiny_models["gpt2"]), corpus_file, built, progress=False)

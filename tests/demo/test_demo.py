@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 from click.testing import CliRunner
 
 from attribindex.cli import main
-from attribindex.demo import DEMO_QUERIES, demo_corpus, load_shakespeare_speeches, shakespeare_speeches_by_id
+from attribindex.demo import (
+    DEFAULT_SPEECHES,
+    DEMO_QUERIES,
+    demo_corpus,
+    load_shakespeare_speeches,
+    shakespeare_speeches_by_id,
+)
 from attribindex.errors import AttribIndexError
 from attribindex.query import AttributionIndex
 from tests.conftest import run_checked
@@ -49,13 +56,20 @@ def test_demo_corpus_holds_every_source_once_and_keeps_held_out_apart():
         assert any(word.strip(",.;") in source["text"] for word in first_words)
 
 
+# 40 sampled speeches keep the test at ~20 s; `tools/check_demo.sh` runs it on the default demo (300 speeches).
+SPEECHES = int(os.environ.get("ATTRIBINDEX_DEMO_SPEECHES", "40"))
+
+
 def test_demo_traces_every_query_to_its_own_speech_at_rank_1(installed_wheel, tmp_path):
-    """The default demo, as a user runs it from an installed wheel: every famous line, the paraphrase and the
-    prompt → completion find their own speech first, in the printed output and in the index itself."""
+    """The demo, as a user runs it from an installed wheel: every famous line, the paraphrase and the prompt →
+    completion find their own speech first, in the printed output and in the index itself."""
     venv, env = installed_wheel
     out = tmp_path / "demo-index"
-    output = run_checked([venv / "bin" / "attribindex", "demo", "--out", out], tmp_path, env, timeout=600)
-    assert "rows       306" in output  # 300 sampled + the 6 query sources
+    command = [venv / "bin" / "attribindex", "demo", "--out", out]
+    if SPEECHES != DEFAULT_SPEECHES:
+        command += ["--speeches", str(SPEECHES)]
+    output = run_checked(command, tmp_path, env, timeout=600)
+    assert f"rows       {SPEECHES + len(DEMO_QUERIES)}" in output  # the sampled speeches + the query sources
     for query in DEMO_QUERIES:
         heading = output.index(f"— {query.label}\n")
         first = output[heading:].split("\n")[1]
@@ -68,10 +82,12 @@ def test_demo_traces_every_query_to_its_own_speech_at_rank_1(installed_wheel, tm
     index = AttributionIndex.open(out)
     answer = index.attribute([q.query for q in DEMO_QUERIES], k=2)
     for query, found in zip(DEMO_QUERIES, answer.results):
-        assert found.top[0].id == query.source, (query.label, [a.id for a in found.top])
-        assert found.top[0].score > found.top[1].score + 0.02  # a clear first, not a tie broken by luck
+        first, second = found.top
+        assert first.id == query.source, (query.label, [a.id for a in found.top])
+        assert first.score > 1.5 * max(second.score, 0), (query.label, first.score, second.score)  # a clear first
 
-    again = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    rerun = ["demo", "--out", str(out)] + (["--speeches", str(SPEECHES)] if SPEECHES != DEFAULT_SPEECHES else [])
+    again = CliRunner().invoke(main, rerun)
     assert again.exit_code == 0 and "reusing the index" in again.output
     assert again.output.count("← its source") == output.count("← its source")
 

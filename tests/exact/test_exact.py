@@ -1,5 +1,6 @@
 """The exact section's parts on a model that is not a language model (an MLP): factor sums against autograd, and
-the two ways of scoring (token-contracted and from rotated full gradients) against each other."""
+the two ways of scoring (token-contracted and from rotated full gradients) against each other and against an explicit
+Kronecker-factored inverse Hessian."""
 
 from __future__ import annotations
 
@@ -87,12 +88,27 @@ def test_contracted_scores_equal_scores_from_rotated_gradients():
     _run(mlp, x, y, RotatedGradients(shapes, preconditioner, train.__setitem__))
     from_rotated = sum(torch.einsum("noi,qoi->nq", train[n], weighted[n]) for n in NAMES)
     torch.testing.assert_close(contracted.scores, from_rotated)
-    # and both equal the explicit inverse applied to autograd gradients
+    # and both equal an explicit (H + λI)⁻¹, formed without the eigenbases, applied to autograd gradients
     gradients = _autograd_gradients(mlp, x, y)
     explicit = sum(
-        torch.einsum(
-            "noi,qoi->nq", gradients[n], layers[n].unrotate(layers[n].rotate(gradients[n][:2]) * layers[n].inverse)
-        )
+        gradients[n].reshape(len(x), -1)
+        @ _dense_kfac_inverse(mlp, x, y, n, gradients[n], 0.1)
+        @ gradients[n][:2].reshape(2, -1).T
         for n in NAMES
     )
     torch.testing.assert_close(contracted.scores, explicit)
+
+
+def _dense_kfac_inverse(mlp, x, y, name: str, gradients: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(d, d) KFAC (H + λI)⁻¹ of layer `name` as an explicit matrix: H = c · (S ⊗ A) from the layer's own inputs x̄ and
+    output gradients δ (one position per example: δ = softmax − onehot after the last layer, the bias gradient after
+    the first), c so that tr H = E‖G‖², λ = α · tr H / d (the mean eigenvalue), inverted by a linear solve."""
+    if name == "0":
+        inputs, deltas = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), gradients[:, :, -1]
+    else:  # the last layer's input, and the gradient of the summed cross-entropy at its output
+        inputs, deltas = torch.tanh(mlp[0](x)), torch.softmax(mlp(x), -1) - F.one_hot(y, 3).double()
+    a, s = inputs.T @ inputs / len(x), deltas.T @ deltas / len(x)
+    hessian = torch.kron(s, a)  # row-major like vec(G) = G.reshape(-1)
+    hessian = hessian * (gradients.square().sum(dim=(1, 2)).mean() / torch.trace(hessian))
+    damped = hessian + alpha * torch.trace(hessian) / len(hessian) * torch.eye(len(hessian), dtype=hessian.dtype)
+    return torch.linalg.solve(damped, torch.eye(len(hessian), dtype=hessian.dtype))

@@ -13,7 +13,7 @@ import torch
 from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, append_documents, build_index
 from attribindex.model import load_model, model_fingerprint
 from attribindex.serve import Client
-from attribindex.testing import running_server, write_jsonl
+from attribindex.testing import serving, write_jsonl
 from tests.conftest import exact_config
 from tests.reference import explicit_projected_gradients
 
@@ -117,6 +117,6 @@ def test_the_cli_plans_builds_queries_and_serves_an_adapter_folder(adapter, corp
     assert answer.exit_code == 0, answer.output
     top = [a["id"] for a in json.loads(answer.output)["results"][0]["top"]]
     assert len(top) == 2
-    with running_server(out) as url, Client(url) as client:  # the server loads the adapter named in the manifest
+    with serving(out) as url, Client(url) as client:  # the server loads the adapter named in the manifest
         served = client.attribute(["king queen crown"], k=2).results[0].top
     assert [a.id for a in served] == top

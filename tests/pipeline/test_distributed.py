@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,24 +25,51 @@ def config_file(tmp_path_factory):
     return path
 
 
-def _torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    return subprocess.run(command + ["-m", "attribindex", "build", *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.parametrize("hessian", ["raw", "ekfac"])  # ekfac: Kronecker factor sums travel through the shards
-def test_two_ranks_three_shards_equal_one_process(hessian, tiny_models, corpus_file, config_file, tmp_path):
-    single = tmp_path / "single"
-    config = exact_config(kind=hessian)
-    build_index(config, str(tiny_models["gpt2"]), corpus_file, single, id_field="id", progress=False)
-    out = tmp_path / "idx"
-    common = ["--config", str(config_file), "--model", str(tiny_models["gpt2"]), "--data", str(corpus_file)]
-    common += ["--hessian", hessian]
-    result = _torchrun(2, *common, "--id-field", "id", "--num-shards", "3", "--keep-shards", "--out", str(out))
+def _torchrun(processes: int, store: Path, *commands: list[str]) -> list[tuple[int, str, str]]:
+    """Each command line's (exit status, stdout, stderr), all run in turn in one launch of `processes` ranks (see
+    torchrun_commands.py; `store`: a new file for the process group of the commands after the first)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    driver = [str(Path(__file__).with_name("torchrun_commands.py")), str(store), json.dumps(commands)]
+    result = subprocess.run([*launch, *driver], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("index of 3 shards on 2 processes") == 1  # one summary, from rank 0
+    outs, errs = (re.split(r"=== command \d+ exit -?\d+\n", text) for text in (result.stdout, result.stderr))
+    statuses = [int(s) for s in re.findall(r"=== command \d+ exit (-?\d+)", result.stdout)]
+    assert len(statuses) == processes * len(commands), result.stderr[-3000:]
+    # every rank prints after each command: command i's output lies between the markers of i - 1 and i
+    return [
+        (
+            max(statuses[processes * i : processes * (i + 1)], key=abs),
+            "".join(outs[processes * i : processes * (i + 1)]),
+            "".join(errs[processes * i : processes * (i + 1)]),
+        )
+        for i in range(len(commands))
+    ]
+
+
+def test_two_ranks_three_shards_equal_one_process(tiny_models, corpus_file, config_file, tmp_path):
+    """One launch: an EK-FAC build (its Kronecker factor sums travel through the shards; attribindex starts and
+    ends the process group) and a raw build (in a group of the caller's), each equal to its single-process build,
+    then a build into a folder that already holds an index, refused on every rank."""
+    model = str(tiny_models["gpt2"])
+    common = ["build", "--config", str(config_file), "--model", model, "--data", str(corpus_file), "--id-field", "id"]
+    hessians = ("ekfac", "raw")
+    outs = {hessian: tmp_path / hessian for hessian in hessians}
+    builds = [[*common, "--hessian", h, "--num-shards", "3", "--keep-shards", "--out", str(outs[h])] for h in hessians]
+    again = [*common, "--hessian", "raw", "--num-shards", "3", "--out", str(outs["raw"])]
+    *built, refused = _torchrun(2, tmp_path / "store", *builds, again)
+    for hessian, (status, stdout, stderr) in zip(hessians, built):
+        assert status == 0, stderr[-3000:]
+        _assert_equals_one_process(hessian, outs[hessian], stdout, stderr, model, corpus_file, tmp_path)
+    status, _, stderr = refused
+    assert status != 0 and "already holds an index" in stderr
+
+
+def _assert_equals_one_process(hessian, out, stdout, stderr, model, corpus_file, tmp_path):
+    assert stdout.count("index of 3 shards on 2 processes") == 1  # one summary, from rank 0
     for rank, shard in ((0, 0), (1, 1), (0, 2)):  # rank r builds shards r, r + 2, …, each with its own bar
-        assert f"rank {rank} shard {shard}/3" in result.stderr
+        assert f"rank {rank} shard {shard}/3" in stderr
+    single = tmp_path / f"single-{hessian}"
+    build_index(exact_config(kind=hessian), model, corpus_file, single, id_field="id", progress=False)
     assert_same_index(single, out)
     assert read_manifest(out).hessian.kind == hessian
 
@@ -48,6 +78,3 @@ def test_two_ranks_three_shards_equal_one_process(hessian, tiny_models, corpus_f
     projection_files = {(s / layout.PROJECTIONS).read_bytes() for s in shards}
     assert len(projection_files) == 1
     assert {read_manifest(s, kind="shard").projection.hash for s in shards} == {read_manifest(out).projection.hash}
-
-    again = _torchrun(2, *common, "--id-field", "id", "--num-shards", "3", "--out", str(out))
-    assert again.returncode != 0 and "already holds an index" in again.stderr

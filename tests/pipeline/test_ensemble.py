@@ -3,10 +3,15 @@ single-checkpoint scores, found by one exact inner-product search."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from attribindex import (
     AttribIndexError,
@@ -18,12 +23,13 @@ from attribindex import (
     delete_ids,
     refresh_index,
 )
-from attribindex.config import load_config
+from attribindex.logra import ProjectionSet
 from attribindex.model import load_model
 from attribindex.serve import Client
 from attribindex.store import read_manifest, verify_files
-from attribindex.testing import running_server, write_jsonl
+from attribindex.testing import serving, write_jsonl
 from tests.conftest import exact_config
+from tests.reference import assert_same_index, explicit_projected_gradients
 
 QUERIES = ["king queen crown sword", "storm war peace love death night"]
 
@@ -45,6 +51,36 @@ def checkpoints(tiny_models, tmp_path_factory):
 def scores_by_id(index: AttributionIndex, query: str) -> dict[str, float]:
     found = index.attribute(query, k=index.rows).results[0]
     return {a.id: a.score for a in found.top}
+
+
+def explicit_cosines(folder: Path, checkpoints: list[str], weights: list[float], query: str) -> dict[str, float]:
+    """{id: score} of every stored row of a cosine-mode ensemble of `raw` Hessian, from plain tensors: the stored raw
+    rows, the dense whitening matrices of the preconditioner file and the query's autograd gradient at each
+    checkpoint. Both sides are the concatenation of the whitened blocks, the query's blocks of checkpoint k times
+    w_k, each normalised as a whole: one cosine, not a mean of the checkpoints' cosines."""
+    index = AttributionIndex.open(folder, load_model_now=False)
+    whitening = load_file(str(folder / "preconditioner.safetensors"))  # {module: (d, d) W}, for a `raw` Hessian
+    modules = index.manifest.modules
+    query_blocks = []
+    for k, (model_path, weight) in enumerate(zip(checkpoints, weights)):
+        prefix = f"checkpoint-{k}/"
+        mine = [m for m in index.projections.modules if m.name.startswith(prefix)]
+        member = ProjectionSet(
+            [dataclasses.replace(m, name=m.name.removeprefix(prefix)) for m in mine],
+            {m.name.removeprefix(prefix): index.projections.p_in[m.name] for m in mine},
+            {m.name.removeprefix(prefix): index.projections.p_out[m.name] for m in mine},
+        )
+        model, tokenizer = load_model(model_path, dtype="float64", device="cpu")
+        gradient = explicit_projected_gradients(model, tokenizer, [query], member, max_length=32)[0]
+        query_blocks += [weight * b for b in gradient.split([m.dim for m in modules if m.name.startswith(prefix)])]
+    assert len(query_blocks) == len(modules)
+    dims = [m.dim for m in modules]
+    matrices = [whitening[m.name].double() for m in modules]
+    q = torch.cat([w @ b for w, b in zip(matrices, query_blocks)])
+    rows = torch.from_numpy(np.concatenate([raw.numpy() for _, raw in index.store.iter_raw()])).double()
+    whitened = torch.cat([block @ w for w, block in zip(matrices, rows.split(dims, dim=1))], dim=1)  # W symmetric
+    scores = (whitened / whitened.norm(dim=1, keepdim=True)) @ (q / q.norm())
+    return {d.id: float(v) for d, v in zip(index.store.documents(range(len(rows))), scores)}
 
 
 def test_an_ensemble_score_is_the_weighted_sum_of_the_checkpoints_scores(checkpoints, corpus_file, tmp_path):
@@ -71,16 +107,21 @@ def test_an_ensemble_score_is_the_weighted_sum_of_the_checkpoints_scores(checkpo
 
 
 def test_an_ensemble_refuses_other_architectures_and_what_it_cannot_do_yet(
-    checkpoints, tiny_models, corpus_file, tmp_path
+    checkpoints, tiny_models, corpus_records, corpus_file, tmp_path
 ):
     with pytest.raises(AttribIndexError, match="not one architecture .model_type: 'gpt2' vs 'llama'"):
         build_ensemble(exact_config(), [checkpoints[0], str(tiny_models["llama"])], corpus_file, tmp_path / "mixed")
     with pytest.raises(AttribIndexError, match="does not exist or has no config.json"):
         build_ensemble(exact_config(), [checkpoints[0], str(tmp_path / "gone")], corpus_file, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()  # refused before anything was written
-    build_ensemble(exact_config("cosine"), checkpoints, corpus_file, tmp_path / "ens", id_field="id", progress=False)
+    config, weights = exact_config("cosine"), [1.0, 0.25]
+    build_ensemble(config, checkpoints, corpus_file, tmp_path / "ens", weights=weights, id_field="id", progress=False)
     index = AttributionIndex.open(tmp_path / "ens")
-    assert index.attribute("king queen", k=3).results[0].top[0].score <= 1.0 + 1e-6  # cosine of the concatenation
+    found = index.attribute("king queen", k=index.rows).results[0].top
+    expected = explicit_cosines(tmp_path / "ens", checkpoints, weights, "king queen")
+    assert {a.id for a in found} == expected.keys()
+    for a in found:  # the cosine of the weighted concatenation
+        assert a.score == pytest.approx(expected[a.id], rel=1e-4, abs=1e-5), a.id
     with pytest.raises(AttribIndexError, match="explain is not supported for a checkpoint ensemble"):
         index.explain("king queen", [index.attribute("king", k=1).results[0].top[0].id])
     with pytest.raises(AttribIndexError, match="appending to one is not supported yet"):
@@ -88,14 +129,22 @@ def test_an_ensemble_refuses_other_architectures_and_what_it_cannot_do_yet(
     with pytest.raises(AttribIndexError, match="cannot stand in for them"):
         AttributionIndex.open(tmp_path / "ens", model=checkpoints[0])
 
-    # mutations work on stored rows and per-block curvature, as for any index
-    top = index.attribute("king queen", k=2).results[0].top
-    delete_ids(tmp_path / "ens", [top[0].id])
+    # mutations work on stored rows and per-block curvature, as for any index: the result is the ensemble built
+    # over the remaining documents
+    gone = found[0].id
+    delete_ids(tmp_path / "ens", [gone])
     compact_index(tmp_path / "ens")
     refresh_index(tmp_path / "ens")
     assert verify_files(tmp_path / "ens", read_manifest(tmp_path / "ens")).ok
-    after = AttributionIndex.open(tmp_path / "ens").attribute("king queen", k=1).results[0].top
-    assert after[0].id != top[0].id  # the deleted best is gone
+    remaining = write_jsonl(tmp_path / "remaining.jsonl", [r for r in corpus_records if r["id"] != gone])
+    build_ensemble(config, checkpoints, remaining, tmp_path / "fresh", weights=weights, id_field="id", progress=False)
+    assert_same_index(tmp_path / "ens", tmp_path / "fresh", same_sources=False, curvature_rtol=1e-6)
+    assert read_manifest(tmp_path / "ens").ensemble == read_manifest(tmp_path / "fresh").ensemble
+    mutated, fresh = AttributionIndex.open(tmp_path / "ens"), AttributionIndex.open(tmp_path / "fresh")
+    for query in QUERIES:
+        a, b = mutated.attribute(query, k=23).results[0].top, fresh.attribute(query, k=23).results[0].top
+        assert [x.id for x in a] == [x.id for x in b] and gone not in {x.id for x in a}
+        np.testing.assert_allclose([x.score for x in a], [x.score for x in b], rtol=1e-5, atol=1e-6)
 
 
 def test_the_cli_builds_an_ensemble_from_repeated_models_and_shows_it(checkpoints, corpus_file, tmp_path):
@@ -115,7 +164,7 @@ def test_the_cli_builds_an_ensemble_from_repeated_models_and_shows_it(checkpoint
     answer = CliRunner().invoke(main, ["query", out, "--text", "king queen crown", "-k", "3"])
     assert answer.exit_code == 0 and "3. +" in answer.output, answer.output
 
-    with running_server(out) as url, Client(url) as client:  # a real server answers as the library does
+    with serving(out) as url, Client(url) as client:  # a real server answers as the library does
         served = client.attribute(["king queen crown"], k=3).results[0].top
     local = AttributionIndex.open(out).attribute(["king queen crown"], k=3).results[0].top
     assert [a.id for a in served] == [a.id for a in local]
@@ -171,6 +220,37 @@ def test_trainer_checkpoints_are_weighed_by_their_learning_rate(tiny_models, cor
     assert not (tmp_path / "no").exists()
 
 
+def ensemble_command(checkpoints: list[str], corpus_file: Path, out: Path) -> list[str]:
+    """`attribindex build` arguments of a two-checkpoint ensemble of the tiny preset."""
+    models = ["--model", checkpoints[0], "--model", checkpoints[1]]
+    return ["build", "--config", "tiny", *models, "--data", str(corpus_file), "--id-field", "id", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def whole_ensemble(checkpoints, corpus_file, tmp_path_factory) -> Path:
+    """The uninterrupted CLI build that the killed-and-resumed ones must equal (read only)."""
+    from click.testing import CliRunner
+
+    from attribindex.cli import main
+
+    out = tmp_path_factory.mktemp("whole-ensemble") / "whole"
+    built = CliRunner().invoke(main, ensemble_command(checkpoints, corpus_file, out))
+    assert built.exit_code == 0, built.output
+    return out
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under `folder`; the manifest's build timestamps (`created` and each log
+    event's `time`, the wall clock of the run that wrote it) are blanked, the rest of it is kept."""
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest = json.loads(files["manifest.json"])
+    manifest["created"] = None
+    for event in manifest["log"]:
+        event["time"] = None
+    files["manifest.json"] = json.dumps(manifest, sort_keys=True).encode()
+    return files
+
+
 @pytest.mark.parametrize(
     "kill_at",
     [
@@ -179,31 +259,22 @@ def test_trainer_checkpoints_are_weighed_by_their_learning_rate(tiny_models, cor
     ],
     ids=["between checkpoints", "before the index"],
 )
-def test_a_killed_ensemble_build_resumes_to_the_uninterrupted_result(kill_at, checkpoints, corpus_file, tmp_path):
-    from tests.killing import cli_killed
-
-    def command(out):
-        return ["build", "--config", "tiny", "--model", checkpoints[0], "--model", checkpoints[1]] + [
-            "--data",
-            str(corpus_file),
-            "--id-field",
-            "id",
-            "--out",
-            str(out),
-        ]
-
-    build_ensemble(load_config("tiny"), checkpoints, corpus_file, tmp_path / "whole", id_field="id", progress=False)
-    killed = cli_killed(kill_at, *command(tmp_path / "resumed"))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not (tmp_path / "resumed" / "manifest.json").exists()
+def test_a_killed_ensemble_build_resumes_to_the_uninterrupted_result(
+    kill_at, checkpoints, corpus_file, whole_ensemble, tmp_path
+):
+    """Every file of the resumed index equals the uninterrupted build's, byte for byte; of the manifest, all but
+    the times it was written at."""
     from click.testing import CliRunner
 
     from attribindex.cli import main
+    from tests.killing import cli_killed
 
-    again = CliRunner().invoke(main, command(tmp_path / "resumed"))
+    killed = cli_killed(kill_at, *ensemble_command(checkpoints, corpus_file, tmp_path / "resumed"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    again = CliRunner().invoke(main, ensemble_command(checkpoints, corpus_file, tmp_path / "resumed"))
     assert again.exit_code == 0, again.output
-    whole, resumed = AttributionIndex.open(tmp_path / "whole"), AttributionIndex.open(tmp_path / "resumed")
-    assert resumed.manifest.store.chunks == whole.manifest.store.chunks  # the same rows, byte for byte
-    for query in QUERIES:
-        a, b = whole.attribute(query, k=5).results[0].top, resumed.attribute(query, k=5).results[0].top
-        assert [x.id for x in a] == [x.id for x in b]
+    whole, resumed = folder_contents(whole_ensemble), folder_contents(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(whole)
+    for name, content in whole.items():
+        assert resumed[name] == content, name

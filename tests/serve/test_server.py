@@ -1,4 +1,6 @@
-"""The real server, as a subprocess on a free loopback port, talked to over HTTP."""
+"""The real server over HTTP on a free loopback port: the app and uvicorn server `attribindex serve` runs, from a
+thread of this process where the answers are under test, and as its own process (`attribindex serve` with its
+flags) where the process is: its command line and its shutdown on SIGTERM."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from attribindex import (
 from attribindex.cli import main
 from attribindex.config import IndexConfig
 from attribindex.serve import ServerLimits
-from attribindex.testing import server_log, start_server, write_jsonl
+from attribindex.testing import server_log, serving, start_server, write_jsonl
 from tests.conftest import exact_config
 
 TOKEN = "s3cret-token"
@@ -41,14 +43,13 @@ def index_dir(tiny_models, corpus_file, tmp_path_factory):
     return out
 
 
+LIMITS = ServerLimits(max_queries=8, max_tokens=40, max_body_bytes=4 * 1024)
+
+
 @pytest.fixture(scope="module")
 def server(index_dir):
-    process, url = start_server(
-        index_dir, "--token", TOKEN, "--max-queries", "8", "--max-tokens", "40", "--max-body-kb", "4"
-    )
-    yield url
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    with serving(index_dir, token=TOKEN, limits=LIMITS) as url:
+        yield url
 
 
 MAX_EXACT = 12
@@ -56,10 +57,8 @@ MAX_EXACT = 12
 
 @pytest.fixture(scope="module")
 def exact_server(exact_index):
-    process, url = start_server(exact_index, "--max-exact", str(MAX_EXACT))
-    yield url
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    with serving(exact_index, limits=ServerLimits(max_exact=MAX_EXACT)) as url:
+        yield url
 
 
 QUERIES = [
@@ -102,22 +101,19 @@ MAX_BATCH = 8
 def test_32_concurrent_clients_all_succeed_and_share_model_passes(index_dir):
     # A batch closes when it holds MAX_BATCH queries or after its window; the window is long enough for every
     # client to arrive, so 32 one-query requests make exactly 32 / MAX_BATCH passes, each one shared by 8.
-    process, url = start_server(index_dir, "--max-batch", str(MAX_BATCH), "--batch-window-ms", "2000")
     texts = [f"{w} king {w} queen crown." for w in ("war", "peace", "storm", "heart") * 8]
     local = AttributionIndex.open(index_dir).attribute(texts, k=3)
+    limits = ServerLimits(max_batch_queries=MAX_BATCH, batch_window_ms=2000)
+    with serving(index_dir, limits=limits) as url:
 
-    def ask(i: int) -> Attributions:
-        with Client(url) as client:
-            return client.attribute(texts[i], k=3)
+        def ask(i: int) -> Attributions:
+            with Client(url) as client:
+                return client.attribute(texts[i], k=3)
 
-    try:
         with ThreadPoolExecutor(32) as pool:
             answers = list(pool.map(ask, range(32)))
         with Client(url) as client:
             batches = client.info()["batches_run"]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
     for i, answer in enumerate(answers):
         assert [a.id for a in answer.results[0].top] == [a.id for a in local.results[i].top]
         assert [a.score for a in answer.results[0].top] == pytest.approx([a.score for a in local.results[i].top])
@@ -213,47 +209,67 @@ def _listening(url: str) -> bool:
     return True
 
 
-def test_shutdown_finishes_the_request_in_its_model_pass_and_refuses_new_ones(index_dir):
-    # 64 queries in one request: one model pass long enough to still run while the server stops listening.
-    texts = [f"{w} king {w} queen crown castle." for w in ("war", "peace", "storm", "heart") * 16]
-    process, url = start_server(index_dir, "--max-queries", "64")
+# Run by the server process before its command line: every model pass waits until the file named by the
+# environment's ATTRIBINDEX_TEST_GATE exists, so a test decides when a pass ends, whatever the machine's speed.
+HOLD_MODEL_PASSES = """
+import os, pathlib, time
+from attribindex.query import AttributionIndex
+gate, original = pathlib.Path(os.environ["ATTRIBINDEX_TEST_GATE"]), AttributionIndex.query_vectors
+def held(self, *args, **kwargs):
+    while not gate.exists():
+        time.sleep(0.01)
+    return original(self, *args, **kwargs)
+AttributionIndex.query_vectors = held
+"""
+
+
+def test_the_serve_command_takes_its_flags_and_shutdown_finishes_the_request_in_its_model_pass(
+    index_dir, tmp_path, monkeypatch
+):
+    """`attribindex serve` as a process: its flags become its limits; on SIGTERM it stops listening at once, refuses
+    new requests, finishes the request whose model pass is running, then exits."""
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("ATTRIBINDEX_TEST_GATE", str(gate))
+    flags = ["--token", TOKEN, "--max-queries", "8", "--max-tokens", "40", "--max-body-kb", "4", "--max-exact", "7"]
+    process, url = start_server(index_dir, *flags, prelude=HOLD_MODEL_PASSES)
+    texts = [f"{w} king {w} queen crown castle." for w in ("war", "peace", "storm", "heart") * 2]
     answered: list = []
 
     def ask():
-        with Client(url) as client:
+        with Client(url, token=TOKEN) as client:
             answered.append(client.attribute(texts, k=3))
         answered.append(time.monotonic())
 
     inflight = threading.Thread(target=ask)
-    with Client(url) as watcher:
-        before = watcher.info()["batches_run"]
+    with Client(url, token=TOKEN) as watcher:
+        info = watcher.info()
+        assert info["limits"] | {"max_exact": 7} == dataclasses.asdict(LIMITS) | {"max_exact": 7}
         inflight.start()
         deadline = time.monotonic() + 60
-        while watcher.info()["batches_run"] == before and time.monotonic() < deadline:  # its pass has begun
-            time.sleep(0.01)
-    assert not answered, "the request was answered before its model pass was seen"
+        while watcher.info()["batches_run"] == info["batches_run"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # until its pass has begun (and waits at the gate)
     terminated = time.monotonic()
     process.send_signal(signal.SIGTERM)
     while _listening(url) and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(AttribIndexError, match="cannot reach the attribindex server"):
         Client(url, timeout=5).attribute("a b c")
-    assert inflight.is_alive(), f"the request ended (answered or failed) before new ones were refused: {answered}"
+    assert inflight.is_alive() and not answered, "the request ended before its model pass did"
+    gate.touch()  # the pass may end now
     inflight.join(timeout=120)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so that supervisors see why it stopped
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     assert len(answered) == 2 and answered[1] > terminated, server_log(process)
     local = AttributionIndex.open(index_dir).attribute(texts[:4], k=3)  # the four distinct texts
-    assert [[a.id for a in r.top] for r in answered[0].results] == [[a.id for a in r.top] for r in local.results] * 16
+    assert [[a.id for a in r.top] for r in answered[0].results] == [[a.id for a in r.top] for r in local.results] * 2
     assert "Traceback" not in server_log(process)
 
 
 def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tiny_models, corpus_file, tmp_path):
     out = tmp_path / "living"
     build_index(exact_config("cosine"), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    process, url = start_server(out)
     question = "King queen crown castle."
-    try:
+    with serving(out) as url:
         with Client(url) as client:
             first = client.attribute(question, k=24)
             assert first.index_version == 1
@@ -278,9 +294,6 @@ def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tin
         with Client(url) as client:
             assert (client.info()["index_version"], client.info()["rows"]) == (4, 23)
         assert "securitySchemes" not in httpx.get(f"{url}/openapi.json").json().get("components", {})  # no token
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 def test_an_approximate_index_is_served_as_approximate(tiny_models, corpus_file, tmp_path):
@@ -288,14 +301,9 @@ def test_an_approximate_index_is_served_as_approximate(tiny_models, corpus_file,
     config = dataclasses.replace(config, index=IndexConfig(mode="cosine", kind="hnsw", device="cpu"))
     out = tmp_path / "hnsw"
     build_index(config, str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
-    process, url = start_server(out)
-    try:
-        with Client(url) as client:
-            remote = client.attribute(QUERIES, k=5)
-            info = client.info()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    with serving(out) as url, Client(url) as client:
+        remote = client.attribute(QUERIES, k=5)
+        info = client.info()
     local = AttributionIndex.open(out).attribute(QUERIES, k=5)
     _assert_same(remote, local)
     assert not remote.exact and remote.search == local.search == "HNSW32 efSearch=64, 4 × k re-scored exactly"
@@ -405,3 +413,14 @@ def test_max_exact_is_bounded_by_the_library_limit(index_dir):
         ServerLimits(max_exact=10_001)
     result = CliRunner().invoke(main, ["serve", str(index_dir), "--max-exact", "10001"])
     assert result.exit_code == 1 and "--max-exact 10001 is outside [0, 10,000]" in result.output
+
+
+def test_explain_takes_a_top_k_and_a_bottom_k_of_ids(index_dir):
+    """The explorer explains what a query shows, its top k and bottom k: up to 2 × max_k ids, and no more."""
+    query = QUERIES[0]
+    with serving(index_dir, limits=ServerLimits(max_k=2)) as url, Client(url) as client:
+        shown = client.attribute(query, k=2, bottom=2).results[0]
+        ids = [a.id for a in shown.top + shown.bottom]
+        assert [e.id for e in client.explain(query, ids).examples] == ids
+        with pytest.raises(AttribIndexError, match="5 ids in one request; this server explains at most 4"):
+            client.explain(query, ids + [shown.top[0].id])

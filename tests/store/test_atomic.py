@@ -31,3 +31,19 @@ def test_two_processes_write_the_same_bytes_that_read_back(tmp_path):
     data = paths[0].read_bytes()
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_files_written_by_any_writer_get_the_mode_open_gives(tmp_path):
+    """safetensors writes through an owner-only temporary of its own; an index built by one user must stay readable
+    by the others who query it, like its numpy and JSON files."""
+    import numpy as np
+    import torch
+
+    from attribindex.store import atomic_open, save_safetensors
+
+    save_safetensors({"w": torch.ones(3)}, tmp_path / "sums.safetensors")
+    with atomic_open(tmp_path / "rows.npy") as handle:
+        np.save(handle, np.ones(3))
+    (tmp_path / "plain").write_bytes(b"")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["sums.safetensors", "rows.npy", "plain"], modes["plain"])

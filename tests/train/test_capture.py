@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,20 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from attribindex import AttribIndexError, AttributionIndex, IndexMismatchError, append_documents, build_index
 from attribindex.model import load_model
 from attribindex.serve import Client
-from attribindex.store import read_manifest, verify_files
-from attribindex.testing import running_server, write_jsonl
+from attribindex.store import RowStore, read_manifest, verify_files
+from attribindex.testing import serving, write_jsonl
 from attribindex.train import DatasetRows, TrainingCapture, capture_training
 from tests.conftest import exact_config
 
 
-def rows_by_id(path) -> dict[str, np.ndarray]:
-    index = AttributionIndex.open(path, load_model_now=False)
-    rows = np.concatenate([raw.numpy() for _, raw in index.store.iter_raw()])
-    return {doc.id: row for doc, row in zip(index.store.documents(range(len(rows))), rows)}
+def rows_by_id(folder) -> dict[str, np.ndarray]:
+    """{document id: raw stored row} of an index folder, read from its row store (no FAISS needed)."""
+    manifest = read_manifest(folder)
+    store = RowStore(folder, manifest.block_dims, manifest.store.dtype, manifest.store.chunks)
+    rows = np.concatenate([raw.numpy() for _, raw in store.iter_raw()])
+    return {doc.id: row for doc, row in zip(store.documents(range(len(rows))), rows)}
 
 
 def micro_batches(tokenizer, records, size):
@@ -59,8 +64,8 @@ def train(model, tokenizer, records, out, config, *, micro=3, accumulation=2, ro
 
 
 def assert_rows_equal_builds(captured_dir, weights, model, tokenizer, records, config, tmp_path):
-    """Each captured row `<id>@<step>` equals the row `attribindex build` computes for that example with the
-    weights of that step (`weights[step]`, a state dict)."""
+    """Each captured row `<id>@<step>` equals the row `attribindex build` computes (on the CPU, from a saved copy) for
+    that example with the weights of that step (`weights[step]`, a state dict of `model`, on any device)."""
     captured = rows_by_id(captured_dir)
     by_id = {r["id"]: r for r in records}
     snapshot = copy.deepcopy(model)
@@ -80,6 +85,71 @@ def assert_rows_equal_builds(captured_dir, weights, model, tokenizer, records, c
     return captured
 
 
+def saved(model, tokenizer, folder: Path) -> Path:
+    """A copy of `model` (as it is now) and its tokenizer in `folder`, as `build_index` loads a model."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def curvature_file(folder: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """(examples counted, {name: fp64 sum}) of an index folder's curvature sums, read as plain safetensors."""
+    path = folder / "curvature.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        count = int(handle.metadata()["count"])
+    return count, load_file(str(path))
+
+
+def explicit_whitening(count: int, sums: dict[str, torch.Tensor], name: str, kind: str, alpha: float) -> torch.Tensor:
+    """The dense (d, d) W = (H + λI)^{-1/2} of one module from curvature sums, λ = α · mean eigenvalue: `raw` H is
+    E[g gᵀ]; `kfac` H has the eigenbasis U_S ⊗ U_A of the mean factors and eigenvalues s_i·a_j scaled to E‖g‖²."""
+    if kind == "raw":
+        eigenvalues, basis = torch.linalg.eigh(sums[name] / count)
+    else:
+        a, u_in = torch.linalg.eigh(sums[f"{name}::activations"] / count)
+        s, u_out = torch.linalg.eigh(sums[f"{name}::gradients"] / count)
+        basis, eigenvalues = torch.kron(u_out, u_in), torch.kron(s.clamp_min(0), a.clamp_min(0))
+        eigenvalues = eigenvalues * (sums[f"{name}::trace"] / count / eigenvalues.sum())
+    eigenvalues = eigenvalues.clamp_min(0)
+    return (basis * (eigenvalues + alpha * eigenvalues.mean()).rsqrt()) @ basis.T
+
+
+def assert_scores_equal_builds(captured_dir, built_dirs, trained_dir, config, query, tmp_path) -> list[str]:
+    """The captured index, queried with the trained model, scores every row n as Σ_modules ⟨W q, W g_n⟩ computed
+    from builds alone: g_n the row a build computes at the weights of its step (`built_dirs`: {step: a build over
+    that step's examples}, as `assert_rows_equal_builds` leaves them), W explicit dense whitening from the sum of
+    the builds' curvature sums (which the capture's own sums must equal), q the query's projected gradient in an
+    identity index built at the trained weights (`trained_dir`). Returns the row ids best first."""
+    built = [curvature_file(folder) for folder in built_dirs.values()]
+    count, sums = sum(c for c, _ in built), {name: sum(s[name] for _, s in built) for name in built[0][1]}
+    captured_count, captured_sums = curvature_file(captured_dir)
+    assert captured_count == count and captured_sums.keys() == sums.keys()
+    for name, total in sums.items():  # the output factor Σ δ̃δ̃ᵀ carries c² in the hooks: divided out exactly
+        torch.testing.assert_close(captured_sums[name], total, rtol=1e-5, atol=1e-6 * float(total.abs().max()))
+
+    identity = dataclasses.replace(config, hessian=dataclasses.replace(config.hessian, kind="identity"))
+    one = write_jsonl(tmp_path / "query-side.jsonl", [{"id": "q", "text": query}])
+    build_index(identity, str(trained_dir), one, tmp_path / "query-side", id_field="id", progress=False)
+    q = torch.from_numpy(AttributionIndex.open(tmp_path / "query-side").query_vectors([query]).vectors[0]).double()
+    modules = read_manifest(captured_dir).modules
+    weights = [explicit_whitening(count, sums, m.name, config.hessian.kind, config.hessian.damping) for m in modules]
+    expected = {}
+    parts = q.split([m.dim for m in modules])
+    for step, folder in built_dirs.items():
+        for i, row in rows_by_id(folder).items():
+            blocks = torch.from_numpy(row).double().split([m.dim for m in modules])
+            expected[f"{i}@{step}"] = sum(float((w @ a) @ (w @ b)) for w, a, b in zip(weights, parts, blocks))
+
+    index = AttributionIndex.open(captured_dir, model=str(trained_dir))
+    found = index.attribute(query, k=index.rows).results[0].top
+    got = {a.id: a.score for a in found}
+    assert got.keys() == expected.keys()
+    scale = max(map(abs, expected.values()))
+    for key, score in expected.items():
+        assert got[key] == pytest.approx(score, rel=1e-4, abs=1e-5 * scale), key
+    return [a.id for a in found]
+
+
 def test_rows_captured_in_a_loop_equal_a_build_at_each_steps_weights(trainable, corpus_records, tmp_path):
     """Gradient accumulation (2 micro-batches of 3 per step, the loss divided by 2) and right padding."""
     model, tokenizer = trainable
@@ -95,8 +165,11 @@ def test_rows_captured_in_a_loop_equal_a_build_at_each_steps_weights(trainable, 
     assert not np.allclose(weights[0]["lm_head.weight"], weights[1]["lm_head.weight"])  # the weights did change
     with pytest.raises(IndexMismatchError, match="captured while training.*Pass the trained model"):
         AttributionIndex.open(tmp_path / "captured")  # the manifest names the untrained checkpoint it started from
+    trained = saved(model, tokenizer, tmp_path / "trained")
+    built = {step: tmp_path / f"built-{step}" for step in range(2)}
+    ranked = assert_scores_equal_builds(tmp_path / "captured", built, trained, config, "king", tmp_path)
     found = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer).attribute("king", k=3)
-    assert {a.id.rsplit("@", 1)[1] for a in found.results[0].top} <= {"0", "1"}  # ids name their step
+    assert [a.id for a in found.results[0].top] == ranked[:3]  # the trained model in memory queries as its copy
 
 
 def test_from_step_leaves_the_earlier_steps_out(trainable, corpus_records, tmp_path):
@@ -160,9 +233,9 @@ def test_a_trainer_with_the_callback_captures_what_a_build_computes(trainable, c
     captured = assert_rows_equal_builds(tmp_path / "captured", weights, model, tokenizer, records, config, tmp_path)
     assert len(captured) == 24 and sorted(weights) == [0, 1, 2, 3]  # 2 epochs × 12 examples, 6 per step
     assert {key.rsplit("@", 1)[0] for key in captured} == {r["id"] for r in records}
-    index = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer)  # the trained model
-    found = index.attribute(records[0]["text"], k=3).results[0]
-    assert found.top[0].text in {r["text"] for r in records}
+    trained = saved(model, tokenizer, tmp_path / "trained")
+    built = {step: tmp_path / f"built-{step}" for step in weights}
+    assert_scores_equal_builds(tmp_path / "captured", built, trained, config, records[0]["text"], tmp_path)
 
 
 def summed_token_loss(logits, labels):
@@ -191,6 +264,73 @@ def test_a_loss_of_the_loops_own_needs_its_scale_and_then_gives_the_same_rows(tr
 
     run(tmp_path / "scaled", loss_scale=1.0)  # a plain sum: c = 1
     assert_rows_equal_builds(tmp_path / "scaled", {0: initial}, model, tokenizer, records, config, tmp_path)
+
+
+def test_an_amp_loss_scale_is_read_from_the_gradient_reaching_the_loss(trainable, corpus_records, tmp_path):
+    """torch.amp.GradScaler on CPU: the loop backpropagates scale × loss, the scale doubling after every step
+    (1024, then 2048); each micro-batch's factor is read from the gradient reaching the model's loss."""
+    model, tokenizer = trainable
+    records, config = corpus_records[:6], exact_config("dot")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    weights, scales = {}, []
+    with capture_training(model, tokenizer, tmp_path / "captured", config, optimizer=optimizer) as capture:
+        for step, (part, inputs) in enumerate(micro_batches(tokenizer, records, 3)):
+            weights[step] = copy.deepcopy(model.state_dict())
+            scales.append(scaler.get_scale())
+            with capture.batch([r["id"] for r in part], texts=[r["text"] for r in part]):
+                scaler.scale(model(**inputs).loss).backward()
+            scaler.step(optimizer)  # unscales the gradients, then steps: the capture's step hook fires
+            scaler.update()
+            optimizer.zero_grad()
+    assert scales == [1024.0, 2048.0] and read_manifest(tmp_path / "captured").training.steps == 2
+    assert_rows_equal_builds(tmp_path / "captured", weights, model, tokenizer, records, config, tmp_path)
+
+
+def test_left_padding_gives_the_rows_of_a_build(trainable, corpus_records, tmp_path):
+    """tokenizer.padding_side = "left", as a loop does it right: position ids counted from each row's first real
+    token, and labels that ignore the padding and that first token (nothing before it predicts it). The texts are
+    not given: the capture decodes each row's real tokens."""
+    model, tokenizer = trainable
+    tokenizer.padding_side = "left"
+    words = (4, 2, 3, 2, 4, 3)  # 8 to 24 tokens: the rows of a batch differ in length
+    records = [{"id": r["id"], "text": " ".join(r["text"].split()[:n])} for r, n in zip(corpus_records, words)]
+    config = exact_config("dot", kind="kfac")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    weights = {}
+    with capture_training(model, tokenizer, tmp_path / "captured", config, optimizer=optimizer) as capture:
+        for step, (part, inputs) in enumerate(micro_batches(tokenizer, records, 3)):
+            mask = inputs["attention_mask"]
+            assert (mask[:, 0] == 0).any() and (mask[:, -1] == 1).all()  # padded, on the left
+            inputs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp_min(0)
+            inputs["labels"][torch.arange(len(part)), mask.argmax(dim=1)] = -100  # each row's first real token
+            weights[step] = copy.deepcopy(model.state_dict())
+            with capture.batch([r["id"] for r in part]):
+                model(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert_rows_equal_builds(tmp_path / "captured", weights, model, tokenizer, records, config, tmp_path)
+    index = AttributionIndex.open(tmp_path / "captured", load_model_now=False)
+    texts = {d.id: d.text for d in index.store.documents(range(index.rows))}
+    assert texts == {f"{r['id']}@{step}": r["text"] for step in range(2) for r in records[3 * step : 3 * step + 3]}
+    trained = saved(model, tokenizer, tmp_path / "trained")
+    built = {step: tmp_path / f"built-{step}" for step in range(2)}
+    assert_scores_equal_builds(tmp_path / "captured", built, trained, config, "king", tmp_path)  # KFAC factors too
+
+
+def test_a_label_predicted_from_left_padding_is_refused_and_leaves_no_index(trainable, corpus_records, tmp_path):
+    """Left padding with each row's first real token labelled (as DataCollatorForLanguageModeling labels it): that
+    token is predicted from a pad position, a loss term no build has, so the row could match no build."""
+    model, tokenizer = trainable
+    tokenizer.padding_side = "left"
+    records = [{"id": r["id"], "text": " ".join(r["text"].split()[:n])} for r, n in zip(corpus_records, (4, 2, 3))]
+    ((part, inputs),) = micro_batches(tokenizer, records, 3)
+    ids = [r["id"] for r in part]
+    refused = pytest.raises(AttribIndexError, match="predicted from a padding position.*-100.*pad on the right")
+    captured = tmp_path / "captured"
+    with refused, capture_training(model, tokenizer, captured, exact_config("dot")) as capture, capture.batch(ids):
+        model(**inputs).loss.backward()
+    assert not (captured / "manifest.json").exists()
 
 
 def test_a_trainer_with_label_smoothing_is_refused_and_leaves_no_index(trainable, corpus_records, tmp_path):
@@ -276,25 +416,42 @@ def test_summed_rows_are_the_sum_of_an_examples_rows_over_its_steps(trainable, c
     assert read_manifest(tmp_path / "summed").training.rows == "summed"  # the record survives the append
 
 
-@pytest.mark.parametrize("rows", ["per_step", "summed"])
-def test_ddp_capture_with_two_ranks_equals_one_process(rows, tiny_models, corpus_records, tmp_path):
-    """Real torchrun, 2 processes, gloo, 2 epochs in which every example is trained on by both ranks: per_step rows
-    go through each rank's shard and a merge, summed rows are added up on rank 0."""
-    from tests.train.ddp_training import train as train_ddp
-
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_records[:8])
-    train_ddp(str(tiny_models["gpt2"]), corpus, tmp_path / "single", rows)
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_models, corpus_records, tmp_path_factory) -> tuple[Path, Path]:
+    """(corpus, folder): one real torchrun launch, 2 processes, gloo, running every scenario of
+    `tests.train.ddp_training` in one process group, each into folder/<scenario>."""
+    root = tmp_path_factory.mktemp("ddp")
+    corpus = write_jsonl(root / "corpus.jsonl", corpus_records[:8])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "tests.train.ddp_training", str(tiny_models["gpt2"]), str(corpus), str(tmp_path / "ddp"), rows]
+    command += ["-m", "tests.train.ddp_training", str(tiny_models["gpt2"]), str(corpus), str(root / "ddp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
-    single, ddp = rows_by_id(tmp_path / "single"), rows_by_id(tmp_path / "ddp")
-    assert sorted(ddp) == sorted(single) and len(ddp) == (16 if rows == "per_step" else 8)
+    return corpus, root / "ddp"
+
+
+@pytest.mark.parametrize("scenario", ["per_step", "summed", "accumulation"])
+def test_ddp_capture_with_two_ranks_equals_one_process(scenario, ddp_runs, tiny_models, corpus_records, tmp_path):
+    """2 epochs in which every example is trained on by both ranks: per_step rows go through each rank's shard and
+    a merge, summed rows are added up on rank 0; with gradient accumulation (no_sync on the first micro-batch) the
+    loss reaching the capture is scaled by 1/2 under DDP and by 1/4 in one process. The one-process run of the
+    accumulation scenario is itself checked against builds at each step's weights."""
+    from tests.train.ddp_training import train as train_ddp
+
+    corpus, launched = ddp_runs
+    weights = train_ddp(str(tiny_models["gpt2"]), corpus, tmp_path / "single", scenario)
+    single, ddp = rows_by_id(tmp_path / "single"), rows_by_id(launched / scenario)
+    assert sorted(ddp) == sorted(single) and len(ddp) == (8 if scenario == "summed" else 16)
     for key, row in single.items():
         np.testing.assert_allclose(ddp[key], row, rtol=1e-5, atol=1e-7)
-    manifest = read_manifest(tmp_path / "ddp")
+    manifest = read_manifest(launched / scenario)
     assert (manifest.training.steps, manifest.training.gradients, manifest.rows) == (4, 16, len(single))
-    assert not (tmp_path / "ddp" / "shards").exists()  # merged, then removed
+    assert not (launched / scenario / "shards").exists()  # merged, then removed
+    if scenario == "accumulation":
+        model, tokenizer = load_model(str(tiny_models["gpt2"]), dtype="float64", device="cpu")
+        records = corpus_records[:8]
+        assert_rows_equal_builds(
+            tmp_path / "single", dict(enumerate(weights)), model, tokenizer, records, exact_config("dot"), tmp_path
+        )
 
 
 def test_a_lora_model_training_captures_its_adapter_rows(tiny_models, corpus_records, tmp_path):
@@ -480,11 +637,12 @@ def test_the_live_optimizers_second_moments_are_folded_in_step_by_step(trainable
     corpus = write_jsonl(tmp_path / "one.jsonl", records[:1])
     build_index(final, str(tmp_path / "step-2" / "model-2"), corpus, tmp_path / "final", id_field="id", progress=False)
     assert read_manifest(tmp_path / "final").projection.hash == record.hash  # queries: the state after update 3
+    trained = saved(model, tokenizer, tmp_path / "trained")
+    built = {step: tmp_path / f"step-{step}" / f"built-{step}" for step in range(3)}
+    ranked = assert_scores_equal_builds(tmp_path / "captured", built, trained, final, "king", tmp_path)
     found = AttributionIndex.open(tmp_path / "captured", model=model, tokenizer=tokenizer).attribute("king", k=3)
-    assert len(found.results[0].top) == 3
-    model.save_pretrained(tmp_path / "trained")
-    tokenizer.save_pretrained(tmp_path / "trained")
-    with running_server(tmp_path / "captured", "--model", str(tmp_path / "trained")) as url, Client(url) as client:
+    assert [a.id for a in found.results[0].top] == ranked[:3]
+    with serving(tmp_path / "captured", model=str(tmp_path / "trained")) as url, Client(url) as client:
         served = client.attribute(["king"], k=3).results[0].top  # a captured index is served like any other
     assert [a.id for a in served] == [a.id for a in found.results[0].top]
 

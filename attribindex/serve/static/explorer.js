@@ -91,26 +91,37 @@ function resultItem(attribution, rank) {
 }
 
 // Character offsets from the server count code points (Python strings); JS strings index UTF-16 units, so
-// slice an array of code points, or every span after an emoji would be off.
+// slice an array of code points, or every span after an emoji would be off. Tokens covering the same characters
+// (the bytes of one character, which a byte-level tokenizer splits) are one highlight carrying their summed share.
 function highlighted(text, tokens) {
   const chars = Array.from(text);
-  const spans = tokens.filter((t) => t.start >= 0 && t.end > t.start && t.contribution !== 0);
-  const strongest = spans.sort((a, b) => Math.abs(b.contribution) - Math.abs(a.contribution)).slice(0, STRONGEST);
+  const bySpan = new Map();
+  for (const token of tokens) {
+    if (token.start < 0 || token.end <= token.start) continue; // special tokens, tokens not placed in the text
+    const key = `${token.start}:${token.end}`;
+    const span = bySpan.get(key) || { start: token.start, end: token.end, contribution: 0 };
+    span.contribution += token.contribution;
+    bySpan.set(key, span);
+  }
+  const strongest = [...bySpan.values()]
+    .filter((s) => s.contribution !== 0)
+    .sort((a, b) => Math.abs(b.contribution) - Math.abs(a.contribution))
+    .slice(0, STRONGEST);
   const largest = strongest.length ? Math.abs(strongest[0].contribution) : 1;
   strongest.sort((a, b) => a.start - b.start);
   const parts = [];
   let at = 0;
-  for (const token of strongest) {
-    if (token.start < at) continue; // byte-level tokens of one character can share its span: mark it once
-    parts.push(document.createTextNode(chars.slice(at, token.start).join("")));
-    const mark = el("mark", `tok ${token.contribution > 0 ? "pos" : "neg"}`, chars.slice(token.start, token.end).join(""));
-    mark.style.setProperty("--strength", (Math.abs(token.contribution) / largest).toFixed(3));
-    mark.dataset.start = token.start;
-    mark.dataset.end = token.end;
-    mark.dataset.contribution = token.contribution;
-    mark.title = `${token.contribution > 0 ? "+" : ""}${token.contribution.toPrecision(3)}`;
+  for (const span of strongest) {
+    if (span.start < at) continue; // overlaps the previous highlight (a token straddling two characters' spans)
+    parts.push(document.createTextNode(chars.slice(at, span.start).join("")));
+    const mark = el("mark", `tok ${span.contribution > 0 ? "pos" : "neg"}`, chars.slice(span.start, span.end).join(""));
+    mark.style.setProperty("--strength", (Math.abs(span.contribution) / largest).toFixed(3));
+    mark.dataset.start = span.start;
+    mark.dataset.end = span.end;
+    mark.dataset.contribution = span.contribution;
+    mark.title = `${span.contribution > 0 ? "+" : ""}${span.contribution.toPrecision(3)}`;
     parts.push(mark);
-    at = token.end;
+    at = span.end;
   }
   parts.push(document.createTextNode(chars.slice(at).join("")));
   return parts;
@@ -143,6 +154,7 @@ async function attribute(event) {
   showError(null);
   $("submit").disabled = true;
   $("results").hidden = true; // a refused query must not leave the last answer looking like its own
+  $("explain-note").hidden = true;
   $("status").textContent = "Attributing…";
   const query = currentQuery();
   try {
@@ -159,9 +171,16 @@ async function attribute(event) {
     loadInfo().catch(() => {}); // the index may have changed version since it was last shown
     const ids = [...result.top, ...result.bottom].map((a) => a.id);
     if (ids.length) {
-      const explanation = await explain(query, ids);
-      $("status").textContent =
-        `Attributed in ${timing}; explained in ${explanation.latency_ms.toFixed(1)} ms (${explanation.method}).`;
+      try {
+        const explanation = await explain(query, ids);
+        $("status").textContent =
+          `Attributed in ${timing}; explained in ${explanation.latency_ms.toFixed(1)} ms (${explanation.method}).`;
+      } catch (err) {
+        // the results stand; only their highlights are missing, and the note above them says why
+        $("explain-note").textContent = `No highlights: explaining these results failed: ${err.message}`;
+        $("explain-note").hidden = false;
+        $("status").textContent = `Attributed in ${timing}; not explained.`;
+      }
     }
   } catch (err) {
     showError(err);

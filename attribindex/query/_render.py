@@ -1,4 +1,5 @@
-"""Terminal rendering shared by the CLI and the demo."""
+"""Terminal rendering of explanations, shared by the command line and the demo (both may import the query layer,
+neither the other)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from attribindex.query import ExplainedExample
+    from attribindex.query._explain import ExplainedExample
 
 
 def explained_lines(explained: ExplainedExample, width: int, colour: bool, strongest: int = 5) -> list[str]:
