@@ -504,14 +504,14 @@ CASES = [
     ),
     Case(
         "index-flipped-byte",  # same size, other bytes: only the checksums tell
-        lambda w, t: _damaged(w, t, _flip_last_byte(layout.FLAT_INDEX), "verify"),
+        lambda w, t: _damaged(w, t, _flip_last_byte(layout.STORE_NORMS), "verify"),
         ("1 file is damaged",),
         ("restore", "rebuild"),
     ),
     Case(
-        "index-missing-faiss-file",
-        lambda w, t: _damaged(w, t, lambda i: (i / layout.FLAT_INDEX).unlink()),
-        ("flat.faiss", "missing"),
+        "index-missing-segment-file",
+        lambda w, t: _damaged(w, t, lambda i: (i / layout.STORE_NORMS).unlink()),
+        ("norms.npy", "missing"),
         ("rebuild",),
     ),
     Case(

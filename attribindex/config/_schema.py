@@ -170,12 +170,12 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """The searchable FAISS index built over whitened vectors.
+    """The searchable index over the whitened vectors: exact over the row store, or a FAISS kind.
 
     Args:
         mode: ``dot`` = influence ``⟨H^{-1/2}g_q, H^{-1/2}g_t⟩``; ``cosine`` = the same on
             unit-normalised vectors (robust to gradient-norm outliers).
-        kind: ``flat`` = exhaustive search (exact with float32 storage); ``ivf_flat``, ``ivf_sq8``,
+        kind: ``flat`` = exhaustive search (with float32 storage: exact, over the row store itself); ``ivf_flat``, ``ivf_sq8``,
             ``ivf_pq`` = inverted lists over ``nlist`` k-means cells, ``nprobe`` of them scanned per
             query (full vectors, 8-bit scalar codes, product-quantised codes); ``hnsw`` = a graph
             (CPU only).
@@ -186,8 +186,9 @@ class IndexConfig:
             quarter of the cells). Quantised codes and HNSW graphs lose the inner product in the large extra
             coordinate (recall@10 0.3–0.8 against 0.95–0.99), so they refuse it. ``auto`` = ``augment`` for
             ``ivf_flat``, ``inner_product`` otherwise. Cosine mode ignores this.
-        storage: element type of a ``flat`` index (float16/bfloat16 halve its memory; scores are then
-            approximate until re-ranked).
+        storage: element type of a ``flat`` index: ``float32`` searches the stored rows themselves, exactly (no
+            copy); ``float16``/``bfloat16`` keep a FAISS copy of the whitened rows in that type (scores approximate
+            until re-ranked).
         nlist: k-means cells of IVF kinds (None = the power of two nearest √N, at most N/39).
         nprobe: cells scanned per query (None = nlist/16, or the operating point `eval recall` records).
         pq_m: sub-quantisers of ``ivf_pq`` (None = one per 4 dimensions; codes are pq_m bytes).

@@ -1,4 +1,5 @@
-"""FAISS inner-product indexes over whitened vectors: exact flat, approximate segments, exact re-ranking.
+"""Inner-product search over whitened vectors: exact over the row store, FAISS segments (approximate, and the exact
+flat files of older indexes), exact re-ranking.
 
 Every segment kind implements the `Segment` protocol, which is all `SegmentedIndex` relies on.
 """
@@ -9,6 +10,7 @@ from attribindex.index._flat import FlatIndex, FlatIndexWriter, gpu_available, i
 from attribindex.index._rerank import rerank
 from attribindex.index._segment import Segment
 from attribindex.index._segments import SegmentedIndex
+from attribindex.index._store_flat import StoreAccess, StoreFlatIndex
 
 __all__ = [
     "ApproximateIndex",
@@ -17,6 +19,8 @@ __all__ = [
     "Segment",
     "SegmentPlan",
     "SegmentedIndex",
+    "StoreAccess",
+    "StoreFlatIndex",
     "TorchFlatIndex",
     "build_segment",
     "default_nlist",

@@ -127,7 +127,25 @@ def score_tile_shape(
     return min(queries, budget // row_tile), row_tile
 
 
-def _from_numpy(array: np.ndarray) -> torch.Tensor:
+def search_tiles(
+    queries: int, rows: int, dim: int, k: int, max_score_bytes: int, element_bytes: int, *, materialised: bool
+) -> tuple[int, int]:
+    """(query tile, row tile) of a blockwise top-k search: `score_tile_shape`, with row blocks bounded too when they
+    are `materialised` (converted or streamed), and the query tile shrunk so that one top-k merge stays under
+    `max_score_bytes` when k is large."""
+    query_tile, row_tile = score_tile_shape(
+        queries,
+        rows,
+        dim,
+        max_score_bytes,
+        element_bytes,
+        max_block_bytes=max_score_bytes if materialised else None,
+    )
+    merge_bytes = _MERGE_BYTES_PER_CANDIDATE * (k + min(k, row_tile))  # per query, per merge
+    return max(1, min(query_tile, max_score_bytes // merge_bytes)), row_tile
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
     """Zero-copy tensor over a numpy block; a read-only memmap is fine because blocks are never written."""
     if array.dtype not in (np.float16, np.float32, np.float64) or min(array.strides, default=0) < 0:
         array = np.ascontiguousarray(array, dtype=np.float32)  # big-endian, long double, reversed views
@@ -138,7 +156,7 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -204,7 +222,7 @@ class TorchFlatIndex:
             raise AttribIndexError(f"vectors must be a 2-D (rows, dim) array, got shape {tuple(vectors.shape)}.")
         if not (vectors.dtype.is_floating_point if isinstance(vectors, torch.Tensor) else vectors.dtype.kind == "f"):
             raise AttribIndexError(f"vectors must be floating point, got {vectors.dtype}. Convert them to float32.")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self._element_bytes = torch.empty((), dtype=self.dtype).element_size()
         if max_score_bytes < 64 * self._element_bytes:
@@ -221,7 +239,7 @@ class TorchFlatIndex:
         if isinstance(vectors, torch.Tensor) and vectors.device == self.device and vectors.dtype == self.dtype:
             self._store = vectors
         elif not self.on_gpu and isinstance(vectors, np.ndarray) and _TORCH_DTYPES.get(vectors.dtype) == self.dtype:
-            self._store = _from_numpy(vectors)  # zero-copy over the whole (memory-mapped) array: reads nothing yet
+            self._store = from_numpy(vectors)  # zero-copy over the whole (memory-mapped) array: reads nothing yet
         elif self.on_gpu:
             needed = self._rows * self._dim * self._element_bytes
             if resident_bytes is None:
@@ -288,7 +306,7 @@ class TorchFlatIndex:
         """Rows [start, stop) of the source as a tensor, zero-copy where the source allows."""
         if isinstance(self._source, torch.Tensor):
             return self._source[start:stop]
-        return _from_numpy(self._source[start:stop])  # (n, D), reads only these rows of a memmap
+        return from_numpy(self._source[start:stop])  # (n, D), reads only these rows of a memmap
 
     def _blocks(self, row_tile: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, (n, D) block in `dtype` on the device) for consecutive row blocks."""
@@ -341,16 +359,9 @@ class TorchFlatIndex:
 
     def _tile_shape(self, queries: int, k: int) -> tuple[int, int]:
         materialised = self.streamed or self._store is None
-        query_tile, row_tile = score_tile_shape(
-            queries,
-            self._rows,
-            self._dim,
-            self.max_score_bytes,
-            self._element_bytes,
-            max_block_bytes=self.max_score_bytes if materialised else None,
+        return search_tiles(
+            queries, self._rows, self._dim, k, self.max_score_bytes, self._element_bytes, materialised=materialised
         )
-        merge_bytes = _MERGE_BYTES_PER_CANDIDATE * (k + min(k, row_tile))  # per query, per merge
-        return max(1, min(query_tile, self.max_score_bytes // merge_bytes)), row_tile
 
     def _queries(self, queries: np.ndarray | torch.Tensor) -> torch.Tensor:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -359,7 +370,7 @@ class TorchFlatIndex:
                 f"Compute query vectors with the same projection as the index."
             )
         if not isinstance(queries, torch.Tensor):
-            queries = _from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+            queries = from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         return queries.to(self.device, self.dtype).contiguous()  # (Q, D)
 
     def search(self, queries: np.ndarray, k: int, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -380,36 +391,54 @@ class TorchFlatIndex:
     def _top_k(self, queries: np.ndarray, k: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k without the sorted local rows `excluded` (k already checked)."""
         query_block = self._queries(queries)  # (Q, D)
-        count = query_block.shape[0]
-        if count == 0:
-            return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
-        excluded_device = torch.from_numpy(excluded).to(self.device)  # once: per-block slices then never sync
-        query_tile, row_tile = self._tile_shape(count, k)
-        best_scores = torch.full((count, k), -torch.inf, dtype=torch.float32, device=self.device)  # (Q, k)
-        best_rows = torch.full((count, k), -1, dtype=torch.int64, device=self.device)  # (Q, k)
-        # one score tile reused by every GEMM, so the allocator never holds several (CPU malloc keeps freed tiles)
-        tile = torch.empty(min(query_tile, count) * row_tile, dtype=self.dtype, device=self.device)
-        for start, stop, block in self._blocks(row_tile):  # block: (n, D)
-            low, high = np.searchsorted(excluded, [start, stop])
-            dropped = excluded_device[low:high] - start if high > low else None  # (x,) local to the block
-            block_k = min(k, stop - start)
-            for first in range(0, count, query_tile):
-                last = min(first + query_tile, count)
-                scores = tile[: (last - first) * (stop - start)].view(last - first, stop - start)  # (q, n)
-                torch.mm(query_block[first:last], block.T, out=scores)  # in dtype
-                if dropped is not None:
-                    scores.index_fill_(1, dropped, -torch.inf)
-                values, rows = torch.topk(scores, block_k, dim=1)  # (q, block_k)
-                merged_scores = torch.cat([best_scores[first:last], values.float()], dim=1)  # (q, k + block_k)
-                merged_rows = torch.cat([best_rows[first:last], rows + start], dim=1)  # (q, k + block_k)
-                top, positions = torch.topk(merged_scores, k, dim=1)  # (q, k)
-                best_scores[first:last] = top
-                best_rows[first:last] = torch.gather(merged_rows, 1, positions)
-        # excluded rows (and padding) score -inf and may have been picked to fill k: they are no answer
-        best_rows.masked_fill_(best_scores == -torch.inf, -1)
-        if bool((torch.isnan(best_scores) | torch.isposinf(best_scores)).any()):
-            raise AttribIndexError(
-                f"scores overflowed or are NaN in {self.dtype} (float16 tops out at 65504). "
-                f"Use dtype=torch.bfloat16 or torch.float32, or check the vectors for NaN/inf."
-            )
-        return best_scores.cpu().numpy(), best_rows.cpu().numpy()
+        query_tile, row_tile = self._tile_shape(max(1, query_block.shape[0]), k)
+        return blockwise_top_k(query_block, self._blocks(row_tile), k, excluded, query_tile, row_tile)
+
+
+def blockwise_top_k(
+    queries: torch.Tensor,
+    blocks: Iterator[tuple[int, int, torch.Tensor]],
+    k: int,
+    excluded: np.ndarray,
+    query_tile: int,
+    row_tile: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k by inner product of (Q, D) `queries` over the rows of `blocks`, ((start, stop, (n, D) block))
+    in row order on the queries' device and dtype, without the sorted local rows `excluded`; the scan every
+    exact torch segment shares. Blocks hold at most `row_tile` rows; queries are scored `query_tile` at a time
+    into one reused score tile, and a running (Q, k) top-k in float32 absorbs each block's top-k.
+
+    Returns ((Q, k) float32 scores descending, (Q, k) int64 rows), -1 and -inf where fewer rows remain.
+    """
+    count, device, dtype = queries.shape[0], queries.device, queries.dtype
+    if count == 0:
+        return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+    excluded_device = torch.from_numpy(excluded).to(device)  # once: per-block slices then never sync
+    best_scores = torch.full((count, k), -torch.inf, dtype=torch.float32, device=device)  # (Q, k)
+    best_rows = torch.full((count, k), -1, dtype=torch.int64, device=device)  # (Q, k)
+    # one score tile reused by every GEMM, so the allocator never holds several (CPU malloc keeps freed tiles)
+    tile = torch.empty(min(query_tile, count) * row_tile, dtype=dtype, device=device)
+    for start, stop, block in blocks:  # block: (n, D)
+        low, high = np.searchsorted(excluded, [start, stop])
+        dropped = excluded_device[low:high] - start if high > low else None  # (x,) local to the block
+        block_k = min(k, stop - start)
+        for first in range(0, count, query_tile):
+            last = min(first + query_tile, count)
+            scores = tile[: (last - first) * (stop - start)].view(last - first, stop - start)  # (q, n)
+            torch.mm(queries[first:last], block.T, out=scores)  # in dtype
+            if dropped is not None:
+                scores.index_fill_(1, dropped, -torch.inf)
+            values, rows = torch.topk(scores, block_k, dim=1)  # (q, block_k)
+            merged_scores = torch.cat([best_scores[first:last], values.float()], dim=1)  # (q, k + block_k)
+            merged_rows = torch.cat([best_rows[first:last], rows + start], dim=1)  # (q, k + block_k)
+            top, positions = torch.topk(merged_scores, k, dim=1)  # (q, k)
+            best_scores[first:last] = top
+            best_rows[first:last] = torch.gather(merged_rows, 1, positions)
+    # excluded rows (and padding) score -inf and may have been picked to fill k: they are no answer
+    best_rows.masked_fill_(best_scores == -torch.inf, -1)
+    if bool((torch.isnan(best_scores) | torch.isposinf(best_scores)).any()):
+        raise AttribIndexError(
+            f"scores overflowed or are NaN in {dtype} (float16 tops out at 65504). "
+            f"Use dtype=torch.bfloat16 or torch.float32, or check the vectors for NaN/inf."
+        )
+    return best_scores.cpu().numpy(), best_rows.cpu().numpy()

@@ -14,18 +14,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attribindex.errors import AttribIndexError
 from attribindex.index._approx import ApproximateIndex
 from attribindex.index._blockwise import TorchFlatIndex
 from attribindex.index._flat import FlatIndex, gpu_available
 from attribindex.index._segment import Segment, best_k, check_k
+from attribindex.index._store_flat import StoreAccess
 from attribindex.store import SegmentRecord
 
 
-def open_segment(root: Path, record: SegmentRecord, device: str = "auto") -> Segment:
-    """The segment `record` of a manifest: an approximate FAISS index, or an exact flat one searched by GPU faiss
-    when installed, else by torch GEMMs in bfloat16 on a CUDA GPU (streamed from host memory if it does not
-    fit), else by faiss on CPU (memory-mapped)."""
+def open_segment(
+    root: Path, record: SegmentRecord, device: str = "auto", start: int = 0, store: StoreAccess | None = None
+) -> Segment:
+    """The segment `record` of a manifest, whose rows begin at global row `start`: an exact search over the row
+    store (format 9, through `store`), an approximate FAISS index, or an exact flat FAISS file of an older index,
+    searched by GPU faiss when installed, else by torch GEMMs in bfloat16 on a CUDA GPU (streamed from host memory
+    if it does not fit), else by faiss on CPU (memory-mapped)."""
     path = root / record.file
+    if record.from_store:
+        if store is None:
+            raise AttribIndexError(f"the segment over rows {start}.. searches the row store: open it with its store.")
+        return store.open(root, record, start, device)  # "auto": the GPU when there is one
     if not record.exact:
         return ApproximateIndex.load(path, record.plan)
     if device != "cpu" and not gpu_available() and torch.cuda.is_available():
@@ -52,9 +61,16 @@ class SegmentedIndex:
 
     @classmethod
     def load(
-        cls, root: Path, records: Sequence[SegmentRecord], deleted: np.ndarray, device: str = "auto"
+        cls,
+        root: Path,
+        records: Sequence[SegmentRecord],
+        deleted: np.ndarray,
+        device: str = "auto",
+        store: StoreAccess | None = None,
     ) -> SegmentedIndex:
-        return cls([open_segment(root, record, device) for record in records], deleted)
+        """The segments of a manifest; `store` gives the segments over the row store their rows and W."""
+        starts = np.cumsum([0] + [record.rows for record in records])
+        return cls([open_segment(root, r, device, int(s), store) for r, s in zip(records, starts)], deleted)
 
     @property
     def rows(self) -> int:

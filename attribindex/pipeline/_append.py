@@ -28,7 +28,7 @@ from attribindex.pipeline._mutation import (
     mutation,
     whitening_drift,
 )
-from attribindex.pipeline._write_segments import write_flat_segment
+from attribindex.pipeline._write_segments import write_store_segment
 from attribindex.query import AttributionIndex
 from attribindex.store import (
     AppendEvent,
@@ -264,12 +264,11 @@ def _duplicates(
 
 
 def _add_rows(change: Mutation, index: AttributionIndex, curvature, chunks, progress: bool) -> DriftRecord | None:
-    """Record freshly written chunks in `change`: one exact flat segment over them, whitened with the frozen
+    """Record freshly written chunks in `change`: one exact segment over them, whitened with the frozen
     preconditioner (nothing to retrain), and their curvature added to the sums. Returns the whitening's drift."""
     root, manifest = change.root, change.manifest
     new_rows = RowStore(root, manifest.block_dims, manifest.store.dtype, chunks)
-    name = change.name(layout.APPENDED_SEGMENT)
-    segment = write_flat_segment(root, new_rows, index.preconditioner, manifest.normalization, progress, name)
+    segment = write_store_segment(root, new_rows, index.preconditioner, progress, change.name(layout.APPENDED_NORMS))
     sums = change.curvature()
     sums.merge(curvature)
     curvature_file = change.name(layout.CURVATURE)

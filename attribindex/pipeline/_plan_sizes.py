@@ -148,11 +148,14 @@ def plan_disk(
 
 
 def _segment_bytes(plan: SegmentPlan, rows: int) -> int:
-    """Bytes of the FAISS file the build writes for `plan` (and holds in memory at query): the codes of every row,
-    8-byte ids of inverted lists, and what training leaves (centroids, codebooks, quantiser ranges)."""
+    """Bytes of the segment file the build writes for `plan` (and holds in memory at query): for the exact segment
+    over the store, the rows' float32 norms; for FAISS kinds, the codes of every row, 8-byte ids of inverted lists,
+    and what training leaves (centroids, codebooks, quantiser ranges)."""
     d = plan.index_dim
     if plan.kind == "flat":
-        return FLAT_HEADER.size + rows * plan.dim * (4 if plan.storage == "float32" else 2)
+        if plan.storage == "float32":
+            return NPY_HEADER + 4 * rows
+        return FLAT_HEADER.size + rows * plan.dim * 2
     if plan.kind == "hnsw":
         # a flat float32 storage, then per node ~2M links at level 0 and M/(M-1) ≈ 1 above (int32), an 8-byte
         # offset and a 4-byte level
@@ -220,9 +223,7 @@ def _chunk_record(number: int, rows: int, grads_row: int, modules: int, docs_per
 
 
 def _segment_file(config: BuildConfig) -> str:
-    """The name of the FAISS file a build writes (`write_segment` at version 1)."""
-    if config.index.exact:
-        return layout.versioned(layout.FLAT_INDEX, 1)
+    """The name of the segment file a build writes (`write_segment` at version 1)."""
     return layout.versioned(layout.segment_file(config.index.kind, config.index.storage), 1)
 
 
@@ -296,7 +297,9 @@ def _index_manifest(
         store=store,
         index=IndexRecord(
             kind=config.index.kind,
-            segments=(SegmentRecord(file=_segment_file(config), rows=rows, plan=plan),),
+            segments=(
+                SegmentRecord(file=_segment_file(config), rows=rows, plan=plan, from_store=config.index.exact),
+            ),
             operating_point=None,
         ),
         deleted=DeletedRecord(file=None, rows=0),
@@ -332,7 +335,11 @@ def plan_memory(
     extraction = int(model + activations + window + curvature + exact_bytes)
     build = int(max(extraction, finalize))
     query = model + disk.index + disk.preconditioner + disk.projections + disk.exact_preconditioner
-    where = "memory-mapped: resident in the page cache once searched" if not approximate else "read into memory"
+    where = (
+        "read into memory (candidates re-scored from the row store)"
+        if approximate
+        else "the row store itself, memory-mapped and scanned block by block (in the page cache where it fits)"
+    )
     assumptions = (
         f"model weights in {config.extract.dtype}; activations as measured in the probe's batches of "
         f"{config.extract.batch_size} (longer documents need more)",

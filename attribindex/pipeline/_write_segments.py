@@ -1,7 +1,7 @@
 """Stored raw rows → whitened vectors → the searchable FAISS segments of an index, streamed block by block.
 
 Used by every stage that writes a segment: a build or merge (one segment of the configured kind), an append
-(one exact flat segment over its rows), compaction and refresh (one segment over every row).
+(one exact segment over its rows), compaction and refresh (one segment over every row).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from attribindex._progress import progress as progress_bar
 from attribindex.config import IndexConfig
 from attribindex.hessian import Preconditioner
-from attribindex.index import FlatIndexWriter, SegmentPlan, build_segment
-from attribindex.store import RowStore, SegmentRecord, layout
+from attribindex.index import SegmentPlan, build_segment
+from attribindex.store import RowStore, SegmentRecord, atomic_open, layout
 
 WHITEN_BLOCK_BYTES = 32 * 2**20  # rows whitened at a time; a handful of copies of this is the merge's working memory
 
@@ -46,21 +46,22 @@ def whitened_blocks(store: RowStore, preconditioner: Preconditioner, mode: str) 
         yield preconditioner.index_vectors(raw, mode)  # (n, D)
 
 
-def write_flat_segment(
-    out: Path, store: RowStore, preconditioner: Preconditioner, mode: str, progress: bool, name: str = layout.FLAT_INDEX
+def write_store_segment(
+    out: Path, store: RowStore, preconditioner: Preconditioner, progress: bool, name: str = layout.STORE_NORMS
 ) -> SegmentRecord:
-    """Write every stored row, whitened, into the exact FAISS file `out/name`; returns its segment record.
+    """The exact segment over every row of `store`: the rows stay where they are, and `out/name` gets their
+    whitened norms ‖W g_t‖ (float32, 4 bytes per row), which cosine scores divide by. Returns its record.
 
-    Streams to disk: memory stays at a few blocks of WHITEN_BLOCK_BYTES whatever the number of rows.
+    One whitening pass, a few blocks of WHITEN_BLOCK_BYTES in memory whatever the number of rows.
     """
-    with (
-        FlatIndexWriter(out / name, sum(store.block_dims)) as writer,
-        progress_bar(total=store.rows, desc="index", unit="row", unit_scale=True, enabled=progress) as bar,
-    ):
-        for vectors in whitened_blocks(store, preconditioner, mode):
-            writer.add(vectors)
-            bar.update(len(vectors))
-    return SegmentRecord(file=name, rows=store.rows)
+    norms = np.empty(store.rows, dtype=np.float32)  # (N,)
+    with progress_bar(total=store.rows, desc="norms", unit="row", unit_scale=True, enabled=progress) as bar:
+        for start, raw in store.iter_raw(max_bytes=WHITEN_BLOCK_BYTES):
+            norms[start : start + len(raw)] = preconditioner.whiten(raw).norm(dim=1).numpy()
+            bar.update(len(raw))
+    with atomic_open(out / name) as handle:
+        np.save(handle, norms)
+    return SegmentRecord(file=name, rows=store.rows, from_store=True)
 
 
 def write_segment(
@@ -75,12 +76,11 @@ def write_segment(
     """Write the searchable segment `config` asks for over every stored row (under mutation `version`'s name);
     returns its manifest record.
 
-    Exact flat segments stream to disk; other kinds are trained on a seeded sample of the rows, filled block
+    Exact segments search the store itself (only their norms are written); other kinds are trained on a seeded sample of the rows, filled block
     by block in memory (their size: codes of every row), then written atomically.
     """
     if config.exact:
-        name = layout.versioned(layout.FLAT_INDEX, version)
-        return write_flat_segment(out, store, preconditioner, mode, progress, name)
+        return write_store_segment(out, store, preconditioner, progress, layout.versioned(layout.STORE_NORMS, version))
     name = layout.versioned(layout.segment_file(config.kind, config.storage), version)
     plan = SegmentPlan.resolve(config, mode, store.rows, sum(store.block_dims))
     record = build_segment(

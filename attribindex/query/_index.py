@@ -19,7 +19,7 @@ from torch import nn
 from attribindex.data import PromptCompletion, batched
 from attribindex.errors import AttribIndexError, IndexMismatchError
 from attribindex.hessian import Preconditioner, normalize_rows
-from attribindex.index import SegmentedIndex, rerank
+from attribindex.index import SegmentedIndex, StoreAccess, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
 from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.query._ensemble import checkpoint_members, checkpoint_weights, ensemble_raw
@@ -87,7 +87,8 @@ class AttributionIndex:
         )
         self.store = RowStore(root, self.block_dims, manifest.store.dtype, manifest.store.chunks)
         segments = manifest.index.segments
-        self.index = SegmentedIndex.load(root, segments, manifest.deleted_rows(root), device=device)
+        access = StoreAccess(self.store, self.preconditioner.whiten, self.mode)  # for exact segments over the store
+        self.index = SegmentedIndex.load(root, segments, manifest.deleted_rows(root), device, access)
         for segment, opened in zip(segments, self.index.segments):
             if opened.rows != segment.rows or opened.dim != manifest.dim:
                 raise AttribIndexError(

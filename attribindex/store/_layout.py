@@ -7,11 +7,12 @@ from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
 SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
-FORMAT_VERSION = 8  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
+FORMAT_VERSION = 9  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
 # 4: kfac/ekfac curvature and preconditioner tensors, optimizer-aware projections; 5: the `exact` section;
 # 6: captured biases (`modules[].bias`), the head excluded as the model's output embedding; 7: `training`, rows
-# captured while a model trains; 8: an append event's `request`, so a rerun of a committed append is recognised
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 1 is read as one segment; 2 has flat segments only
+# captured while a model trains; 8: an append event's `request`, so a rerun of a committed append is recognised;
+# 9: exact segments over the row store (`from_store`, a norms file instead of a whitened float32 copy)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # 1 is read as one segment; 2 has flat segments only
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
 BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete
@@ -22,8 +23,11 @@ EXACT_PRECONDITIONER = "exact_preconditioner.safetensors"  # unprojected KFAC / 
 EXACT_CORRECTION = "exact_correction.safetensors"  # EK-FAC correction sums while a build runs (its checkpoint)
 ROWS_DIR = "rows"
 INDEX_DIR = "index"
-FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"  # the segment of a build; compaction and refresh write flat.vN.faiss
-APPENDED_SEGMENT = f"{INDEX_DIR}/segment.faiss"  # one per append (always exact flat), versioned: segment.vN.faiss
+FLAT_INDEX = f"{INDEX_DIR}/flat.faiss"  # the exact segment of a build before format 9 (whitened float32 FAISS)
+APPENDED_SEGMENT = f"{INDEX_DIR}/segment.faiss"  # one per append before format 9, versioned: segment.vN.faiss
+# From format 9 an exact segment searches the store itself and keeps only its rows' whitened norms (float32 .npy):
+STORE_NORMS = f"{INDEX_DIR}/norms.npy"  # the exact segment of a build; compaction and refresh write norms.vN.npy
+APPENDED_NORMS = f"{INDEX_DIR}/segment-norms.npy"  # one per append, versioned: segment-norms.vN.npy
 SHARDS_DIR = "shards"  # a multi-process build keeps its shards here until they are merged
 MEMBERS_DIR = "members"  # a checkpoint ensemble's per-checkpoint extractions, until they are stitched
 DELETED = "deleted.npy"  # sorted int64 global rows hidden from every result (versioned, see `versioned`)
@@ -62,9 +66,10 @@ def versioned(name: str, version: int) -> str:
 
 
 def segment_file(kind: str, storage: str = "float32") -> str:
-    """The segment a build writes: `index/flat.faiss`, `index/flat-float16.faiss`, `index/ivf_pq.faiss`, …"""
+    """The segment file a build writes: `index/norms.npy` (exact, over the store), `index/flat-float16.faiss`,
+    `index/ivf_pq.faiss`, …"""
     if kind == "flat":
-        return FLAT_INDEX if storage == "float32" else f"{INDEX_DIR}/flat-{storage}.faiss"
+        return STORE_NORMS if storage == "float32" else f"{INDEX_DIR}/flat-{storage}.faiss"
     return f"{INDEX_DIR}/{kind}.faiss"
 
 

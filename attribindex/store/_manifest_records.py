@@ -200,21 +200,26 @@ class OperatingPoint:
 
 @dataclass(frozen=True, kw_only=True)
 class SegmentRecord:
-    """A FAISS file over consecutive rows; without `plan` an exact float32 `IndexFlatIP`."""
+    """A searchable segment over consecutive rows: a FAISS file (without `plan` an exact float32 `IndexFlatIP`),
+    or, `from_store`, an exact search over the row store itself, whose `file` holds the rows' whitened norms."""
 
     file: str
     rows: int
     plan: dict[str, Any] | None = omitted_when_default()  # every resolved parameter (see index.SegmentPlan)
+    from_store: bool = omitted_when_default(False)  # exact over the stored rows (format 9): one copy of the vectors
 
     @property
     def exact(self) -> bool:
-        """True for an exact float32 flat segment."""
-        return self.plan is None or (self.plan["kind"] == "flat" and self.plan["storage"] == "float32")
+        """True for an exact segment: over the store, or a float32 flat FAISS file."""
+        if self.from_store or self.plan is None:
+            return True
+        return self.plan["kind"] == "flat" and self.plan["storage"] == "float32"
 
     @property
     def description(self) -> str:
-        """E.g. ``IVF1024,PQ64 (1,000,000 rows)``."""
-        return f"{(self.plan or {}).get('factory', 'Flat')} ({self.rows:,} rows)"
+        """E.g. ``IVF1024,PQ64 (1,000,000 rows)``, ``store (1,000,000 rows)``."""
+        kind = "store" if self.from_store else (self.plan or {}).get("factory", "Flat")
+        return f"{kind} ({self.rows:,} rows)"
 
 
 @dataclass(frozen=True, kw_only=True)

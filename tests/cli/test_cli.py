@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from attribindex.cli import main
 from attribindex.cli._base import in_flags
 from attribindex.errors import AttribIndexError
+from attribindex.store import layout
 from attribindex.testing import write_jsonl
 
 
@@ -278,14 +279,14 @@ def test_shards_merge_and_verify(tiny_models, corpus_file, tmp_path):
     result = CliRunner().invoke(main, ["info", str(tmp_path / "s1")])
     assert result.exit_code == 0 and "shard 1 of 2: documents [12, 24)" in result.output, result.output
 
-    flat = tmp_path / "i" / "index" / "flat.faiss"
-    data = bytearray(flat.read_bytes())
+    norms = tmp_path / "i" / layout.STORE_NORMS
+    data = bytearray(norms.read_bytes())
     data[-1] ^= 0x01  # bit rot: same size, different bytes
-    flat.write_bytes(bytes(data))
+    norms.write_bytes(bytes(data))
     (tmp_path / "i" / "rows" / "000001.docs.jsonl").unlink()
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "i")])
     assert result.exit_code == 1
-    assert "DAMAGED" in result.output and "flat.faiss: contents differ from the recorded sha256" in result.output
+    assert "DAMAGED" in result.output and "norms.npy: contents differ from the recorded sha256" in result.output
     assert "000001.docs.jsonl: missing" in result.output and "2 damaged" in result.output
     _fails(["query", str(tmp_path / "i"), "--text", "x y"], "000001.docs.jsonl is damaged (missing)")
 
@@ -295,9 +296,9 @@ def test_opening_an_index_with_a_truncated_file_fails_clearly(built, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(built, copy)
-    flat = copy / "index" / "flat.faiss"
-    flat.write_bytes(flat.read_bytes()[:-100])
-    _fails(["query", str(copy), "--text", "x y"], "flat.faiss is damaged (")
+    norms = copy / layout.STORE_NORMS
+    norms.write_bytes(norms.read_bytes()[:-40])
+    _fails(["query", str(copy), "--text", "x y"], "norms.npy is damaged (")
     assert "attribindex verify" in _fails(["query", str(copy), "--text", "x y"], "bytes, the manifest records").output
 
 
@@ -327,7 +328,7 @@ def test_append_delete_compact_refresh(tiny_models, corpus_file, corpus_records,
     assert "compacted  2 rows" in CliRunner().invoke(main, ["compact", str(out)]).output
     assert "refreshed  22 rows" in CliRunner().invoke(main, ["refresh", str(out)]).output
     info = CliRunner().invoke(main, ["info", str(out)]).output
-    assert "version      5" in info and "deleted" not in info and "1 segment: Flat (22 rows))" in info
+    assert "version      5" in info and "deleted" not in info and "1 segment: store (22 rows))" in info
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
 
 

@@ -30,7 +30,7 @@ KILL_POINTS = {
     "before the second chunk is written": ("attribindex.store._rows", "ChunkWriter.flush", 2, "before"),
     "after a chunk, before its checkpoint": ("attribindex.store._rows", "ChunkWriter.flush", 3, "after"),
     "inside a checkpoint write": ("attribindex.hessian._curvature", "write_safetensors", 2, "after"),
-    "while writing the FAISS index": ("attribindex.index._flat", "FlatIndexWriter.add", 2, "before"),
+    "while writing the index (its norms)": ("attribindex.pipeline._write_segments", "atomic_open", 1, "before"),
     "before the manifest": ("attribindex.pipeline._finalize", "write_manifest", 1, "before"),
 }
 

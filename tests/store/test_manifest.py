@@ -72,6 +72,7 @@ def test_the_fixtures_hold_every_optional_part():
     assert events == {"build", "merge", "append", "delete", "compact", "refresh", "operating_point"}
     assert any(e.event == "build" and e.resumed for m in current for e in m.log)
     assert any(e.event == "append" and e.request for m in current for e in m.log)
+    assert any(s.from_store for m in indexes for s in m.index.segments)
     assert any(m.projection.optimizer for m in current)
     assert any(m.index.operating_point for m in indexes) and any(s.plan for m in indexes for s in m.index.segments)
     assert any(m.hessian.drift for m in indexes) and any(m.hessian.retained_deleted for m in indexes)
