@@ -163,23 +163,20 @@ def prepare_corpus(out: Path, args) -> tuple[list[Document], list[str], Path]:
     return documents, corpus["queries"], write_jsonl(out / "train.jsonl", corpus["train"])
 
 
-def trained_model(out: Path, documents: list[Document], args) -> Path:
-    """The GPT-NeoX the attribution explains: initialised from seed 0 and trained on all training documents."""
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+def two_layer_neox(tokenizer, hidden: int, max_length: int):
+    """A 2-layer GPT-NeoX (4 heads, MLP 4 × hidden, no dropout, untied head) initialised from seed 0: the model of
+    the benchmarks' workloads."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    folder = out / "model"
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     eos = tokenizer.eos_token_id
     torch.manual_seed(0)
     config = GPTNeoXConfig(
         vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=args.max_length,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_length,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bos_token_id=eos,
@@ -187,7 +184,18 @@ def trained_model(out: Path, documents: list[Document], args) -> Path:
         pad_token_id=eos,
         tie_word_embeddings=False,
     )
-    model = GPTNeoXForCausalLM(config)
+    return GPTNeoXForCausalLM(config)
+
+
+def trained_model(out: Path, documents: list[Document], args) -> Path:
+    """The GPT-NeoX the attribution explains: initialised from seed 0 and trained on all training documents."""
+    from transformers import AutoTokenizer
+
+    folder = out / "model"
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    model = two_layer_neox(tokenizer, args.hidden, args.max_length)
     recipe = TrainingRecipe(epochs=args.epochs, batch_size=8, learning_rate=3e-3, max_length=args.max_length)
     started = time.perf_counter()
     train_causal_lm(model, tokenizer, documents, recipe, seed=0)

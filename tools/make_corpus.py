@@ -358,8 +358,9 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def paragraphs(text: str, first_line: int = 1) -> Iterator[tuple[int, str]]:
-    """(line number, paragraph) for the blank-line-separated paragraphs of `text`."""
+def paragraphs(text: str, first_line: int = 1, joiner: str = " ") -> Iterator[tuple[int, str]]:
+    """(line number, paragraph) for the blank-line-separated paragraphs of `text`, their lines joined by `joiner`
+    ("\\n" keeps a paragraph's newlines and its first line's leading whitespace)."""
     start, lines = 0, []
     for number, line in enumerate(text.split("\n"), start=first_line):
         if line.strip():
@@ -367,10 +368,10 @@ def paragraphs(text: str, first_line: int = 1) -> Iterator[tuple[int, str]]:
                 start = number
             lines.append(line)
         elif lines:
-            yield start, " ".join(lines)
+            yield start, joiner.join(lines)
             lines = []
     if lines:
-        yield start, " ".join(lines)
+        yield start, joiner.join(lines)
 
 
 _TRIPLE = re.compile(r"([rRuUbBfF]{0,2})(\"\"\"|''')(.*?)\2", re.S)
@@ -490,7 +491,7 @@ _POD_ENTITIES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "
 def pod_texts(text: str) -> Iterator[tuple[int, str]]:
     """(line, paragraph) of the POD in a Perl file: headings, items and text paragraphs (verbatim code dropped)."""
     inside = False
-    for number, paragraph in paragraphs_raw(text):
+    for number, paragraph in paragraphs(text, joiner="\n"):
         if paragraph.startswith("=cut"):
             inside = False
             continue
@@ -508,21 +509,6 @@ def pod_texts(text: str) -> Iterator[tuple[int, str]]:
         for _ in range(3):
             paragraph = _POD_CODE.sub(lambda m: m.group(1).split("|")[0], paragraph)
         yield number, paragraph
-
-
-def paragraphs_raw(text: str) -> Iterator[tuple[int, str]]:
-    """Like `paragraphs`, but the paragraph keeps its first line's leading whitespace and its newlines."""
-    start, lines = 0, []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
-            if not lines:
-                start = number
-            lines.append(line)
-        elif lines:
-            yield start, "\n".join(lines)
-            lines = []
-    if lines:
-        yield start, "\n".join(lines)
 
 
 def texts_of(unit: Unit) -> tuple[str, list[tuple[str, str]]]:

@@ -15,7 +15,7 @@ from attribindex.cli._base import Command
 WEIGHTS_NEED_AN_ENSEMBLE = "--checkpoint-weights weighs the checkpoints of an ensemble: give several --model."
 
 
-def _build_options(*, out_required: bool):
+def _build_options(*, out_required: bool, data_required: bool = True):
     """The options of `build`, shared with `plan` so that a build's command line plans it unchanged and the two
     cannot drift; `plan` takes --out optionally (it reports the free space there)."""
     out_help = "Index folder to create." if out_required else "Index folder the build would create (free space shown)."
@@ -39,7 +39,11 @@ def _build_options(*, out_required: bool):
             "Trainer checkpoint was saved at, as TracIn weighs them.",
         ),
         click.option(
-            "--data", required=True, help="A .jsonl file, a folder of .txt files, a saved HF dataset, or a hub dataset."
+            "--data",
+            required=data_required,
+            default=None,
+            help="A .jsonl file, a folder of .txt files, a saved HF dataset, or a hub dataset."
+            + ("" if data_required else " Optional with --documents (then it is sampled, if given)."),
         ),
         click.option("--out", required=out_required, type=click.Path(path_type=Path), help=out_help),
         options.text_field,
@@ -186,11 +190,38 @@ def build(
 
 
 @click.command(cls=Command)
-@_build_options(out_required=False)
+@_build_options(out_required=False, data_required=False)
 @click.option(
-    "--sample", type=int, default=1000, show_default=True, help="Documents a streamed dataset is estimated from."
+    "--sample",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Documents a streamed dataset (or --data under --documents) is estimated from.",
 )
 @click.option("--probe-batches", type=int, default=3, show_default=True, help="Batches timed (after a warm-up batch).")
+@click.option(
+    "--documents",
+    type=int,
+    default=None,
+    help="Plan for N documents instead of counting --data's (then --data is optional, and only sampled).",
+)
+@click.option(
+    "--tokens-per-document",
+    type=float,
+    default=None,
+    help="Mean tokens per document (default: measured on --data, else the config's max_length).",
+)
+@click.option(
+    "--tokens-per-second",
+    type=float,
+    default=None,
+    help="Extraction throughput of one GPU, measured elsewhere (default: this plan's probe, else a labelled "
+    "estimate from bergson's published chart).",
+)
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs extracting at once (wall-clock, shards).")
+@click.option(
+    "--node-ram-gb", type=float, default=512, show_default=True, help="RAM of one search node, GiB (nodes per index)."
+)
 @options.as_json("Print the plan as JSON.")
 def plan(
     config_path,
@@ -203,16 +234,26 @@ def plan(
     overwrite,
     sample,
     probe_batches,
+    documents,
+    tokens_per_document,
+    tokens_per_second,
+    gpus,
+    node_ram_gb,
     as_json,
     **args,
 ):
     """Plan a build — take `build`'s command line — without writing anything: dims per module, bytes per example,
-    disk, RAM at build and at query, the exact section's memory, and the time from a short timed probe.
+    disk, RAM at build and at query, the exact section's memory, the time from a short timed probe, and the build at
+    scale: GPU-hours, shards, the row store, and each search index's RAM in search nodes.
 
     \b
     Example:
       attribindex plan --config demo --model ./my-model --data corpus.jsonl --out my-index
       attribindex plan --config tiny --model ./tiny-gpt2 --data corpus.jsonl --json
+    \b
+      # a billion documents with Llama-3-8B, from its config alone (no weights, no corpus; docs/scale.md)
+      attribindex plan --config llama3-8b-paper --model index_configs/models/llama3-8b \\
+          --documents 1000000000 --tokens-per-document 512 --gpus 64
     """
     from attribindex.pipeline import plan_build
 
@@ -231,6 +272,11 @@ def plan(
         **args,
         sample=sample,
         probe_batches=probe_batches,
+        documents=documents,
+        tokens_per_document=tokens_per_document,
+        tokens_per_second=tokens_per_second,
+        gpus=gpus,
+        node_ram_gb=node_ram_gb,
         progress=not as_json,
         log=lambda line: click.echo(line, err=True),  # what it is doing, apart from the plan on stdout
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attribindex.data._seen_ids import SeenIds
 from attribindex.errors import AttribIndexError
 
 
@@ -90,7 +91,7 @@ class Corpus:
 
         Earlier records are still read: content-hash ids of repeated texts depend on every record before.
         """
-        seen: dict[str, int] = {}
+        seen = SeenIds()
         count = 0
         for position, (source, record) in enumerate(self._records()):
             if (self.limit is not None and position >= self.limit) or (self.stop is not None and position >= self.stop):
@@ -102,7 +103,7 @@ class Corpus:
         if count == 0:
             raise AttribIndexError(f"the corpus {self.description} holds no documents. Give a non-empty corpus.")
 
-    def _to_document(self, source: str, record: Any, seen: dict[str, int]) -> Document:
+    def _to_document(self, source: str, record: Any, seen: SeenIds) -> Document:
         if not isinstance(record, dict):
             raise AttribIndexError(
                 f"{source}: expected a JSON object per record, got {type(record).__name__}. "
@@ -127,9 +128,9 @@ class Corpus:
                     f"Fix the record, or leave `id_field` out to use content-hash ids."
                 )
             doc_id = self._checked_id(source, record[self.id_field])
-            if doc_id in seen:
+            if (first := seen.position(doc_id)) is not None:
                 raise AttribIndexError(
-                    f"{source}: duplicate id {doc_id!r} (first seen at record {seen[doc_id]}). Ids must be unique: "
+                    f"{source}: duplicate id {doc_id!r} (first seen at record {first}). Ids must be unique: "
                     f"fix the corpus, or leave `id_field` out to use content-hash ids."
                 )
         else:
@@ -138,7 +139,7 @@ class Corpus:
             while doc_id in seen:  # an exact duplicate text: keep it, under a distinct but stable id
                 copy += 1
                 doc_id = f"{base_id}~{copy}"
-        seen[doc_id] = len(seen)
+        seen.add(doc_id)
         return Document(id=doc_id, text=text, source=source)
 
     def _checked_id(self, source: str, value: Any) -> str:

@@ -22,27 +22,33 @@ from attribindex.store import save_safetensors
 _SIDES = {"in": 0, "out": 1, "bias": 2}
 
 
-def gaussian_projection(seed: int, module_name: str, side: str, rank: int, dim: int) -> torch.Tensor:
-    """A JL-scaled Gaussian matrix (rank × dim) with entries N(0, 1/rank), the same on any machine.
+def gaussian_projection(
+    seed: int, module_name: str, side: str, rank: int, dim: int, *, shapes_only: bool = False
+) -> torch.Tensor:
+    """A JL-scaled Gaussian matrix (rank × dim) with entries N(0, 1/rank), the same on any machine; with
+    `shapes_only`, an empty float32 tensor of that shape on the meta device (a plan sizes it, nothing is drawn).
 
     Example:
         >>> gaussian_projection(0, "mlp.fc", "in", 4, 8).shape
         torch.Size([4, 8])
     """
+    if shapes_only:
+        return torch.empty((rank, dim), dtype=torch.float32, device="meta")
     sequence = np.random.SeedSequence([seed, zlib.crc32(module_name.encode("utf-8")), _SIDES[side]])
     rng = np.random.Generator(np.random.PCG64(sequence))
     matrix = rng.standard_normal((rank, dim), dtype=np.float32) / np.float32(np.sqrt(rank))
     return torch.from_numpy(matrix)
 
 
-def _input_projection(seed: int, module: ModuleSpec, rank_in: int) -> torch.Tensor:
+def _input_projection(seed: int, module: ModuleSpec, rank_in: int, shapes_only: bool = False) -> torch.Tensor:
     """P_in (k_in × input_dim); a captured bias's column has its own stream, so the weight columns are the
     same with or without it."""
     rank = min(rank_in, module.input_dim)
-    weight_columns = gaussian_projection(seed, module.name, "in", rank, module.in_features)  # (k_in, n_in)
+    weight_columns = gaussian_projection(seed, module.name, "in", rank, module.in_features, shapes_only=shapes_only)
     if not module.bias:
-        return weight_columns
-    return torch.cat([weight_columns, gaussian_projection(seed, module.name, "bias", rank, 1)], dim=1)
+        return weight_columns  # (k_in, n_in)
+    bias_column = gaussian_projection(seed, module.name, "bias", rank, 1, shapes_only=shapes_only)
+    return torch.cat([weight_columns, bias_column], dim=1)  # (k_in, n_in + 1)
 
 
 @dataclass
@@ -70,15 +76,19 @@ class ProjectionSet:
         rank_in: int,
         rank_out: int,
         optimizer: SecondMomentScales | None = None,
+        shapes_only: bool = False,
     ) -> ProjectionSet:
         """Seeded projections; with `optimizer`, gradients are divided by the optimizer's √v̂ before projection.
 
         With v̂ factorised as 1/√v̂ = out_scale ⊗ in_scale, P_out (g ⊘ √v̂) P_inᵀ = (P_out diag(out_scale)) g
         (P_in diag(in_scale))ᵀ: the correction folds into the projections and costs nothing per example.
+        With `shapes_only`, the matrices are empty meta tensors of their shapes (what a plan without weights needs).
         """
-        p_in = {m.name: _input_projection(seed, m, rank_in) for m in modules}
+        p_in = {m.name: _input_projection(seed, m, rank_in, shapes_only) for m in modules}
         p_out = {
-            m.name: gaussian_projection(seed, m.name, "out", min(rank_out, m.out_features), m.out_features)
+            m.name: gaussian_projection(
+                seed, m.name, "out", min(rank_out, m.out_features), m.out_features, shapes_only=shapes_only
+            )
             for m in modules
         }
         plain = cls(modules, p_in, p_out)

@@ -144,11 +144,18 @@ class ModelCache:
         release_freed_memory()
 
 
-def build_projections(config: BuildConfig, lm) -> tuple[ProjectionSet, SecondMomentScales | None]:
+def build_projections(
+    config: BuildConfig, lm, shapes_only: bool = False
+) -> tuple[ProjectionSet, SecondMomentScales | None]:
     """The projections a build of `config` uses on `lm` (its captured modules, seeded, with the optimizer's second
-    moments folded in when the config names a state), and those second moments."""
+    moments folded in when the config names a state), and those second moments. With `shapes_only` (a plan of a
+    model without weights), empty meta tensors of the projections' shapes, and no optimizer state."""
     modules = select_modules(lm, config.projection)
     optimizer = None
+    if shapes_only:
+        return ProjectionSet.generate(
+            modules, config.projection.seed, config.projection.rank_in, config.projection.rank_out, shapes_only=True
+        ), None
     if config.projection.optimizer_state is not None:
         optimizer = load_second_moment_scales(
             config.projection.optimizer_state, lm, modules, config.projection.optimizer_eps

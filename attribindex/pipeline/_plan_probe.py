@@ -66,6 +66,35 @@ def tokenize_corpus(
     return stats, kept
 
 
+# Bytes of a docs.jsonl line per token when no corpus is read: ~4 characters of English text per token (OpenAI's
+# rule of thumb for its BPE tokenizers, "one token generally corresponds to ~4 characters"), ~1 byte each in UTF-8.
+TEXT_BYTES_PER_TOKEN = 4.0
+
+
+def given_corpus(documents: int, text_field: str, id_field: str | None, sampled: Corpus | None) -> Corpus:
+    """A corpus of `documents` documents known by their number alone (`--documents`): it has a length, windows
+    and a description, and yields nothing. `sampled`: the corpus its documents are estimated from, if any."""
+    described = f"{documents:,} documents (--documents" + (f", sampled from {sampled.description})" if sampled else ")")
+    return Corpus(described, lambda: iter(()), text_field, id_field, limit=documents, available=documents)
+
+
+def plan_given_corpus(corpus: Corpus, tokens_per_document: float) -> CorpusPlan:
+    """The documents of a `given_corpus` at `tokens_per_document` each, their text estimated at
+    TEXT_BYTES_PER_TOKEN bytes a token; nothing is tokenised."""
+    documents = len(corpus)
+    return CorpusPlan(
+        description=corpus.description,
+        documents=documents,
+        counted=False,
+        sample=0,
+        tokens=round(documents * tokens_per_document),
+        truncated=0,
+        empty=0,
+        text_bytes=round(documents * tokens_per_document * TEXT_BYTES_PER_TOKEN),
+        tokenize_seconds=0.0,
+    )
+
+
 def plan_corpus(corpus: Corpus, stats: TokenStats, counted: bool, skip_empty: bool) -> CorpusPlan:
     documents = corpus.known_length() or corpus.limit or stats.documents  # a streamed corpus: at most `limit`
     scale = documents / max(stats.documents, 1)  # 1 when counted

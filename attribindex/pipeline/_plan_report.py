@@ -89,6 +89,70 @@ class ExactPlan:
 
 
 @dataclass(frozen=True)
+class SearchNodePlan:
+    """One kind of search index over every row: what it holds in RAM and how many search nodes that takes."""
+
+    kind: str  # "exact flat", "IVF-SQ8", "IVF-PQ64", …, "HNSW32"
+    factory: str  # its FAISS factory string at this many rows
+    holds: str
+    bytes_per_row: int
+    fixed_bytes: int  # what training leaves (centroids, codebooks), headers
+    ram_bytes: int
+    nodes: int  # of the plan's node RAM, to hold it (no headroom counted)
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """The build on many GPUs and its search tier on many nodes. Each figure says where it comes from: the
+    throughput is `measured` (the probe), `given` (--tokens-per-second) or an `estimate` (its source in
+    `throughput_source`); tokens per document are counted, sampled, given or the config's max_length."""
+
+    documents: int
+    tokens_per_document: float
+    tokens_per_document_source: str
+    tokens: int
+    parameters: int  # the model's, as its config builds it
+    tokens_per_second: float  # per GPU
+    throughput: str  # "measured", "given" or "estimate"
+    throughput_source: str
+    gpu_hours: float  # tokens / tokens_per_second / 3600
+    gpus: int
+    wall_clock_hours: float  # on `gpus` GPUs, shards `gpus` at a time
+    shards: int
+    shards_source: str
+    rows_per_shard: int
+    bytes_per_row: float  # the row store's, as `DiskPlan.store_per_example`
+    store_bytes: int  # bytes_per_row × documents
+    exact_index_bytes: int  # the store + 4 bytes per row of norms (index/norms.npy)
+    node_ram_bytes: int
+    search: tuple[SearchNodePlan, ...]
+    milvus_fits: bool  # the vectors are within Milvus's 32,768 dims
+
+    def format_lines(self) -> list[str]:
+        days = f" ({self.wall_clock_hours / 24:,.1f} days)" if self.wall_clock_hours >= 48 else ""
+        lines = [
+            f"scale        {self.documents:,} documents × {self.tokens_per_document:,.0f} tokens "
+            f"({self.tokens_per_document_source}) = {self.tokens:,} tokens",
+            f"throughput   {self.tokens_per_second:,.0f} tokens/s per GPU — {self.throughput_source}",
+            f"GPU time     {self.gpu_hours:,.0f} GPU-hours; {self.wall_clock_hours:,.1f} h{days} wall-clock on "
+            f"{self.gpus:,} GPUs",
+            f"shards       {self.shards:,} ({self.shards_source}), {self.rows_per_shard:,} rows each",
+            f"row store    {self.bytes_per_row:,.0f} bytes per row × {self.documents:,} rows = "
+            f"{format_size(self.store_bytes)}",
+            f"exact index  {format_size(self.exact_index_bytes)}: the row store + 4 bytes per row of norms "
+            f"(index/norms.npy)",
+            f"search RAM   by index kind, on nodes of {format_size(self.node_ram_bytes)} (--node-ram-gb; no headroom):",
+        ]
+        width = max(len(s.kind) for s in self.search)
+        lines += [
+            f"  {s.kind:<{width}}  {format_size(s.ram_bytes):>10}  {s.nodes:>9,} node{'s' if s.nodes > 1 else ' '}  "
+            f"{s.bytes_per_row:,} B/row + {format_size(s.fixed_bytes)}: {s.holds}"
+            for s in self.search
+        ]
+        return lines
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     """What `build_index` on the same arguments will produce and need. `to_dict()` for JSON, `format()` to read.
 
@@ -110,8 +174,9 @@ class BuildPlan:
     corpus: CorpusPlan
     disk: DiskPlan
     memory: MemoryPlan
-    time: TimePlan
+    time: TimePlan | None  # None when no probe ran (a model without weights, or no corpus to time)
     exact: ExactPlan | None
+    scale: ScalePlan
     notes: tuple[str, ...]
 
     def to_dict(self) -> dict:
@@ -121,6 +186,8 @@ class BuildPlan:
         c, d, m, t = self.corpus, self.disk, self.memory, self.time
         ranks = sorted({(p.rank_out, p.rank_in) for p in self.modules})
         how = "counted" if c.counted else f"estimated from the first {c.sample:,} documents"
+        if not c.sample:
+            how = "given, no corpus read"
         lines = [
             f"plan         {self.kind} of {self.model}: hessian {self.hessian}, store {self.store_dtype}, "
             f"index {self.index}",
@@ -147,15 +214,20 @@ class BuildPlan:
             + (f", exact factors {format_size(m.exact)}" if m.exact else "")
             + f"; finalizing {format_size(m.finalize)}",
             f"RAM query    {format_size(m.query)}: model {format_size(m.model)} + index {format_size(m.index)}",
-            f"time         ~{format_duration(t.extract_seconds + t.exact_correction_seconds)} on {t.device} "
-            f"({t.seconds_per_token * 1e3:.3f} ms/token from {t.probe_batches} timed batches of {t.batch_size}, "
-            f"{t.probe_tokens:,} tokens in {t.probe_seconds:.2f} s)"
-            + (
-                f"; of which the exact EK-FAC correction ~{format_duration(t.exact_correction_seconds)}"
-                if t.exact_correction_seconds
-                else ""
-            ),
         ]
+        if t is None:
+            lines.append("time         no probe ran: see the throughput below")
+        else:
+            lines.append(
+                f"time         ~{format_duration(t.extract_seconds + t.exact_correction_seconds)} on {t.device} "
+                f"({t.seconds_per_token * 1e3:.3f} ms/token from {t.probe_batches} timed batches of {t.batch_size}, "
+                f"{t.probe_tokens:,} tokens in {t.probe_seconds:.2f} s)"
+                + (
+                    f"; of which the exact EK-FAC correction ~{format_duration(t.exact_correction_seconds)}"
+                    if t.exact_correction_seconds
+                    else ""
+                )
+            )
         e = self.exact
         if e is not None:
             verdict = "refused: " + e.refusal if e.refusal else f"fits the limit of {format_size(e.limit)}"
@@ -163,17 +235,18 @@ class BuildPlan:
                 f"exact        {e.kind} ({e.fisher} Fisher) over {e.layers} layers: {e.copies} × "
                 f"{format_size(e.factor_bytes)} = {format_size(e.needed)} of factor sums; {verdict}"
             )
+        lines += self.scale.format_lines()
         lines += [f"assumes      {a}" for a in m.assumptions]
         lines += [f"note         {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    return f"{n:.1f} PiB"  # pragma: no cover
 
 
 def format_duration(seconds: float) -> str:

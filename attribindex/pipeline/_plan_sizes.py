@@ -46,6 +46,7 @@ from attribindex.store import (
 )
 from attribindex.store._codec import numpy_store_dtype
 
+LISTED_CHUNKS = 4096  # above this many chunks, the records' bytes are extrapolated from the last two
 NPY_HEADER = 128  # bytes of a .npy header for the 1- and 2-d arrays a chunk holds (numpy pads it to 64 bytes)
 _SAFETENSORS_DTYPES = {1: "U8", 2: "F16", 4: "F32", 8: "F64"}
 
@@ -64,11 +65,11 @@ def plan_disk(
 ) -> DiskPlan:
     rows, dim, modules = corpus_plan.documents, projections.dim, len(projections.modules)
     chunk_rows = config.store.chunk_rows
-    chunks = [min(chunk_rows, rows - start) for start in range(0, rows, chunk_rows)]
+    count = math.ceil(rows / chunk_rows)  # chunks of chunk_rows rows, the last one partial
     item = numpy_store_dtype(config.store.dtype).itemsize
     # grads (n, D) in the store dtype, scales (n, M) fp32, ids (n,) uint64, docs offsets (n + 1,) int64
     store_per_example = dim * item + modules * 4 + 8 + 8
-    row_bytes = sum(n * store_per_example + 8 + 4 * NPY_HEADER for n in chunks)
+    row_bytes = rows * store_per_example + count * (8 + 4 * NPY_HEADER)  # + per chunk: one more offset, 4 headers
     index = _segment_bytes(segment, rows) if segment is not None else 0
 
     shapes = dict(zip([m.name for m in projections.modules], projections.block_shapes))
@@ -81,21 +82,8 @@ def plan_disk(
         {"hash": "sha256:" + "0" * 64},
     )
     docs_per_row = corpus_plan.text_bytes / max(rows, 1)
-    chunk_records = [_chunk_record(i, n, dim * item, modules, docs_per_row) for i, n in enumerate(chunks)]
-    note = ExtractState(
-        next_position=rows,
-        chunks=chunk_records,
-        skipped=corpus_plan.empty,
-        tokens=corpus_plan.tokens,
-        truncated=corpus_plan.truncated,
-        complete=True,
-    )
     exact_layers = exact_shapes(extractor) if config.exact.enabled else {}
     unprojected = {n: s.gradient_shape for n, s in exact_layers.items()}  # the exact section's (n_out, n_in')
-    curvature = _safetensors_bytes(
-        _curvature_tensors(config.hessian.kind, shapes, unprojected),
-        {"count": str(rows), "note": json.dumps(to_json(note)), "retained_deleted": "0"},
-    )
     preconditioner = (
         0 if segment is None else _preconditioner_bytes(config.hessian.kind, shapes, config.hessian.damping)
     )
@@ -109,25 +97,50 @@ def plan_disk(
         meta = {"kind": config.exact.kind, "alpha": repr(config.exact.damping)}
         meta |= {f"{n}::shape": f"{o},{i},1" for n, (o, i) in unprojected.items()}
         exact_preconditioner = _safetensors_bytes(tensors, meta)
-    sizes = {layout.PROJECTIONS: projection_bytes, layout.CURVATURE: curvature}
-    if segment is not None:
-        sizes |= {layout.PRECONDITIONER: preconditioner, _segment_file(config): index}
-        if exact is not None:
-            sizes[layout.EXACT_PRECONDITIONER] = exact_preconditioner
     counted = corpus_record(corpus, corpus_plan.empty, corpus_plan.truncated, corpus_plan.tokens)
     lm, tokenizer = extractor.model, extractor.tokenizer
     placeholders = {"fingerprint": _CHECKSUM, "projection_hash": _CHECKSUM}  # of their length: nothing is hashed
     header = manifest_header(
         config, request.model, lm, tokenizer, projections, optimizer, counted, _TIME, **placeholders
     )
-    store = StoreRecord(dtype=config.store.dtype, chunk_rows=config.store.chunk_rows, chunks=tuple(chunk_records))
-    files = {name: FileRecord(sha256=_CHECKSUM, bytes=size) for name, size in sizes.items()}
-    if segment is None:
-        manifest = _shard_manifest(header, request, corpus, store, files)
-    else:
-        biased = tuple(name for name, layer in exact_layers.items() if layer.bias)
-        manifest = _index_manifest(config, header, segment, store, files, exact, biased)
-    manifest_bytes = len(manifest_json(with_index_id(manifest)))
+
+    def recorded(chunk_records: list[ChunkRecord]) -> tuple[int, int]:
+        """(curvature file, manifest) bytes when the checkpoint note and the manifest list these chunks."""
+        note = ExtractState(
+            next_position=rows,
+            chunks=chunk_records,
+            skipped=corpus_plan.empty,
+            tokens=corpus_plan.tokens,
+            truncated=corpus_plan.truncated,
+            complete=True,
+        )
+        curvature = _safetensors_bytes(
+            _curvature_tensors(config.hessian.kind, shapes, unprojected),
+            {"count": str(rows), "note": json.dumps(to_json(note)), "retained_deleted": "0"},
+        )
+        sizes = {layout.PROJECTIONS: projection_bytes, layout.CURVATURE: curvature}
+        if segment is not None:
+            sizes |= {layout.PRECONDITIONER: preconditioner, _segment_file(config): index}
+            if exact is not None:
+                sizes[layout.EXACT_PRECONDITIONER] = exact_preconditioner
+        store = StoreRecord(dtype=config.store.dtype, chunk_rows=chunk_rows, chunks=tuple(chunk_records))
+        files = {name: FileRecord(sha256=_CHECKSUM, bytes=size) for name, size in sizes.items()}
+        if segment is None:
+            manifest = _shard_manifest(header, request, corpus, store, files)
+        else:
+            biased = tuple(name for name, layer in exact_layers.items() if layer.bias)
+            manifest = _index_manifest(config, header, segment, store, files, exact, biased)
+        return curvature, len(manifest_json(with_index_id(manifest)))
+
+    def chunk(number: int) -> ChunkRecord:
+        return _chunk_record(number, min(chunk_rows, rows - number * chunk_rows), dim * item, modules, docs_per_row)
+
+    if count <= LISTED_CHUNKS:
+        curvature, manifest_bytes = recorded([chunk(i) for i in range(count)])
+    else:  # millions of chunk records: each adds what the last full one adds (its number at the widest)
+        one = recorded([chunk(count - 1)])
+        two = recorded([chunk(count - 2), chunk(count - 1)])
+        curvature, manifest_bytes = (a + (count - 1) * (b - a) for a, b in zip(one, two))
     total = row_bytes + corpus_plan.text_bytes + index + projection_bytes + curvature + preconditioner
     total += exact_preconditioner + manifest_bytes
     return DiskPlan(
@@ -297,9 +310,7 @@ def _index_manifest(
         store=store,
         index=IndexRecord(
             kind=config.index.kind,
-            segments=(
-                SegmentRecord(file=_segment_file(config), rows=rows, plan=plan, from_store=config.index.exact),
-            ),
+            segments=(SegmentRecord(file=_segment_file(config), rows=rows, plan=plan, from_store=config.index.exact),),
             operating_point=None,
         ),
         deleted=DeletedRecord(file=None, rows=0),
@@ -317,9 +328,11 @@ def plan_memory(
     projections: ProjectionSet,
     disk: DiskPlan,
     exact: ExactPlan | None,
-    activations: int,
+    activations: int | None,
     segment: SegmentPlan | None,
 ) -> MemoryPlan:
+    """Resident bytes at build and at query; `activations` as the probe measured them, None when no probe ran
+    (counted as 0, and said so)."""
     model = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
     dim = projections.dim
     window = SORT_WINDOW_BATCHES * config.extract.batch_size * dim * 4  # float32 rows of a sorted window
@@ -332,7 +345,7 @@ def plan_memory(
     finalize = whitening + disk.preconditioner + (disk.index if approximate else 0)
     if config.exact.enabled:  # the model stays for the exact section's correction pass
         finalize += model
-    extraction = int(model + activations + window + curvature + exact_bytes)
+    extraction = int(model + (activations or 0) + window + curvature + exact_bytes)
     build = int(max(extraction, finalize))
     query = model + disk.index + disk.preconditioner + disk.projections + disk.exact_preconditioner
     where = (
@@ -340,9 +353,13 @@ def plan_memory(
         if approximate
         else "the row store itself, memory-mapped and scanned block by block (in the page cache where it fits)"
     )
+    measured = (
+        f"activations as measured in the probe's batches of {config.extract.batch_size} (longer documents need more)"
+        if activations is not None
+        else "activations not included: no probe ran to measure them"
+    )
     assumptions = (
-        f"model weights in {config.extract.dtype}; activations as measured in the probe's batches of "
-        f"{config.extract.batch_size} (longer documents need more)",
+        f"model weights in {config.extract.dtype}; {measured}",
         f"{SORT_WINDOW_BATCHES} batches of float32 rows per sorted window, one chunk of {config.store.chunk_rows:,} "
         f"encoded rows, two copies of the curvature sums",
         f"the index at query is {where}; query batches and the server add little",
@@ -352,7 +369,7 @@ def plan_memory(
         window=int(window),
         curvature=curvature,
         exact=exact_bytes,
-        activations=int(activations),
+        activations=int(activations or 0),
         finalize=int(finalize),
         build=build,
         index=disk.index,

@@ -314,10 +314,24 @@ class AttributionIndex:
 
     def ranked(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by inner product with `vectors` (Q, D): ((Q, k) scores, (Q, k) rows). Approximate
-        indexes fetch `rerank × k` candidates and re-score them from the stored gradients."""
+        indexes fetch `rerank × k` candidates and re-score them from the stored gradients (`rescore`)."""
         if not self.rescored:
             return self.index.search(vectors, k)
         _, candidates = self.index.search(vectors, min(self.rows, max(k, self.rerank * k)))
+        return self.rescore(vectors, candidates, k)
+
+    def rescore(self, vectors: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k of each query's `candidates` (Q, C) rows (-1 for none) by exact score from the stored
+        gradients: ((Q, k) scores, (Q, k) rows). In dot mode the queries are preconditioned instead of the rows
+        whitened, ⟨W g_t, v⟩ = ⟨g_t, W v⟩ (W symmetric), so a candidate costs D multiply-adds, not Σ d_m².
+
+        Example:
+            >>> vectors = index.query_vectors(["a model output"]).vectors  # doctest: +SKIP
+            >>> scores, rows = index.rescore(vectors, candidates_from_elsewhere, k=10)  # doctest: +SKIP
+        """
+        if self.mode == "dot":
+            preconditioned = self.preconditioner.whiten(torch.from_numpy(np.ascontiguousarray(vectors))).numpy()
+            return rerank(preconditioned, candidates, self.store.raw_rows, k)
         return rerank(vectors, candidates, self.exact_vectors, k)
 
     def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
