@@ -12,7 +12,7 @@ Workload (offline; every artefact goes under --out and a rerun reuses what is fi
      rows, rows/s over the 40,960 rows before the mark and since the previous mark, and the peak RSS so far.
      Rerunning resumes an interrupted build (its table then starts where it resumed);
   4. diet: one pass over the store whitens every row once and fills every candidate index at the same time
-     (IVF-SQ8, IVF-PQ at 64, 128 and 256 bytes per row, each trained on its own seeded sample; HNSW over the first
+     (IVF-SQ8, IVF-PQ with 64-, 128-, 224- and 256-byte codes, each trained on its own seeded sample; HNSW over the first
      --hnsw-rows, as a float32 graph at 8,192 dims needs 32 KB per row); the same pass scores every row against
      the queries from an int8 copy of the raw row (one scale per row and module) to compare with the fp16 store.
      Then per kind and operating point (16, 64 or all 256 IVF cells probed; the top-100 or top-400 re-scored from

@@ -21,14 +21,14 @@ import torch
 from attribindex import AttributionIndex
 from attribindex.config import IndexConfig
 from attribindex.index import SegmentPlan
-from attribindex.index._approx import ApproximateIndex, _seed_clustering, training_rows
+from attribindex.index._approx import ApproximateIndex, _Augmentation, _seed_clustering, training_rows
 from attribindex.store import atomic_open
 
 K = 10
 NLIST = 256  # IVF cells: √N would be 1,024; 256 keeps k-means and assignment affordable on 2 cores
 NPROBES = (16, 64, 256)  # cells scanned per query: the sweep `eval recall` makes
 RERANKS = (10, 40)  # candidates re-scored from the store: depth × k
-PQ_BYTES = (64, 128, 256)
+PQ_BYTES = (64, 128, 224, 256)  # 224: codes + 8-byte id + centroids and codebooks ≤ 256 bytes per row at 1M
 BLOCK_BYTES = 64 * 2**20
 
 
@@ -89,7 +89,7 @@ def fill(index: AttributionIndex, queries: np.ndarray, candidates: list[Candidat
                 samples[key] = preconditioner.index_vectors(store.raw_rows(rows), "dot")  # (n_train, D)
             _seed_clustering(faiss, c.index, c.plan.seed)
             started = time.perf_counter()
-            c.index.train(samples[key])
+            c.index.train(_Augmentation(c.plan, None).vectors(samples[key]))  # zero-padded to index_dim
             c.timings["train_s"] = time.perf_counter() - started
             c.seconds += c.timings["train_s"]
             print(f"trained {c.name} in {c.timings['train_s']:.0f} s", flush=True)
@@ -108,7 +108,7 @@ def fill(index: AttributionIndex, queries: np.ndarray, candidates: list[Candidat
         for c in pending:
             if start < c.rows:
                 began = time.perf_counter()
-                c.index.add(whitened[: c.rows - start])
+                c.index.add(_Augmentation(c.plan, None).vectors(whitened[: c.rows - start]))
                 c.seconds += time.perf_counter() - began
         if (stop // len(raw)) % 20 == 0:
             print(f"diet pass: {stop:,} rows in {time.perf_counter() - started_pass:.0f} s", flush=True)
