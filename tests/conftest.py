@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attribindex import AttributionIndex
 from attribindex.config import (
     BuildConfig,
     ExactConfig,
@@ -59,6 +60,16 @@ def exact_index(tiny_models, corpus_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exact-index") / "idx"
     build_index(exact_section_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def exact_index_on_cpu_and_cuda(exact_index) -> tuple[AttributionIndex, AttributionIndex]:
+    """The session's exact index (EK-FAC, float64, dot mode) opened twice: model on the CPU, and on the GPU."""
+    cpu = AttributionIndex.open(exact_index, device="cpu")
+    cuda = AttributionIndex.open(exact_index, device="cuda")
+    assert cpu.extractor.device.type == "cpu" and cuda.extractor.device.type == "cuda"
+    assert cpu.extractor.dtype == cuda.extractor.dtype == torch.float64
+    return cpu, cuda
 
 
 def exact_section_config(mode: str = "dot", kind: str = "ekfac", batch_size: int = 4, **exact) -> BuildConfig:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_fidelity import final_top, overlap, top_rows
 
 from attribindex import AttributionIndex, build_index
 from attribindex.config import (
@@ -44,16 +45,6 @@ def exact_config() -> BuildConfig:
     )
 
 
-def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """(Q, k) rows of the k highest scores per query, ties by row (as the re-rank orders them)."""
-    rows = np.arange(scores.shape[1])
-    return np.stack([np.lexsort((rows, -s))[:k] for s in scores])
-
-
-def overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.array([len(set(x.tolist()) & set(y.tolist())) / len(x) for x, y in zip(a, b)])
-
-
 def one_size(out: Path, model: Path, train: Path, queries: list[str], rows: int) -> dict:
     record = out / f"exact-{rows}.json"
     if record.is_file():
@@ -68,21 +59,18 @@ def one_size(out: Path, model: Path, train: Path, queries: list[str], rows: int)
     reference_s = time.perf_counter() - started
     truth = top_rows(reference, K)
     ranked = np.array([[a.row for a in top] for top, _ in index.search(index.query_vectors(queries), max(CANDIDATES))])
-    result = {"rows": rows, "build_s": build_s, "reference_s": reference_s, "index_alone": {}, "exact": {}}
-    result["index_alone"] = float(overlaps(ranked[:, :K], truth).mean())
+    index_alone = float(overlap(ranked[:, :K], truth).mean())
+    result = {"rows": rows, "build_s": build_s, "reference_s": reference_s, "index_alone": index_alone, "exact": {}}
     for c in CANDIDATES:
-        final = np.stack([r[np.lexsort((r, -reference[q, r]))[:K]] for q, r in enumerate(ranked[:, :c])])
         result["exact"][str(c)] = {
-            "recall_at_10": float(overlaps(final, truth).mean()),
+            "recall_at_10": float(overlap(final_top(reference, ranked, c, K), truth).mean()),
             "reference_in_top_c": float(
                 np.mean([len(set(truth[q]) & set(ranked[q, :c])) / K for q in range(len(truth))])
             ),
         }
     calls = [index.attribute(q, k=K, exact=200) for q in queries[:CHECKED_QUERIES]]
     produced = np.array([[a.row for a in call.results[0].top] for call in calls])
-    read_off = np.stack(
-        [r[np.lexsort((r, -reference[q, r]))[:K]] for q, r in enumerate(ranked[:CHECKED_QUERIES, :200])]
-    )
+    read_off = final_top(reference[:CHECKED_QUERIES], ranked[:CHECKED_QUERIES], 200, K)
     result["real_calls_match_read_off"] = bool((produced == read_off).all())
     result["rerank_ms_200"] = float(np.median([call.rerank.rerank_ms for call in calls]))
     record.write_text(json.dumps(result))

@@ -25,16 +25,6 @@ FLOAT64_TOL = 1e-9
 FLOAT32_TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def opened(exact_index) -> tuple[AttributionIndex, AttributionIndex]:
-    """The session's exact index (EK-FAC, float64, dot mode) opened twice: model on the CPU, and on the GPU."""
-    cpu = AttributionIndex.open(exact_index, device="cpu")
-    cuda = AttributionIndex.open(exact_index, device="cuda")
-    assert cpu.extractor.device.type == "cpu" and cuda.extractor.device.type == "cuda"
-    assert cpu.extractor.dtype == cuda.extractor.dtype == torch.float64
-    return cpu, cuda
-
-
 def assert_close_to_scale(actual, expected, tol: float) -> None:
     """Equal to `tol` of the largest |expected| (entry by entry)."""
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
@@ -42,18 +32,18 @@ def assert_close_to_scale(actual, expected, tol: float) -> None:
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
-def test_every_rows_exact_score_equals_the_cpus(opened):
-    cpu, cuda = opened
+def test_every_rows_exact_score_equals_the_cpus(exact_index_on_cpu_and_cuda):
+    cpu, cuda = exact_index_on_cpu_and_cuda
     expected = cpu.exact_scores(QUERIES)  # (Q, rows), every live row in row order
     actual = cuda.exact_scores(QUERIES)
     assert expected.shape == (len(QUERIES), cpu.rows) and np.abs(expected).max() > 0
     assert_close_to_scale(actual, expected, FLOAT64_TOL)
 
 
-def test_cosine_scores_from_rotated_gradients_equal_the_cpus(opened, corpus_records):
+def test_cosine_scores_from_rotated_gradients_equal_the_cpus(exact_index_on_cpu_and_cuda, corpus_records):
     """Cosine mode forms each example's full gradient in the eigenbasis (`RotatedGradients`), another route."""
     scores = []
-    for index in opened:
+    for index in exact_index_on_cpu_and_cuda:
         scorer = index.reranker.scorer
         examples = index.extractor.tokenize([r["text"] for r in corpus_records])
         scores.append(scorer.scores(scorer.prepare(index.extractor.tokenize(QUERIES)), examples, "cosine").numpy())
@@ -62,10 +52,10 @@ def test_cosine_scores_from_rotated_gradients_equal_the_cpus(opened, corpus_reco
     assert_close_to_scale(actual, expected, FLOAT64_TOL)
 
 
-def test_a_rerank_of_every_row_ranks_and_scores_as_on_the_cpu(opened):
+def test_a_rerank_of_every_row_ranks_and_scores_as_on_the_cpu(exact_index_on_cpu_and_cuda):
     """C = all rows: the GPU's bfloat16 first stage cannot change what is re-scored, so the answers must agree.
     Each returned row's score is that row's CPU score, and the i-th score is the CPU's i-th (near-ties may swap)."""
-    cpu, cuda = opened
+    cpu, cuda = exact_index_on_cpu_and_cuda
     truth = cpu.exact_scores(QUERIES)  # (Q, rows); column = row (no deleted rows)
     scale = np.abs(truth).max()
     expected = cpu.attribute(QUERIES, k=5, bottom=3, exact=cpu.rows)
@@ -80,8 +70,8 @@ def test_a_rerank_of_every_row_ranks_and_scores_as_on_the_cpu(opened):
             np.testing.assert_allclose(own, [a.score for a in want_side], rtol=0, atol=FLOAT64_TOL * scale)
 
 
-def test_a_float32_query_on_the_gpu_stays_within_1e3_of_float64(exact_index, opened):
-    cpu, _ = opened
+def test_a_float32_query_on_the_gpu_stays_within_1e3_of_float64(exact_index, exact_index_on_cpu_and_cuda):
+    cpu, _ = exact_index_on_cpu_and_cuda
     fp32 = AttributionIndex.open(exact_index, device="cuda", dtype="float32")
     assert fp32.extractor.dtype == torch.float32 and next(fp32.extractor.model.parameters()).dtype == torch.float32
     expected = cpu.exact_scores(QUERIES)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from attribindex import AttributionIndex, PromptCompletion
+from attribindex import PromptCompletion
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -23,16 +23,6 @@ QUERIES = ["King queen crown sword love death night.", PromptCompletion("Father 
 FLOAT64_TOL = 1e-9
 
 
-@pytest.fixture(scope="module")
-def opened(exact_index) -> tuple[AttributionIndex, AttributionIndex]:
-    """The session's exact index (EK-FAC, float64, dot mode) opened twice: model on the CPU, and on the GPU."""
-    cpu = AttributionIndex.open(exact_index, device="cpu")
-    cuda = AttributionIndex.open(exact_index, device="cuda")
-    assert cpu.extractor.device.type == "cpu" and cuda.extractor.device.type == "cuda"
-    assert cpu.extractor.dtype == cuda.extractor.dtype == torch.float64
-    return cpu, cuda
-
-
 def spans(tokens) -> list[tuple[str, str, int, int]]:
     """What a token list says apart from the numbers: (token, text, start, end) of each."""
     return [(t.token, t.text, t.start, t.end) for t in tokens]
@@ -40,8 +30,8 @@ def spans(tokens) -> list[tuple[str, str, int, int]]:
 
 @pytest.mark.parametrize("exact", [False, True], ids=["projected", "exact"])
 @pytest.mark.parametrize("query", QUERIES, ids=["text", "prompt-completion"])
-def test_token_contributions_on_the_gpu_equal_the_cpus(opened, corpus_records, query, exact):
-    cpu, cuda = opened
+def test_token_contributions_on_the_gpu_equal_the_cpus(exact_index_on_cpu_and_cuda, corpus_records, query, exact):
+    cpu, cuda = exact_index_on_cpu_and_cuda
     ids = [r["id"] for r in corpus_records[:4]]
     expected = cpu.explain(query, ids, exact=exact)
     actual = cuda.explain(query, ids, exact=exact)
