@@ -19,6 +19,7 @@ from attribindex.errors import (
     ResourceError,
 )
 from attribindex.eval import RecallReport, measure_recall
+from attribindex.milvus import PushSummary, push_index
 from attribindex.pipeline import (
     AppendSummary,
     BuildPlan,
@@ -69,6 +70,7 @@ __all__ = [
     "OutOfMemoryError",
     "PermissionDeniedError",
     "PromptCompletion",
+    "PushSummary",
     "QueryResult",
     "QueryVectors",
     "RecallReport",
@@ -85,6 +87,7 @@ __all__ = [
     "measure_recall",
     "merge_shards",
     "plan_build",
+    "push_index",
     "refresh_index",
     "set_operating_point",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -30,7 +31,15 @@ import numpy as np
 import pytest
 import torch
 
-from attribindex import AttribIndexError, AttributionIndex, build_ensemble, build_index, capture_training, delete_ids
+from attribindex import (
+    AttribIndexError,
+    AttributionIndex,
+    append_documents,
+    build_ensemble,
+    build_index,
+    capture_training,
+    delete_ids,
+)
 from attribindex.store import layout
 from attribindex.testing import make_tiny_model, tiny_corpus, write_jsonl
 from tests.conftest import exact_config, exact_section_config
@@ -326,6 +335,52 @@ def _capture(w: World, tmp: Path, ids: list[str] | None, texts: list[str], confi
             assert not model._forward_pre_hooks and not model._forward_hooks, "the capture left its hooks on"
 
     return Run(call=step, incomplete=out)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _pushed(w: World, tmp: Path, index: Path | None = None) -> str:
+    """A Milvus Lite file in `tmp` holding `index` (default: the world's), released for the row's process."""
+    from attribindex.milvus import push_index
+
+    db = str(tmp / "pushed.db")
+    push_index(index or w.index, db, progress=False)
+    return db
+
+
+def _behind_an_append(w: World, tmp: Path) -> Run:
+    """A copy of the index with rows appended after it was pushed, queried through the collection."""
+    copy = _copy_index(w, tmp)
+    db = _pushed(w, tmp, copy)
+    append_documents(copy, _corpus(tmp, _good(3)), id_field="id", progress=False)
+    return _query(copy, "--search", db)
+
+
+def _guarded_server(w: World) -> str:
+    """milvus://127.0.0.1:PORT of a Milvus Lite server that lets in tests.milvus.conftest.LOGIN only."""
+    from tests.milvus.conftest import start_lite_server
+
+    server, _, port = _once(w, "guarded", lambda path: start_lite_server(path, login="root:Milvus"))  # kept alive
+    return f"milvus://127.0.0.1:{port}"
+
+
+def _busy_lite_file(w: World, tmp: Path) -> str:
+    """A Milvus Lite file this process keeps open (Lite lets one process at a time open a file)."""
+    from attribindex.milvus import MilvusTarget, connect
+
+    def make(path: Path) -> str:
+        path.mkdir()
+        target = MilvusTarget.parse(str(path / "busy.db"))
+        w.made["busy-client"] = connect(target)  # held for the session
+        return target.uri
+
+    return _once(w, "busy", make)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -807,6 +862,52 @@ CASES = [
         ('{"query": "a text", "ids": ["doc-1"]}',),
         status=400,
     ),
+    # --- Milvus (tests/milvus: what a collection answers; here: what a user is told) -----------------------------
+    Case(
+        "milvus-bad-uri",
+        lambda w, t: _query(w.index, "--search", "milvus:/localhost/wiki"),
+        ("is not a milvus collection uri",),
+        ("milvus://HOST:PORT/COLLECTION", "PATH.db"),
+    ),
+    Case(
+        "milvus-server-unreachable",  # a closed local port
+        lambda w, t: Run(args=["push", str(w.index), f"milvus://127.0.0.1:{_free_port()}/wiki"], unchanged=[w.index]),
+        ("no milvus server answers there",),
+        ("start the server", "host and port"),
+    ),
+    Case(
+        "milvus-wrong-token",
+        lambda w, t: Run(
+            args=["push", str(w.index), f"{_guarded_server(w)}/wiki", "--milvus-token", "root:wrong"],
+            unchanged=[w.index],
+        ),
+        ("refused the login", "auth check failure"),
+        ("--milvus-token", "MILVUS_TOKEN"),
+    ),
+    Case(
+        "milvus-collection-of-another-index",
+        lambda w, t: _query(_ensemble(w), "--search", _pushed(w, t)),
+        ("holds another index",),
+        ("--replace",),
+    ),
+    Case(
+        "milvus-push-over-another-index",
+        lambda w, t: Run(args=["push", str(_ensemble(w)), _pushed(w, t)], unchanged=[_ensemble(w)]),
+        ("holds another index",),
+        ("--replace", "another collection"),
+    ),
+    Case(
+        "milvus-collection-behind-an-append",
+        _behind_an_append,
+        ("lacks append",),
+        ("attribindex push",),
+    ),
+    Case(
+        "milvus-lite-file-open-elsewhere",
+        lambda w, t: Run(args=["push", str(w.index), _busy_lite_file(w, t)], unchanged=[w.index]),
+        ("another process",),
+        ("milvus-lite server", "milvus://"),
+    ),
 ]
 
 
@@ -895,6 +996,8 @@ def test_the_table_is_at_least_30_rows():
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input(case: Case, world: World, tmp_path: Path, request):
+    if case.id.startswith("milvus-") and importlib.util.find_spec("milvus_lite") is None:
+        pytest.skip("Milvus Lite runs on CPU machines only (the milvus-lite extra)")
     run = case.setup(world, tmp_path)
     before = {folder: _tree_hashes(folder) for folder in run.unchanged}
     if run.http is not None:

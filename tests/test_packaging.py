@@ -20,6 +20,21 @@ def test_every_package_folder_is_listed_in_pyproject():
     assert on_disk | {"attribindex.presets"} == listed
 
 
+def test_the_milvus_extras_keep_faiss_gpu_machines_working():
+    """A GPU machine installs `milvus` (the client) next to faiss-gpu; Milvus Lite is CPU-only because it requires
+    faiss-cpu, whose `faiss` module would overwrite faiss-gpu's (pyproject.toml, tools/setup.sh)."""
+    import importlib.metadata as metadata
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [r.split(">")[0] for r in extras["milvus"]] == ["pymilvus"]
+    assert [r.split(">")[0] for r in extras["milvus-lite"]] == ["pymilvus", "milvus-lite"]
+    pytest.importorskip("milvus_lite", reason="Milvus Lite runs on CPU machines only (the milvus-lite extra)")
+    requires = {d: [r.split(";")[0].strip() for r in metadata.requires(d) or []] for d in ("pymilvus", "milvus-lite")}
+    assert not any("faiss" in r for r in requires["pymilvus"]), requires["pymilvus"]
+    assert any(r.startswith("faiss-cpu") for r in requires["milvus-lite"]), requires["milvus-lite"]
+
+
 def test_the_installed_wheel_carries_its_presets(installed_wheel, tmp_path):
     venv, env = installed_wheel
     where = run_checked(

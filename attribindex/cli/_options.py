@@ -25,6 +25,22 @@ model_instead = click.option(
 )
 
 
+search_uri = click.option(
+    "--search",
+    "search_uri",
+    default=None,
+    metavar="URI",
+    help="Take candidates from this Milvus collection (milvus://HOST:PORT/COLLECTION, or PATH.db for Milvus Lite), "
+    "pushed from the index with `attribindex push`; scores still come from the index's store.",
+)
+milvus_token = click.option(
+    "--milvus-token",
+    envvar="MILVUS_TOKEN",
+    default=None,
+    help="Milvus login, user:password or an API key (env MILVUS_TOKEN; or MILVUS_USER and MILVUS_PASSWORD).",
+)
+
+
 def device(help: str | None = None):
     """--device: where the model and the index run."""
     return click.option(

@@ -39,6 +39,8 @@ from attribindex.query._render import explained_lines
 )
 @options.model_instead
 @options.device("Where the model and the index run.")
+@options.search_uri
+@options.milvus_token
 @click.option("--nprobe", type=int, default=None, help="IVF cells scanned (default: the recorded operating point).")
 @click.option("--ef-search", type=int, default=None, help="HNSW candidate list (default: the operating point).")
 @click.option(
@@ -61,6 +63,8 @@ def query(
     exact_candidates,
     model,
     device,
+    search_uri,
+    milvus_token,
     nprobe,
     ef_search,
     explain,
@@ -75,6 +79,7 @@ def query(
       attribindex query my-index --prompt "Q: Who killed Duncan?\\nA:" --completion " Macbeth" --bottom 3
       attribindex query my-index --text "first" --text "second" --json
       attribindex query --server http://127.0.0.1:8000 --text "Friends, Romans, countrymen"
+      attribindex query my-index --search milvus://10.0.0.5:19530/wiki --text "a model output"   # Milvus candidates
     \b
       # re-rank the top 200 candidates with exact, unprojected influence (index built with `exact`)
       attribindex query my-index --text "Now is the winter of our discontent" -k 10 --exact 200
@@ -106,7 +111,9 @@ def query(
                     for r in answer.results
                 ]
     else:
-        index = AttributionIndex.open(index_dir, model=model, device=device)
+        index = AttributionIndex.open(
+            index_dir, model=model, device=device, search=search_uri, milvus_token=milvus_token
+        )
         index.configure_search(nprobe=nprobe, ef_search=ef_search)
         answer = index.attribute(queries, k=k, bottom=bottom, exact=exact_candidates)
         if explain:
@@ -143,7 +150,7 @@ def _print_answer(answer, explanations: list, *, explain: bool, bottom: int, wid
         )
     click.echo(
         f"\n{answer.index_id} v{answer.index_version}: {len(answer.results)} queries in {answer.latency_ms:.0f} ms "
-        f"({answer.mode}, {'exact' if answer.exact else 'approximate: ' + answer.search})"
+        f"({answer.mode}, {'exact' if answer.exact else 'approximate'}: {answer.search})"
     )
     if answer.rerank is not None:
         rerank = answer.rerank

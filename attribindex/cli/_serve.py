@@ -17,6 +17,8 @@ from attribindex.cli._base import Command
 )
 @options.model_instead
 @options.device()
+@options.search_uri
+@options.milvus_token
 @click.option("--max-queries", type=int, default=64, show_default=True, help="Queries per request.")
 @click.option("--max-tokens", type=int, default=2048, show_default=True, help="Tokens per query.")
 @click.option("--max-k", type=int, default=1000, show_default=True, help="Largest k and bottom.")
@@ -37,6 +39,8 @@ def serve(
     token,
     model,
     device,
+    search_uri,
+    milvus_token,
     max_queries,
     max_tokens,
     max_k,
@@ -65,4 +69,5 @@ def serve(
         batch_window_ms=batch_window_ms,
         max_batch_queries=max_batch,
     )
-    serve(index_dir, host, port, token=token, model=model, device=device, limits=limits)
+    search = {"search": search_uri, "milvus_token": milvus_token} if search_uri else {}
+    serve(index_dir, host, port, token=token, model=model, device=device, limits=limits, **search)

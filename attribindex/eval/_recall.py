@@ -100,19 +100,25 @@ class RecallReport:
 
 
 def default_settings(index: AttributionIndex, k: int) -> list[dict]:
-    """The sweep for the index's approximate segments: nprobe 1, 2, 4, … nlist; or efSearch from the number of
-    candidates fetched (HNSW never searches with fewer) doubling up to 512."""
+    """The sweep for the index's approximate segments (or its Milvus collection): nprobe 1, 2, 4, … nlist; or
+    efSearch from the number of candidates fetched (a graph never searches with fewer) doubling up to 512."""
+    candidates = max(k, index.rerank * k)
+    if index.remote is not None:
+        state = index.remote.state
+        return _sweep(state.nlist, state.milvus_kind.effort is not None, candidates)
     plans = [SegmentPlan.from_record(s.plan) for s in index.manifest.index.segments if not s.exact]
     if not plans:
         raise AttribIndexError(
             f"{index.root} holds exact flat segments only: its recall is 1 by construction. "
             f"Build with an approximate index.kind (ivf_flat, ivf_sq8, ivf_pq, hnsw) to measure recall."
         )
-    nlist = max((p.nlist or 0) for p in plans)
+    return _sweep(max((p.nlist or 0) for p in plans), any(p.kind == "hnsw" for p in plans), candidates)
+
+
+def _sweep(nlist: int, graph: bool, candidates: int) -> list[dict]:
     if nlist:
         return [{"nprobe": 2**i} for i in range(nlist.bit_length()) if 2**i < nlist] + [{"nprobe": nlist}]
-    if any(p.kind == "hnsw" for p in plans):
-        candidates = max(k, index.rerank * k)
+    if graph:
         return [{"ef_search": candidates}] + [{"ef_search": 2**i} for i in range(4, 10) if 2**i > candidates]
     return [{}]
 
@@ -169,6 +175,7 @@ def measure_recall(
     exact_ms = (time.perf_counter() - started) * 1000 / len(vectors)
     kept_rerank = index.rerank
     kept_effort = [(s, getattr(s, "nprobe", None), getattr(s, "ef_search", None)) for s in index.index.segments]
+    kept_remote_effort = index.remote.effort if index.remote is not None else None
     if rerank is not None:
         index.configure_search(rerank=rerank)
     report = RecallReport(
@@ -193,6 +200,8 @@ def measure_recall(
         index.configure_search(rerank=kept_rerank)
         for segment, nprobe, ef_search in kept_effort:
             segment.configure(nprobe=nprobe, ef_search=ef_search)
+        if index.remote is not None:
+            index.remote.effort = kept_remote_effort
     return report
 
 

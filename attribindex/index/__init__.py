@@ -4,7 +4,14 @@ flat files of older indexes), exact re-ranking.
 Every segment kind implements the `Segment` protocol, which is all `SegmentedIndex` relies on.
 """
 
-from attribindex.index._approx import ApproximateIndex, SegmentPlan, build_segment, default_nlist
+from attribindex.index._approx import (
+    NORM_SAFETY,
+    ApproximateIndex,
+    SegmentPlan,
+    augmentation_column,
+    build_segment,
+    default_nlist,
+)
 from attribindex.index._blockwise import TorchFlatIndex, read_flat_vectors
 from attribindex.index._flat import FlatIndex, FlatIndexWriter, gpu_available, import_faiss
 from attribindex.index._rerank import rerank
@@ -13,6 +20,7 @@ from attribindex.index._segments import SegmentedIndex
 from attribindex.index._store_flat import StoreAccess, StoreFlatIndex
 
 __all__ = [
+    "NORM_SAFETY",
     "ApproximateIndex",
     "FlatIndex",
     "FlatIndexWriter",
@@ -22,6 +30,7 @@ __all__ = [
     "StoreAccess",
     "StoreFlatIndex",
     "TorchFlatIndex",
+    "augmentation_column",
     "build_segment",
     "default_nlist",
     "gpu_available",

@@ -48,6 +48,12 @@ def default_nlist(rows: int) -> int:
     return max(1, min(nearest, rows // MIN_TRAIN_PER_CENTROID))
 
 
+def augmentation_column(x: np.ndarray, max_norm: float) -> np.ndarray:
+    """The extra coordinate of the MIPS→L2 augmentation (module docstring): (n, D) → (n,) √(M² − ‖x‖²), float32."""
+    squared = np.einsum("nd,nd->n", x, x, dtype=np.float64)
+    return np.sqrt(np.maximum(max_norm**2 - squared, 0.0)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class SegmentPlan:
     """Every resolved parameter of one FAISS segment: what the manifest records and search needs.
@@ -150,8 +156,7 @@ class _Augmentation:
         out = np.zeros((len(x), self.plan.index_dim), dtype=np.float32)  # (n, D')
         out[:, : x.shape[1]] = x
         if self.plan.metric == "l2_augmented":
-            squared = np.einsum("nd,nd->n", x, x, dtype=np.float64)
-            out[:, x.shape[1]] = np.sqrt(np.maximum(self.max_norm**2 - squared, 0.0))
+            out[:, x.shape[1]] = augmentation_column(x, self.max_norm)
         return out
 
     def queries(self, q: np.ndarray) -> np.ndarray:

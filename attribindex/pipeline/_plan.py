@@ -22,6 +22,7 @@ from attribindex.data import Corpus, open_corpus, shard_window
 from attribindex.errors import AttribIndexError
 from attribindex.index import SegmentPlan
 from attribindex.logra import GradientExtractor
+from attribindex.milvus import MAX_DIM as MILVUS_MAX_DIM
 from attribindex.model import DTYPES, has_tokenizer, has_weights, load_model, model_from_config
 from attribindex.pipeline._exact import SUM_COPIES, ExactFactors, _physical_memory, check_exact_memory, factor_bytes
 from attribindex.pipeline._output import build_projections, build_request, module_records, resolve_model_path
@@ -39,7 +40,7 @@ from attribindex.pipeline._plan_probe import (
     tokenize_corpus,
 )
 from attribindex.pipeline._plan_report import BuildPlan, CorpusPlan, ExactPlan, TimePlan
-from attribindex.pipeline._plan_scale import MILVUS_MAX_DIM, check_scale_arguments, plan_scale
+from attribindex.pipeline._plan_scale import check_scale_arguments, plan_scale
 from attribindex.pipeline._plan_sizes import plan_disk, plan_memory
 from attribindex.store import ShardSlot
 
@@ -217,8 +218,10 @@ def plan_build(
         )
     if not scale.milvus_fits:
         notes += (
-            f"Milvus caps vectors at {MILVUS_MAX_DIM:,} dims and these have {projections.dim:,}: its candidate tier "
-            f"needs a smaller vector (fewer modules or a lower rank)",
+            f"Milvus caps vectors at {MILVUS_MAX_DIM:,} dims and these have {projections.dim:,}: `attribindex push` "
+            f"stores a {MILVUS_MAX_DIM:,}-dim CountSketch of each row ({projections.dim / MILVUS_MAX_DIM:.0f}× fewer "
+            f"dims; measured at 2–8×, docs/scale.md) whose candidates are re-scored from the store; fewer modules or "
+            f"a lower rank keep the whole vector",
         )
     index_name = "none (a shard: the merge builds it)" if segment is None else _index_name(segment, rows)
     return BuildPlan(

@@ -12,6 +12,7 @@ import math
 from attribindex.config import BuildConfig, IndexConfig
 from attribindex.errors import AttribIndexError
 from attribindex.index import SegmentPlan
+from attribindex.milvus import MAX_DIM as MILVUS_MAX_DIM
 from attribindex.pipeline._plan_report import CorpusPlan, DiskPlan, ScalePlan, SearchNodePlan, TimePlan
 from attribindex.pipeline._plan_sizes import _segment_bytes
 
@@ -19,7 +20,6 @@ from attribindex.pipeline._plan_sizes import _segment_bytes
 # 28k tokens/s for a 1B-parameter model and 8k tokens/s at 12B. Between (and beyond) them, interpolated log-log.
 BERGSON_CHART = ((1e9, 28_000.0), (12e9, 8_000.0))
 PQ_CODE_BYTES = (64, 128, 256)  # IVF-PQ code sizes a search tier is planned at
-MILVUS_MAX_DIM = 32_768  # Milvus caps a vector field's dims here (DESIGN.md, "Beyond one machine")
 GIB = 2**30
 
 

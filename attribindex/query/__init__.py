@@ -2,7 +2,8 @@
 
 from attribindex.query._exact import MAX_EXACT_CANDIDATES, check_exact
 from attribindex.query._explain import ExplainedExample, Explanation, TokenContribution, explanation_from_dict
-from attribindex.query._index import AttributionIndex, QueryVectors, as_queries, check_count
+from attribindex.query._index import AttributionIndex, QueryVectors
+from attribindex.query._inputs import as_queries, check_count
 from attribindex.query._results import (
     Attribution,
     Attributions,

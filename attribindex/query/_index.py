@@ -21,6 +21,7 @@ from attribindex.errors import AttribIndexError, IndexMismatchError
 from attribindex.hessian import Preconditioner, normalize_rows
 from attribindex.index import SegmentedIndex, StoreAccess, rerank
 from attribindex.logra import GradientExtractor, ModuleSpec, ProjectionSet
+from attribindex.milvus import MilvusSearch
 from attribindex.model import DTYPES, load_model, model_fingerprint
 from attribindex.query._ensemble import checkpoint_members, checkpoint_weights, ensemble_raw
 from attribindex.query._exact import EXACT_MEMORY_BYTES, ExactReranker, check_exact
@@ -32,10 +33,9 @@ from attribindex.query._explain import (
     split_scores,
     token_spans,
 )
-from attribindex.query._results import Attribution, Attributions, QueryResult, one_line
+from attribindex.query._inputs import Query, as_queries, check_count, preview
+from attribindex.query._results import Attribution, Attributions, QueryResult
 from attribindex.store import IndexManifest, RowStore, check_file, layout, read_manifest
-
-Query = str | PromptCompletion
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class AttributionIndex:
         self._weights: torch.Tensor | None = None  # (D,) an ensemble's checkpoint weight per dimension
         self._fingerprint = ""
         self._reranker: ExactReranker | None = None
+        self.remote: MilvusSearch | None = None  # candidates from a Milvus collection instead of `self.index`
         self.exact_memory_bytes = EXACT_MEMORY_BYTES  # what one batch of re-ranked candidates may hold
 
     @classmethod
@@ -117,6 +118,8 @@ class AttributionIndex:
         load_model_now: bool = True,
         device: str = "auto",
         dtype: str | None = None,
+        search: str | None = None,
+        milvus_token: str | None = None,
     ) -> AttributionIndex:
         """Open the index at `path` and the model that answers queries.
 
@@ -126,10 +129,15 @@ class AttributionIndex:
             load_model_now: False opens the index only (for `search` with precomputed QueryVectors).
             device: where the model and the FAISS index run (``auto`` = GPU when available).
             dtype: compute dtype for queries (default: the build's).
+            search: a Milvus collection pushed from this index (``milvus://HOST:PORT/COLLECTION`` or a Milvus Lite
+                ``PATH.db[#COLLECTION]``) to take candidates from; they are re-scored from the index's store, so
+                scores are a local flat search's. `milvus_token`: its login (default: MILVUS_TOKEN).
         """
         root = Path(path)
         manifest = read_manifest(root)
         index = cls(root, manifest, device=device)
+        if search is not None:
+            index.remote = MilvusSearch.open(search, manifest, index.index.deleted, milvus_token)
         if manifest.ensemble is not None and model is not None:
             raise AttribIndexError(
                 f"{root} is an ensemble over {len(manifest.ensemble.checkpoints)} checkpoints, which are loaded from "
@@ -179,6 +187,8 @@ class AttributionIndex:
                 self._extractor.dtype,
             )
             index._fingerprint = self._fingerprint  # the same model object: its fingerprint is unchanged
+        if self.remote is not None:
+            index.remote = self.remote.for_index(index.manifest, index.index.deleted)
             index._members = self._members  # an ensemble's checkpoints and their projections do not change
             index._weights = self._weights
             if self._fingerprint != index.manifest.model.fingerprint:
@@ -240,7 +250,7 @@ class AttributionIndex:
         queries = as_queries(queries)
         if not queries:
             raise AttribIndexError("no query given. Pass at least one text or (prompt, completion) pair.")
-        examples = self._extractor.tokenize(queries, [f"query {i} ({_preview(q)})" for i, q in enumerate(queries)])
+        examples = self._extractor.tokenize(queries, [f"query {i} ({preview(q)})" for i, q in enumerate(queries)])
         # Batched longest-first so that texts of similar length pad each other (rows do not depend on batching).
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
         vectors, losses = [], []
@@ -298,17 +308,26 @@ class AttributionIndex:
     @property
     def rescored(self) -> bool:
         """True when search re-scores approximate candidates exactly (scores exact, membership approximate)."""
-        return not self.index.exact and self.rerank > 0
+        return self.remote is not None or (not self.index.exact and self.rerank > 0)
+
+    @property
+    def exact_search(self) -> bool:
+        """True when search finds the exact top-k: a flat index, or a flat Milvus collection of the whole vectors."""
+        return self.remote.exact if self.remote is not None else self.index.exact
 
     @property
     def search_description(self) -> str:
         """How this index searches, e.g. ``IVF64,PQ16 nprobe=8, 4 × k re-scored exactly``."""
+        if self.remote is not None:
+            return f"{self.remote.description}, {max(1, self.rerank, self.remote.min_rerank)} × k re-scored exactly"
         return self.index.description + (f", {self.rerank} × k re-scored exactly" if self.rescored else "")
 
     def configure_search(self, nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None):
         """Override the search effort of approximate segments (default: the recorded operating point) and the
         re-rank factor (default: the config's)."""
         self.index.configure(nprobe=nprobe, ef_search=ef_search)
+        if self.remote is not None:
+            self.remote.configure(ef_search if ef_search is not None else nprobe)
         if rerank is not None:
             self.rerank = rerank
 
@@ -317,7 +336,11 @@ class AttributionIndex:
         indexes fetch `rerank × k` candidates and re-score them from the stored gradients (`rescore`)."""
         if not self.rescored:
             return self.index.search(vectors, k)
-        _, candidates = self.index.search(vectors, min(self.rows, max(k, self.rerank * k)))
+        count = min(self.rows, max(k, self.rerank * k))
+        if self.remote is not None:
+            count = min(self.rows, max(count, self.remote.min_rerank * k))
+            return self.rescore(vectors, self.remote.candidates(vectors, count), k)
+        _, candidates = self.index.search(vectors, count)
         return self.rescore(vectors, candidates, k)
 
     def rescore(self, vectors: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +411,7 @@ class AttributionIndex:
             index_id=self.index_id,
             index_version=self.version,
             latency_ms=latency,
-            exact=self.index.exact or rerank is not None,
+            exact=self.exact_search or rerank is not None,
             mode=self.mode,
             search=self.search_description,
             results=results,
@@ -441,7 +464,7 @@ class AttributionIndex:
         rows = self._live_rows_of(ids)
         documents = self.store.documents(rows)
         extractor = self.extractor
-        (query_example,) = extractor.tokenize([query], [f"query ({_preview(query)})"])
+        (query_example,) = extractor.tokenize([query], [f"query ({preview(query)})"])
         examples = extractor.tokenize([d.text for d in documents], [f"example {d.id!r}" for d in documents])
         if exact:
             check_exact(self.manifest, 1, 1, 0)  # refuses an index without the exact section, naming the fix
@@ -524,22 +547,3 @@ class AttributionIndex:
 
 def _contributions(spans: list[tuple[str, str, int, int]], values: torch.Tensor) -> list[TokenContribution]:
     return [TokenContribution(t, text, s, e, float(v)) for (t, text, s, e), v in zip(spans, values.tolist())]
-
-
-def as_queries(queries: Sequence[Query | tuple[str, str]] | Query) -> list[Query]:
-    """One query or many; (prompt, completion) tuples become PromptCompletion."""
-    if isinstance(queries, (str, PromptCompletion)):
-        return [queries]
-    return [q if isinstance(q, (str, PromptCompletion)) else PromptCompletion(*q) for q in queries]
-
-
-def check_count(name: str, value: int, rows: int, minimum: int) -> None:
-    """Refuse a count of results (`k`, `bottom`) outside [minimum, rows], naming it and the bounds."""
-    if not isinstance(value, int) or value < minimum or value > rows:
-        low = "1" if minimum else "0"
-        raise AttribIndexError(f"{name} must be between {low} and the number of indexed rows ({rows}), got {value}.")
-
-
-def _preview(query: Query) -> str:
-    text = query.completion if isinstance(query, PromptCompletion) else query
-    return repr(one_line(text, 31))

@@ -296,7 +296,7 @@ def _api_routes(batcher: MicroBatcher, tokenizer, limits: ServerLimits) -> APIRo
                 index_id=answered_by.index_id,
                 index_version=answered_by.version,
                 latency_ms=0.0,
-                exact=answered_by.index.exact,
+                exact=answered_by.exact_search,
                 mode=answered_by.mode,
                 results=results,
                 search=answered_by.search_description,

@@ -28,6 +28,8 @@ def create_server(
     model: str | None = None,
     device: str = "auto",
     limits: ServerLimits | None = None,
+    search: str | None = None,
+    milvus_token: str | None = None,
 ):
     """The uvicorn server `serve` runs, ready to run: the index and its model loaded once, the app made, what it
     serves announced on stderr. `serve` runs it in the foreground; a test may run it from a thread.
@@ -37,11 +39,12 @@ def create_server(
     """
     import uvicorn
 
-    index = AttributionIndex.open(index_dir, model=model, device=device)
+    index = AttributionIndex.open(index_dir, model=model, device=device, search=search, milvus_token=milvus_token)
     app = create_app(index, limits or ServerLimits(), token)
     where = f"http://{host}:{port}"
     print(
-        f"serving {index_dir} ({index.index_id} v{index.version}, {index.rows:,} rows) on {where}: "
+        f"serving {index_dir} ({index.index_id} v{index.version}, {index.rows:,} rows; {index.search_description}) "
+        f"on {where}: "
         f"the explorer at {where}/, the API description at {where}/docs",
         file=sys.stderr,
         flush=True,
@@ -61,10 +64,24 @@ def serve(
     model: str | None = None,
     device: str = "auto",
     limits: ServerLimits | None = None,
+    search: str | None = None,
+    milvus_token: str | None = None,
 ) -> None:
     """Serve `index_dir` over HTTP until interrupted; in-flight requests finish on SIGTERM, new ones are refused.
+    With `search`, candidates come from that Milvus collection (see `AttributionIndex.open`).
 
     Example:
         >>> serve("demo-index", port=8000, token="s3cret")  # doctest: +SKIP
     """
-    create_server(index_dir, host, port, token=token, model=model, device=device, limits=limits).run()
+    server = create_server(
+        index_dir,
+        host,
+        port,
+        token=token,
+        model=model,
+        device=device,
+        limits=limits,
+        search=search,
+        milvus_token=milvus_token,
+    )
+    server.run()

@@ -26,6 +26,7 @@ from attribindex import (
     append_documents,
     build_index,
     delete_ids,
+    push_index,
 )
 from attribindex.cli import main
 from attribindex.config import IndexConfig
@@ -263,6 +264,24 @@ def test_the_serve_command_takes_its_flags_and_shutdown_finishes_the_request_in_
     local = AttributionIndex.open(index_dir).attribute(texts[:4], k=3)  # the four distinct texts
     assert [[a.id for a in r.top] for r in answered[0].results] == [[a.id for a in r.top] for r in local.results] * 2
     assert "Traceback" not in server_log(process)
+
+
+def test_serve_search_takes_candidates_from_milvus_and_answers_as_the_library_does(index_dir, tmp_path):
+    """`attribindex serve --search DB` as a process, then the library through the same collection (a Milvus Lite file
+    is opened by one process at a time, so one after the other)."""
+    pytest.importorskip("milvus_lite", reason="Milvus Lite runs on CPU machines only (the milvus-lite extra)")
+    db = str(tmp_path / "served.db")
+    push_index(index_dir, db, kind="HNSW", progress=False)
+    process, url = start_server(index_dir, "--search", db)
+    try:
+        with Client(url) as client:
+            served = client.attribute(QUERIES, k=5, bottom=2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    assert f"Milvus HNSW ({db}), 4 × k re-scored exactly" in server_log(process)
+    assert served.search.startswith(f"Milvus HNSW ({db})") and not served.exact
+    _assert_same(served, AttributionIndex.open(index_dir, search=db).attribute(QUERIES, k=5, bottom=2))
 
 
 def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tiny_models, corpus_file, tmp_path):
