@@ -5,7 +5,7 @@ index re-scores from its own store (`AttributionIndex.open(path, search=URI)`). 
 collection is used: the `milvus` extra (a server) or `milvus-lite` (local files).
 """
 
-from attribindex.milvus._collection import KINDS, MAX_DIM, CollectionState, MilvusKind, milvus_kind, read_state
+from attribindex.milvus._collection import KINDS, MAX_DIM, CollectionState, MilvusKind, read_state
 from attribindex.milvus._push import PushSummary, push_index
 from attribindex.milvus._search import MilvusOperatingPoint, MilvusSearch
 from attribindex.milvus._target import MilvusTarget, connect
@@ -20,7 +20,6 @@ __all__ = [
     "MilvusTarget",
     "PushSummary",
     "connect",
-    "milvus_kind",
     "push_index",
     "read_state",
 ]

@@ -80,10 +80,6 @@ class MilvusSearch:
         `attribindex.milvus._collection`)."""
         return SKETCH_RERANK if self.state.sketch_dim else 1
 
-    @property
-    def effort_name(self) -> str | None:
-        return self.state.milvus_kind.effort
-
     def check(self) -> CollectionState:
         """The collection's record, refused with the fix unless it can answer for this index."""
         manifest, uri = self.manifest, self.target.uri
