@@ -69,5 +69,14 @@ def serve(
         batch_window_ms=batch_window_ms,
         max_batch_queries=max_batch,
     )
-    search = {"search": search_uri, "milvus_token": milvus_token} if search_uri else {}
-    serve(index_dir, host, port, token=token, model=model, device=device, limits=limits, **search)
+    serve(
+        index_dir,
+        host,
+        port,
+        token=token,
+        model=model,
+        device=device,
+        limits=limits,
+        search=search_uri,
+        milvus_token=milvus_token,
+    )

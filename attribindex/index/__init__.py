@@ -5,7 +5,6 @@ Every segment kind implements the `Segment` protocol, which is all `SegmentedInd
 """
 
 from attribindex.index._approx import (
-    NORM_SAFETY,
     ApproximateIndex,
     SegmentPlan,
     augmentation_column,
@@ -20,7 +19,6 @@ from attribindex.index._segments import SegmentedIndex
 from attribindex.index._store_flat import StoreAccess, StoreFlatIndex
 
 __all__ = [
-    "NORM_SAFETY",
     "ApproximateIndex",
     "FlatIndex",
     "FlatIndexWriter",

@@ -284,6 +284,35 @@ def test_serve_search_takes_candidates_from_milvus_and_answers_as_the_library_do
     _assert_same(served, AttributionIndex.open(index_dir, search=db).attribute(QUERIES, k=5, bottom=2))
 
 
+def test_a_server_searching_through_milvus_refuses_while_the_collection_lags_and_recovers_once_pushed(
+    tiny_models, corpus_file, tmp_path
+):
+    """An append committed while `serve --search` runs: the next requests are refused with the fix (the collection
+    lacks the new rows) until `attribindex push` sends them; then the server answers from them, without a restart."""
+    pytest.importorskip("milvus_lite", reason="Milvus Lite runs on CPU machines only (the milvus-lite extra)")
+    from tests.milvus.conftest import start_lite_server
+
+    out = tmp_path / "living"
+    build_index(exact_config(), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
+    server, db, port = start_lite_server(tmp_path / "milvus")  # a server: the push runs beside the serving thread
+    uri = f"milvus://127.0.0.1:{port}/living"
+    try:
+        push_index(out, uri, progress=False)
+        with serving(out, search=uri) as url, Client(url) as client:
+            assert client.attribute("King queen crown castle.", k=3).index_version == 1
+            more = write_jsonl(tmp_path / "more.jsonl", [{"id": "new-1", "text": "King queen crown castle crown."}])
+            append_documents(out, more, id_field="id", progress=False)
+            with pytest.raises(AttribIndexError, match=f"lacks append .*attribindex push INDEX {uri}"):
+                client.attribute("King queen crown castle.", k=3)
+            push_index(out, uri, progress=False)
+            assert client.attribute("King queen crown castle.", k=3).index_version == 2  # this batch reopens
+            answer = client.attribute("King queen crown castle crown.", k=25)  # every live row, the new one too
+            assert "new-1" in [a.id for a in answer.results[0].top]
+    finally:
+        server.stop(grace=1)
+        db.close()
+
+
 def test_a_running_server_serves_deletes_and_appends_committed_while_it_runs(tiny_models, corpus_file, tmp_path):
     out = tmp_path / "living"
     build_index(exact_config("cosine"), str(tiny_models["gpt2"]), corpus_file, out, id_field="id", progress=False)
