@@ -1,8 +1,10 @@
 """Exact influence of training examples on queries, from one forward + backward of the examples.
 
 Per layer, with Q̂ = U_S [(U_Sᵀ G_q U_A) ⊘ (Λ + λ)] U_Aᵀ the preconditioned query gradient, the score of an
-example is ⟨G, Q̂⟩ = Σ_t δ_tᵀ Q̂ x̄_t: contracted token by token (`ContractedScores`), the example's n_out × n_in'
-gradient is never formed. Cosine mode also needs the example's self-influence Σ (U_Sᵀ G U_A)² ⊘ (Λ + λ), which
+example is ⟨G, Q̂⟩ = Σ_t δ_tᵀ Q̂ x̄_t (`ContractedScores`). Token by token it costs T·Q·n_out·n_in' multiply-adds
+per example; through the example's gradient G = Σ_t δ_t x̄_tᵀ, then Q inner products, (T + Q)·n_out·n_in'. The
+second is cheaper unless T·Q ≤ T + Q (one query, or one token: `contracts_tokens`), and is used then; per-token
+terms (`explain`) need the first. Cosine mode also needs the example's self-influence Σ (U_Sᵀ G U_A)² ⊘ (Λ + λ), which
 does need its gradient: `RotatedGradients` forms it in the eigenbasis, one layer at a time, for a batch whose
 size a memory bound sets.
 """
@@ -47,22 +49,40 @@ class RotatedGradients:
         self.consume(name, delta.transpose(1, 2) @ x)  # (B, n_out, n_in')
 
 
+def contracts_tokens(tokens: int, queries: int) -> bool:
+    """Whether scoring token by token (T·Q·n_out·n_in' multiply-adds per example) costs no more than through the
+    example's gradient ((T + Q)·n_out·n_in'): one query, or one token."""
+    return tokens * queries <= tokens + queries
+
+
 class ContractedScores:
     """A `TokenListener` that adds Σ_t δ_tᵀ Q̂ x̄_t of each layer to `scores` (B, Q), for the preconditioned query
-    gradients `preconditioned[name]` (Q, n_out, n_in'); with `per_token`, keeps the terms apart: (B, Q, T)."""
+    gradients `preconditioned[name]` (Q, n_out, n_in'); with `per_token`, keeps the terms apart: (B, Q, T). Without
+    it, the cheaper order (`contracts_tokens`) is taken for each batch."""
 
     def __init__(self, shapes: dict[str, LayerShape], preconditioned: dict[str, torch.Tensor], per_token: bool = False):
-        self.shapes, self.preconditioned = shapes, preconditioned
-        self._contraction = "btqo,bto->bqt" if per_token else "btqo,bto->bq"
-        self._projected: dict[str, torch.Tensor] = {}
+        self.shapes, self.preconditioned, self.per_token = shapes, preconditioned, per_token
+        self._inputs: dict[str, torch.Tensor] = {}  # (B, T, n_in') or, token by token, (B, T, Q, n_out)
         self.scores: torch.Tensor | None = None
+
+    def _by_token(self, tokens: int, name: str) -> bool:
+        return self.per_token or contracts_tokens(tokens, len(self.preconditioned[name]))
 
     def on_input(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         x = masked_tokens(with_bias(x, self.shapes[name]), mask)  # (B, T, n_in')
-        self._projected[name] = torch.einsum("bti,qoi->btqo", x, self.preconditioned[name].to(x.dtype))
+        if self._by_token(x.shape[1], name):
+            x = torch.einsum("bti,qoi->btqo", x, self.preconditioned[name].to(x.dtype))  # (B, T, Q, n_out)
+        self._inputs[name] = x
 
     def on_output_grad(self, name: str, delta: torch.Tensor, mask: torch.Tensor | None) -> None:
-        layer = torch.einsum(self._contraction, self._projected.pop(name), delta)  # (B, Q) or (B, Q, T)
+        kept = self._inputs.pop(name)
+        if self.per_token:
+            layer = torch.einsum("btqo,bto->bqt", kept, delta)  # (B, Q, T)
+        elif self._by_token(delta.shape[1], name):
+            layer = torch.einsum("btqo,bto->bq", kept, delta)  # (B, Q)
+        else:
+            gradients = delta.transpose(1, 2) @ kept  # (B, n_out, n_in'): each example's G = Σ_t δ_t x̄_tᵀ
+            layer = torch.einsum("boi,qoi->bq", gradients, self.preconditioned[name].to(gradients.dtype))  # (B, Q)
         self.scores = layer if self.scores is None else self.scores + layer
 
 
@@ -180,8 +200,10 @@ class ExactScorer:
             tokens = len(examples[group[0] if group else i].input_ids)  # the group's longest
             if mode == "cosine":
                 per_example = (3 * largest + 2 * tokens * widest) * itemsize
-            else:
+            elif contracts_tokens(tokens, queries):
                 per_example = (queries + 2) * tokens * widest * itemsize
+            else:  # through each example's gradient
+                per_example = (largest + 2 * tokens * widest) * itemsize
             if group and (len(group) >= self.batch_size or (len(group) + 1) * per_example > self.memory_bytes):
                 yield group
                 group = []

@@ -1,0 +1,102 @@
+"""The exact stage against its bound: candidates scored per second ÷ plain forward + backward examples per second.
+
+Re-ranking C candidates with exact, unprojected influence (`attribute(..., exact=C)`) costs one forward + backward
+of each candidate, plus what scoring adds to it; the bound is a plain training step of the same model and batch
+(every weight gradient, no hooks). Workload (issue 27's): a 2-layer GPT-NeoX of hidden 128 (`--hidden`), documents
+of 128 tokens, batch 16, EK-FAC on its 8 linear layers (the `exact` section), float32 unless `--dtype`; N
+candidates (`--candidates`, 256) scored against 1 query and against 16, each in its own timed call after a warm-up
+(`AttributionIndex.exact_scores`, which includes preparing the queries).
+
+    python tools/bench_exact_stage.py [--hidden 128] [--candidates 256] [--dtype float32] [--out DIR]
+
+Prints plain examples/s, candidates/s for 1 and 16 queries, and each ratio (target ≥ 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_extract import plain_step
+
+from attribindex import AttributionIndex, build_index
+from attribindex.config import BuildConfig, ExactConfig, ExtractConfig, HessianConfig, IndexConfig, ProjectionConfig
+from attribindex.data import batched, collate
+from attribindex.testing import make_tiny_model, tiny_corpus, write_jsonl
+
+TOKENS = 128
+BATCH = 16
+
+
+def workload(out: Path, hidden: int, candidates: int, dtype: str) -> tuple[Path, list[str]]:
+    """A model, an index with the `exact` section over `candidates` documents of ~TOKENS tokens, and 16 queries."""
+    texts = [" ".join(d["text"] for d in tiny_corpus(12, seed=i)) for i in range(candidates + 16)]
+    model = make_tiny_model(out / "model", arch="gpt_neox", texts=texts[:200], hidden=hidden, layers=2)
+    corpus = write_jsonl(out / "corpus.jsonl", [{"id": f"doc-{i}", "text": t} for i, t in enumerate(texts[16:])])
+    config = BuildConfig(
+        projection=ProjectionConfig(rank_in=32, rank_out=32),
+        hessian=HessianConfig(kind="ekfac"),
+        extract=ExtractConfig(batch_size=BATCH, max_length=TOKENS, dtype=dtype, device="cpu"),
+        index=IndexConfig(mode="dot", device="cpu"),
+        exact=ExactConfig(enabled=True, kind="ekfac"),
+    )
+    build_index(config, str(model), corpus, out / "index", id_field="id", progress=False)
+    return out / "index", texts[:16]
+
+
+def plain_examples_per_s(index: AttributionIndex, rows: list[int], repeats: int = 3) -> float:
+    extractor = index.extractor
+    documents = index.store.documents(rows)
+    examples = extractor.tokenize([d.text for d in documents], [d.id for d in documents])
+    batches = [collate(group, extractor.pad_token_id) for group in batched(examples, BATCH)]
+    plain_step(extractor.model, batches[0])  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            plain_step(extractor.model, batch)
+        times.append(time.perf_counter() - started)
+    return len(rows) / statistics.median(times)
+
+
+def candidates_per_s(index: AttributionIndex, queries: list[str], rows: list[int]) -> float:
+    index.exact_scores(queries, rows[:BATCH])  # warm-up
+    started = time.perf_counter()
+    index.exact_scores(queries, rows)
+    return len(rows) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--candidates", type=int, default=256)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--out", type=Path, default=None, help="keep the workload here (default: a temporary folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or Path(scratch)
+        if not (out / "index" / "manifest.json").is_file():
+            workload(out, args.hidden, args.candidates, args.dtype)
+        texts = [" ".join(d["text"] for d in tiny_corpus(12, seed=i)) for i in range(16)]
+        index = AttributionIndex.open(out / "index", device="cpu")
+        rows = list(range(index.rows))
+        plain = plain_examples_per_s(index, rows)
+        print(
+            f"GPT-NeoX 2 × {args.hidden}, {args.dtype}, {torch.get_num_threads()} threads; {len(rows)} candidates of "
+            f"≤ {TOKENS} tokens, batch {BATCH}"
+        )
+        print(f"  plain forward + backward:  {plain:8.1f} examples/s")
+        for count in (1, 16):
+            rate = candidates_per_s(index, texts[:count], rows)
+            print(
+                f"  exact stage, {count:2d} quer{'y  ' if count == 1 else 'ies'}: {rate:8.1f} candidates/s  "
+                f"(÷ plain: {rate / plain:.2f}; target ≥ 0.8)"
+            )
+
+
+if __name__ == "__main__":
+    main()
