@@ -5,7 +5,9 @@ of each candidate, plus what scoring adds to it; the bound is a plain training s
 (every weight gradient, no hooks). Workload (issue 27's): a 2-layer GPT-NeoX of hidden 128 (`--hidden`), documents
 of 128 tokens, batch 16, EK-FAC on its 8 linear layers (the `exact` section), float32 unless `--dtype`; N
 candidates (`--candidates`, 256) scored against 1 query and against 16, each in its own timed call after a warm-up
-(`AttributionIndex.exact_scores`, which includes preparing the queries).
+(`AttributionIndex.exact_scores`, which includes preparing the queries and tokenizing the candidates);
+each repetition times the plain pass and both exact calls one after the other, and the ratios are medians over
+the repetitions (this machine's speed drifts between runs).
 
     python tools/bench_exact_stage.py [--hidden 128] [--candidates 256] [--dtype float32] [--out DIR]
 
@@ -48,26 +50,26 @@ def workload(out: Path, hidden: int, candidates: int, dtype: str) -> tuple[Path,
     return out / "index", texts[:16]
 
 
-def plain_examples_per_s(index: AttributionIndex, rows: list[int], repeats: int = 3) -> float:
+def timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def rates(index: AttributionIndex, texts: list[str], rows: list[int], repeats: int) -> dict[str, list[float]]:
+    """Per repetition, interleaved: plain examples/s over the candidates, then candidates/s for 1 and 16 queries."""
     extractor = index.extractor
     documents = index.store.documents(rows)
     examples = extractor.tokenize([d.text for d in documents], [d.id for d in documents])
     batches = [collate(group, extractor.pad_token_id) for group in batched(examples, BATCH)]
-    plain_step(extractor.model, batches[0])  # warm-up
-    times = []
+    plain_step(extractor.model, batches[0])  # warm-ups
+    index.exact_scores(texts, rows[:BATCH])
+    out: dict[str, list[float]] = {"plain": [], "1": [], "16": []}
     for _ in range(repeats):
-        started = time.perf_counter()
-        for batch in batches:
-            plain_step(extractor.model, batch)
-        times.append(time.perf_counter() - started)
-    return len(rows) / statistics.median(times)
-
-
-def candidates_per_s(index: AttributionIndex, queries: list[str], rows: list[int]) -> float:
-    index.exact_scores(queries, rows[:BATCH])  # warm-up
-    started = time.perf_counter()
-    index.exact_scores(queries, rows)
-    return len(rows) / (time.perf_counter() - started)
+        out["plain"].append(len(rows) / timed(lambda: [plain_step(extractor.model, b) for b in batches]))
+        for count in (1, 16):
+            out[str(count)].append(len(rows) / timed(lambda c=count: index.exact_scores(texts[:c], rows)))
+    return out
 
 
 def main() -> None:
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--candidates", type=int, default=256)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="keep the workload here (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -84,18 +87,18 @@ def main() -> None:
         texts = [" ".join(d["text"] for d in tiny_corpus(12, seed=i)) for i in range(16)]
         index = AttributionIndex.open(out / "index", device="cpu")
         rows = list(range(index.rows))
-        plain = plain_examples_per_s(index, rows)
+        measured = rates(index, texts, rows, args.repeats)
+        plain = statistics.median(measured["plain"])
         print(
             f"GPT-NeoX 2 × {args.hidden}, {args.dtype}, {torch.get_num_threads()} threads; {len(rows)} candidates of "
-            f"≤ {TOKENS} tokens, batch {BATCH}"
+            f"≤ {TOKENS} tokens, batch {BATCH}; medians of {args.repeats} interleaved repetitions"
         )
         print(f"  plain forward + backward:  {plain:8.1f} examples/s")
         for count in (1, 16):
-            rate = candidates_per_s(index, texts[:count], rows)
-            print(
-                f"  exact stage, {count:2d} quer{'y  ' if count == 1 else 'ies'}: {rate:8.1f} candidates/s  "
-                f"(÷ plain: {rate / plain:.2f}; target ≥ 0.8)"
-            )
+            rate = statistics.median(measured[str(count)])
+            ratio = statistics.median(r / p for r, p in zip(measured[str(count)], measured["plain"]))
+            label = "query  " if count == 1 else "queries"
+            print(f"  exact stage, {count:2d} {label}: {rate:8.1f} candidates/s  (÷ plain: {ratio:.2f}; target ≥ 0.8)")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ class ContractedScores:
             layer = torch.einsum("btqo,bto->bq", kept, delta)  # (B, Q)
         else:
             gradients = delta.transpose(1, 2) @ kept  # (B, n_out, n_in'): each example's G = Σ_t δ_t x̄_tᵀ
-            layer = torch.einsum("boi,qoi->bq", gradients, self.preconditioned[name].to(gradients.dtype))  # (B, Q)
+            queries = self.preconditioned[name].to(gradients.dtype)  # (Q, n_out, n_in')
+            layer = gradients.flatten(1) @ queries.flatten(1).T  # (B, Q): one GEMM
         self.scores = layer if self.scores is None else self.scores + layer
 
 
