@@ -1,6 +1,14 @@
 """Reading (and writing) corpora, stable ids, tokenisation and batching."""
 
-from attribindex.data._batching import Batch, PromptCompletion, TokenizedExample, batched, collate, tokenize
+from attribindex.data._batching import (
+    Batch,
+    PromptCompletion,
+    TokenizedExample,
+    batched,
+    collate,
+    encode_texts,
+    tokenize,
+)
 from attribindex.data._documents import Corpus, Document, content_id, open_corpus, shard_window, write_jsonl
 
 __all__ = [
@@ -12,6 +20,7 @@ __all__ = [
     "batched",
     "collate",
     "content_id",
+    "encode_texts",
     "open_corpus",
     "shard_window",
     "tokenize",

@@ -42,7 +42,9 @@ class Batch:
     loss_mask: torch.Tensor  # (B, T) bool, target positions that count
 
 
-def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str) -> TokenizedExample:
+def tokenize(
+    tokenizer, item: str | PromptCompletion, max_length: int, name: str, ids: list[int] | None = None
+) -> TokenizedExample:
     """Tokenise a text or a (prompt, completion) pair, truncated to `max_length` tokens.
 
     A pair is tokenised as one text, `prompt + completion`, exactly as a model reads it: tokenising the two
@@ -51,7 +53,8 @@ def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str
     least one completion character: a token straddling the boundary (prompt "A: " + completion "Hamlet" fuse into
     " Hamlet") counts, so a completion never loses its only token. Special tokens (BOS, EOS) never count.
 
-    Raises AttribIndexError when no token is left to carry loss, naming the item `name`.
+    Raises AttribIndexError when no token is left to carry loss, naming the item `name`. `ids`: a text's ids from
+    `encode_texts` (one call for many texts), instead of tokenising it here.
 
     Example:
         >>> from transformers import AutoTokenizer
@@ -64,10 +67,7 @@ def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str
         full, mask = _tokenize_joined(tokenizer, item)
         mask = mask[:max_length]
     else:
-        # Truncation is intended (slicing keeps the ids of a tokenisation of the whole text, with no end-of-text
-        # token put after a cut), so the "longer than the specified maximum sequence length" warning is noise:
-        # `verbose=False` turns off that one warning for this call, not transformers' logging.
-        full = tokenizer(item, add_special_tokens=True, verbose=False)["input_ids"]
+        full = ids if ids is not None else encode_texts(tokenizer, [item])[0]
         mask = [1] * min(len(full), max_length)
     ids = full[:max_length]
     if mask:
@@ -82,6 +82,15 @@ def tokenize(tokenizer, item: str | PromptCompletion, max_length: int, name: str
             f"{name}: no token carries loss ({what}). Remove it, lengthen it, or raise max_length ({max_length})."
         )
     return TokenizedExample(input_ids=ids, loss_mask=mask, truncated=len(full) > max_length)
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The whole ids of each text (special tokens added, nothing cut), in one call: a fast tokenizer encodes the
+    batch in parallel, as it would each text alone."""
+    # Truncation is intended (slicing keeps the ids of a tokenisation of the whole text, with no end-of-text token
+    # put after a cut), so the "longer than the specified maximum sequence length" warning is noise: `verbose=False`
+    # turns off that one warning for this call, not transformers' logging.
+    return tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else []
 
 
 def _tokenize_joined(tokenizer, item: PromptCompletion) -> tuple[list[int], list[int]]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attribindex.data import PromptCompletion, TokenizedExample, collate, tokenize
+from attribindex.data import PromptCompletion, TokenizedExample, collate, encode_texts, tokenize
 from attribindex.logra._capture import LoGraCapture
 from attribindex.logra._hooks import LayerHooks, TokenListener
 from attribindex.logra._projection import ProjectionSet
@@ -158,7 +158,11 @@ class GradientExtractor:
         self, items: Sequence[str | PromptCompletion], names: Sequence[str] | None = None
     ) -> list[TokenizedExample]:
         names = names or [f"query {i}" for i in range(len(items))]
-        return [tokenize(self.tokenizer, item, self.max_length, name) for item, name in zip(items, names)]
+        encoded = iter(encode_texts(self.tokenizer, [item for item in items if isinstance(item, str)]))
+        return [
+            tokenize(self.tokenizer, item, self.max_length, name, next(encoded) if isinstance(item, str) else None)
+            for item, name in zip(items, names)
+        ]
 
     def extract(
         self, examples: list[TokenizedExample], factors: bool = False, listeners: Sequence[TokenListener] = ()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import PythonBackend
 
 from attribindex import AttributionIndex, PromptCompletion, build_index
-from attribindex.data import tokenize
+from attribindex.data import encode_texts, tokenize
 from attribindex.testing import make_sentencepiece_tokenizer, make_tiny_model, make_tokenizer, tiny_corpus, write_jsonl
 from tests.conftest import exact_config
 from tests.reference import brute_force_scores, explicit_projected_gradients
@@ -39,6 +39,17 @@ def _completion_start(tokenizer, pair: PromptCompletion) -> int:
             if decoded_rest.strip() == pair.completion.strip():
                 return start
     raise AssertionError(f"no token boundary at the end of the prompt {pair.prompt!r}")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-bpe"])
+def test_texts_encoded_in_one_call_get_the_ids_each_gets_alone(kind):
+    """`GradientExtractor.tokenize` encodes a batch of texts at once (`encode_texts`); no padding, nothing cut."""
+    tokenizer = _tokenizers()[kind]
+    texts = TEXTS[:20] + ["", "x", " ".join(TEXTS[:40]), "Naïve café — “quoted” 東京 🙂"]
+    assert encode_texts(tokenizer, texts) == [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    alone = [tokenize(tokenizer, t, 16, f"text {i}") for i, t in enumerate(texts[:20])]
+    batch = encode_texts(tokenizer, texts[:20])
+    assert [tokenize(tokenizer, t, 16, f"text {i}", ids) for i, (t, ids) in enumerate(zip(texts, batch))] == alone
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte-bpe"])
