@@ -8,6 +8,7 @@ the cost of the curvature update, and the peak RSS of the process.
     python tools/bench_extract.py --model PATH         # any local causal LM folder
     python tools/bench_extract.py --smollm2            # the demo's SmolLM2-135M (hidden 576)
     python tools/bench_extract.py --llama-1b --device cuda --dtype bfloat16   # 1.24B parameters, random weights
+    python tools/bench_extract.py --grid             # issue 27's regression guard (docs/speed.md keeps its table)
 
 `--llama-1b` builds a model of Llama-3.2-1B's shape from its config here (hidden 2048, 16 layers, 32 heads, 8 KV
 heads, MLP 8192, vocabulary 128,256, tied embeddings) with random weights, directly on `--device`: nothing is
@@ -27,6 +28,7 @@ import torch
 
 from attribindex.config import ProjectionConfig
 from attribindex.data import batched
+from attribindex.exact import FactorListener, layer_shapes
 from attribindex.hessian import CurvatureSums
 from attribindex.logra import GradientExtractor, ProjectionSet, per_example_loss, select_modules
 from attribindex.model import DTYPES, load_model
@@ -88,8 +90,12 @@ def bench(
     device: str = "cpu",
     dtype: str = "float32",
     loaded: tuple | None = None,
-):
-    """Time LoGra extraction, the curvature update and a plain step on the model at `path` (or `loaded`)."""
+    exact: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Time LoGra extraction, the curvature update and a plain step on the model at `path` (or `loaded`); with
+    `exact`, the extraction also sums the `exact` section's unprojected factors in the same pass, as a build does.
+    Returns the medians (seconds per batch) and examples/s."""
     from attribindex.data import collate
 
     model, tokenizer = loaded or load_model(path, dtype=dtype, device=device)
@@ -101,13 +107,16 @@ def bench(
     texts = [" ".join(d["text"] for d in tiny_corpus(40, seed=i)) for i in range(batch_size * (batches + 2))]
     groups = [extractor.tokenize(g) for g in batched(texts, batch_size)]
     curvature = CurvatureSums(dict(zip([s.name for s in specs], projections.block_dims)))
+    factors = FactorListener(layer_shapes(model, [s.name for s in specs])) if exact else None
 
     logra, plain, curv = [], [], []
     for i, group in enumerate(groups):
         batch = collate(group, extractor.pad_token_id)
         synchronize(on)
         started = time.perf_counter()
-        extracted = extractor.extract(group)
+        extracted = extractor.extract(group, listeners=[factors] if factors else ())
+        if factors:
+            factors.take()
         synchronize(on)
         t_logra = time.perf_counter() - started
         started = time.perf_counter()
@@ -123,6 +132,9 @@ def bench(
             plain.append(t_plain)
             curv.append(t_curv)
     ml, mp, mc = statistics.median(logra), statistics.median(plain), statistics.median(curv)
+    measured = {"ratio": ml / mp, "plain_per_s": batch_size / mp, "extract_per_s": batch_size / ml}
+    if quiet:
+        return measured
     hidden = getattr(model.config, "hidden_size", getattr(model.config, "n_embd", "?"))
     parameters = sum(p.numel() for p in model.parameters())
     tokens = batch.attention_mask.shape[1]
@@ -143,6 +155,25 @@ def bench(
     )
     if on.type == "cuda":
         print(f"  peak GPU memory so far:                     {torch.cuda.max_memory_allocated(on) / 2**20:8.0f} MiB")
+    return measured
+
+
+def grid(tmp: Path, batches: int) -> None:
+    """Issue 27's regression guard: extraction ÷ a plain step on a 2-layer GPT-NeoX (batch 16 × 128 tokens, rank 32
+    on its 8 linear layers), at hidden 128 and 512, float32 and float64, without and with the `exact` section."""
+    texts = [d["text"] for d in tiny_corpus(300)]
+    print("| hidden | dtype | exact section | plain examples/s | extraction examples/s | extraction ÷ plain |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for hidden in (128, 512):
+        model = make_tiny_model(tmp / f"neox-{hidden}", "gpt_neox", texts, hidden=hidden, layers=2)
+        for dtype in ("float32", "float64"):
+            for exact in (False, True):
+                run = dict(batch_size=16, max_length=128, batches=batches, rank=32, modules=("*",), dtype=dtype)
+                m = bench(f"neox-{hidden}", str(model), **run, exact=exact, quiet=True)
+                print(
+                    f"| {hidden} | {dtype} | {'yes' if exact else 'no'} | {m['plain_per_s']:.1f} "
+                    f"| {m['extract_per_s']:.1f} | {m['ratio']:.2f} |"
+                )
 
 
 def main() -> None:
@@ -159,6 +190,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--modules", default="*", help="comma-separated module patterns")
+    parser.add_argument(
+        "--grid", action="store_true", help="issue 27's table: hidden 128 / 512 × float32 / float64 × exact section"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     modules = tuple(args.modules.split(","))
@@ -171,6 +205,10 @@ def main() -> None:
         device=args.device,
         dtype=args.dtype,
     )
+    if args.grid:
+        with tempfile.TemporaryDirectory() as tmp:
+            grid(Path(tmp), args.batches)
+        return
     if args.llama_1b:
         bench("Llama-3.2-1B shape (random weights)", None, **run, loaded=llama_1b(args.device, args.dtype))
         return
