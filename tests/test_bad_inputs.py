@@ -870,6 +870,12 @@ CASES = [
         ("milvus://HOST:PORT/COLLECTION", "PATH.db"),
     ),
     Case(
+        "milvus-push-of-a-folder-that-is-not-an-index",
+        lambda w, t: Run(args=["push", str(t / "no-index"), str(t / "a.db")], absent=t / "no-index"),
+        ("is not an attribindex index",),
+        ("build one first",),
+    ),
+    Case(
         "milvus-server-unreachable",  # a closed local port
         lambda w, t: Run(args=["push", str(w.index), f"milvus://127.0.0.1:{_free_port()}/wiki"], unchanged=[w.index]),
         ("no milvus server answers there",),

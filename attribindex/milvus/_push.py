@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import filelock
 import numpy as np
 
 from attribindex._progress import progress as progress_bar
@@ -34,7 +33,7 @@ from attribindex.milvus._collection import (
     write_state,
 )
 from attribindex.milvus._target import MilvusTarget, connect, disconnect, milvus_errors
-from attribindex.store import IndexManifest, RowStore, layout, read_manifest
+from attribindex.store import IndexManifest, RowStore, index_lock, read_manifest
 from attribindex.store._log_records import CompactEvent, DeleteEvent, RefreshEvent
 
 BATCH_BYTES = 16 * 2**20  # per insert: well under a Milvus server's 64 MB message limit
@@ -113,13 +112,9 @@ def push_index(
     started = time.perf_counter()
     root = Path(index_dir)
     target = MilvusTarget.parse(uri)
-    lock = filelock.FileLock(root / layout.LOCK, timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise AttribIndexError(f"another attribindex process is changing {root} right now. Wait, then push.") from None
-    try:
-        manifest = read_manifest(root)  # under the lock: no mutation runs until the push ends
+    read_manifest(root)  # a folder that is not an index is refused before its lock file is made in it
+    with index_lock(root):
+        manifest = read_manifest(root)  # again, under the lock: no mutation runs until the push ends
         client = connect(target, token)
         try:
             state = read_state(client, target)
@@ -141,8 +136,6 @@ def push_index(
                 action, (inserted, deleted) = "incremental", writer.update(state, plan)
         finally:
             disconnect(client, target)
-    finally:
-        lock.release()
     return PushSummary(
         uri=target.uri,
         index_id=manifest.index_id,

@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import filelock
 import numpy as np
 
-from attribindex.errors import AttribIndexError, resource_failures
+from attribindex.errors import resource_failures
 from attribindex.hessian import CurvatureSums, Preconditioner, fit_preconditioner
 from attribindex.pipeline._output import now
 from attribindex.pipeline._write_segments import raw_blocks, sampled_raw_blocks, write_segment
@@ -31,6 +30,7 @@ from attribindex.store import (
     RowStore,
     SegmentRecord,
     file_records,
+    index_lock,
     layout,
     read_manifest,
     write_manifest,
@@ -131,22 +131,12 @@ def mutation(
             return f"it resumes from its last written chunk (until then the index is version {version}, unchanged)"
         return f"the index is still version {version}, unchanged"
 
-    with resource_failures(root, then, memory_fix):
-        lock = filelock.FileLock(root / layout.LOCK, timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise AttribIndexError(
-                f"another attribindex process is changing {root} right now. Wait for it to finish, then retry."
-            ) from None
-        try:
-            manifest = read_manifest(root)  # re-read under the lock
-            version = manifest.version
-            collect_garbage(root, manifest, keep_pending_append)
-            change = Mutation(root, manifest)
-            yield change
-        finally:
-            lock.release()
+    with resource_failures(root, then, memory_fix), index_lock(root):
+        manifest = read_manifest(root)  # re-read under the lock
+        version = manifest.version
+        collect_garbage(root, manifest, keep_pending_append)
+        change = Mutation(root, manifest)
+        yield change
 
 
 def commit(change: Mutation, event: type[MutationEvent], **details: Any) -> IndexManifest:

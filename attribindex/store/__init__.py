@@ -1,4 +1,4 @@
-"""On-disk index folders: layout, typed manifest, chunked raw-gradient rows, atomic writes."""
+"""On-disk index folders: layout, typed manifest, chunked raw-gradient rows, atomic writes, the index lock."""
 
 from attribindex.store import _layout as layout
 from attribindex.store._atomic import (
@@ -10,6 +10,7 @@ from attribindex.store._atomic import (
     write_safetensors,
 )
 from attribindex.store._codec import decode, encode
+from attribindex.store._lock import index_lock
 from attribindex.store._log_records import (
     AppendEvent,
     AppendRequest,
@@ -127,6 +128,7 @@ __all__ = [
     "file_records",
     "file_sha256",
     "layout",
+    "index_lock",
     "manifest_json",
     "parse_manifest",
     "read_manifest",
