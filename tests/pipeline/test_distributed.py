@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,23 +24,21 @@ def config_file(tmp_path_factory):
     return path
 
 
-def _torchrun(processes: int, store: Path, *commands: list[str]) -> list[tuple[int, str, str]]:
+def _torchrun(processes: int, tmp_path: Path, *commands: list[str]) -> list[tuple[int, str, str]]:
     """Each command line's (exit status, stdout, stderr), all run in turn in one launch of `processes` ranks (see
-    torchrun_commands.py; `store`: a new file for the process group of the commands after the first)."""
+    torchrun_commands.py): the status of largest magnitude over the ranks, and their outputs joined in rank order."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    driver = [str(Path(__file__).with_name("torchrun_commands.py")), str(store), json.dumps(commands)]
-    result = subprocess.run([*launch, *driver], capture_output=True, text=True, timeout=300)
+    driver = [str(Path(__file__).with_name("torchrun_commands.py")), str(tmp_path / "store"), str(outputs)]
+    result = subprocess.run([*launch, *driver, json.dumps(commands)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    outs, errs = (re.split(r"=== command \d+ exit -?\d+\n", text) for text in (result.stdout, result.stderr))
-    statuses = [int(s) for s in re.findall(r"=== command \d+ exit (-?\d+)", result.stdout)]
-    assert len(statuses) == processes * len(commands), result.stderr[-3000:]
-    # every rank prints after each command: command i's output lies between the markers of i - 1 and i
+
+    def read(number: int, suffix: str) -> list[str]:
+        return [(outputs / f"{number}.{rank}.{suffix}").read_text() for rank in range(processes)]
+
     return [
-        (
-            max(statuses[processes * i : processes * (i + 1)], key=abs),
-            "".join(outs[processes * i : processes * (i + 1)]),
-            "".join(errs[processes * i : processes * (i + 1)]),
-        )
+        (max((int(s) for s in read(i, "status")), key=abs), "".join(read(i, "stdout")), "".join(read(i, "stderr")))
         for i in range(len(commands))
     ]
 
@@ -56,7 +53,7 @@ def test_two_ranks_three_shards_equal_one_process(tiny_models, corpus_file, conf
     outs = {hessian: tmp_path / hessian for hessian in hessians}
     builds = [[*common, "--hessian", h, "--num-shards", "3", "--keep-shards", "--out", str(outs[h])] for h in hessians]
     again = [*common, "--hessian", "raw", "--num-shards", "3", "--out", str(outs["raw"])]
-    *built, refused = _torchrun(2, tmp_path / "store", *builds, again)
+    *built, refused = _torchrun(2, tmp_path, *builds, again)
     for hessian, (status, stdout, stderr) in zip(hessians, built):
         assert status == 0, stderr[-3000:]
         _assert_equals_one_process(hessian, outs[hessian], stdout, stderr, model, corpus_file, tmp_path)
