@@ -26,13 +26,15 @@ from pathlib import Path
 
 import torch
 
-from attribindex.config import ProjectionConfig
+from attribindex.config import ExactConfig, ProjectionConfig
 from attribindex.data import batched
-from attribindex.exact import FactorListener, layer_shapes
 from attribindex.hessian import CurvatureSums
 from attribindex.logra import GradientExtractor, ProjectionSet, per_example_loss, select_modules
 from attribindex.model import DTYPES, load_model
 from attribindex.testing import make_tiny_model, make_tokenizer, tiny_corpus
+
+EXACT_DOCUMENTS = 4096  # issue 27's workload: the build whose factor sample the exact section's rows are taken at
+SCALE_DOCUMENTS = 100_000  # and a larger corpus, where the same factor sample is a smaller share of each batch
 
 # Llama-3.2-1B's shape (its published config.json), for a throughput figure at the 1B scale without its weights
 LLAMA_1B = dict(
@@ -90,13 +92,16 @@ def bench(
     device: str = "cpu",
     dtype: str = "float32",
     loaded: tuple | None = None,
-    exact: bool = False,
+    exact: ExactConfig | None = None,
+    documents: int = EXACT_DOCUMENTS,
     quiet: bool = False,
 ) -> dict:
     """Time LoGra extraction, the curvature update and a plain step on the model at `path` (or `loaded`); with
-    `exact`, the extraction also sums the `exact` section's unprojected factors in the same pass, as a build does.
-    Returns the medians (seconds per batch) and examples/s."""
+    `exact`, the extraction also sums that `exact` section's unprojected factors in the same pass, as a build of
+    `documents` documents does (its factor sample: a share of each batch). Returns the medians (seconds per batch)
+    and examples/s."""
     from attribindex.data import collate
+    from attribindex.pipeline._exact import ExactFactors
 
     model, tokenizer = loaded or load_model(path, dtype=dtype, device=device)
     on = next(model.parameters()).device
@@ -107,16 +112,18 @@ def bench(
     texts = [" ".join(d["text"] for d in tiny_corpus(40, seed=i)) for i in range(batch_size * (batches + 2))]
     groups = [extractor.tokenize(g) for g in batched(texts, batch_size)]
     curvature = CurvatureSums(dict(zip([s.name for s in specs], projections.block_dims)))
-    factors = FactorListener(layer_shapes(model, [s.name for s in specs])) if exact else None
+    factors = ExactFactors(extractor, exact, documents) if exact else None
 
     logra, plain, curv = [], [], []
     for i, group in enumerate(groups):
         batch = collate(group, extractor.pad_token_id)
         synchronize(on)
         started = time.perf_counter()
-        extracted = extractor.extract(group, listeners=[factors] if factors else ())
         if factors:
-            factors.take()
+            factors.select(list(range(i * batch_size, (i + 1) * batch_size)))
+        extracted = extractor.extract(group, listeners=factors.same_pass if factors else ())
+        if factors:
+            factors.take(group)
         synchronize(on)
         t_logra = time.perf_counter() - started
         started = time.perf_counter()
@@ -160,18 +167,27 @@ def bench(
 
 def grid(tmp: Path, batches: int) -> None:
     """Issue 27's regression guard: extraction ÷ a plain step on a 2-layer GPT-NeoX (batch 16 × 128 tokens, rank 32
-    on its 8 linear layers), at hidden 128 and 512, float32 and float64, without and with the `exact` section."""
+    on its 8 linear layers), at hidden 128 and 512, float32 and float64, without and with the `exact` section (EK-FAC:
+    factors over every example, and over the default factor sample in builds of 4,096 and 100,000 documents)."""
     texts = [d["text"] for d in tiny_corpus(300)]
+    sample = ExactConfig().factor_sample
+    sections = {  # label: (exact section, documents of the build)
+        "no": (None, EXACT_DOCUMENTS),
+        "every example": (ExactConfig(enabled=True, factor_sample=None), EXACT_DOCUMENTS),
+        f"sample {sample:,} of {EXACT_DOCUMENTS:,}": (ExactConfig(enabled=True), EXACT_DOCUMENTS),
+        f"sample {sample:,} of {SCALE_DOCUMENTS:,}": (ExactConfig(enabled=True), SCALE_DOCUMENTS),
+    }
+    print("exact section: EK-FAC; its factor sample is a share of each batch, set by the build's documents")
     print("| hidden | dtype | exact section | plain examples/s | extraction examples/s | extraction ÷ plain |")
     print("| --- | --- | --- | --- | --- | --- |")
     for hidden in (128, 512):
         model = make_tiny_model(tmp / f"neox-{hidden}", "gpt_neox", texts, hidden=hidden, layers=2)
         for dtype in ("float32", "float64"):
-            for exact in (False, True):
+            for label, (exact, documents) in sections.items():
                 run = dict(batch_size=16, max_length=128, batches=batches, rank=32, modules=("*",), dtype=dtype)
-                m = bench(f"neox-{hidden}", str(model), **run, exact=exact, quiet=True)
+                m = bench(f"neox-{hidden}", str(model), **run, exact=exact, documents=documents, quiet=True)
                 print(
-                    f"| {hidden} | {dtype} | {'yes' if exact else 'no'} | {m['plain_per_s']:.1f} "
+                    f"| {hidden} | {dtype} | {label} | {m['plain_per_s']:.1f} "
                     f"| {m['extract_per_s']:.1f} | {m['ratio']:.2f} |"
                 )
 

@@ -106,7 +106,7 @@ def _index_lines(manifest) -> list[str]:
     if exact is not None:
         sample = f", eigenvalues corrected on {exact.sample:,} examples" if exact.kind == "ekfac" else ""
         lines.append(
-            f"exact        {exact.kind} unprojected, {exact.fisher} Fisher, damping α={exact.damping} over "
+            f"exact        {exact.kind} unprojected, {exact.fisher} Fisher, damping α={exact.damping}, factors from "
             f"{exact.examples:,} examples{sample}; factors {exact.factor_bytes / 2**20:.1f} MiB; "
             f"`query --exact C` re-ranks the top-C"
         )

@@ -269,10 +269,15 @@ class ExactConfig:
             over ``sample`` examples (E[(U_Sᵀ G U_A)²], George et al. 2018).
         damping: α in ``λ = α · mean(eigenvalues)``, per layer.
         sample: examples of the EK-FAC correction pass, drawn (seeded) from the indexed rows.
+        factor_sample: about how many examples of a build (or an append) feed the factors A and S, drawn (seeded)
+            by corpus position; each is weighted by 1 / its inclusion probability, so the sums estimate those
+            over every example. The factors cost more than the layer's own weight gradient, and their
+            eigenbases settle long before the corpus ends (kronfluence's default is 100,000 examples). None:
+            every example (as is every example of a streamed corpus, whose length is unknown).
         fisher: ``empirical`` = factors from the data's labels (the gradients that are scored); ``true`` =
             labels sampled from the model's own predictions (kronfluence's recipe for language models), which
             costs one more forward and backward per batch.
-        seed: seed of the correction sample and of the sampled labels.
+        seed: seed of the correction sample, of the factor sample and of the sampled labels.
         memory_gb: the most memory the factor sums may take while building (None = half of this machine's
             RAM); a larger model is refused before the build starts.
 
@@ -285,6 +290,7 @@ class ExactConfig:
     kind: ExactKind = "ekfac"
     damping: float = 0.1
     sample: int = 1024
+    factor_sample: int | None = 1024
     fisher: FisherLabels = "empirical"
     seed: int = 0
     memory_gb: float | None = None
@@ -292,6 +298,11 @@ class ExactConfig:
     def __post_init__(self) -> None:
         _require(self.damping > 0, f"exact.damping must be > 0 (relative to the mean eigenvalue), got {self.damping}.")
         _require(self.sample >= 1, f"exact.sample must be >= 1 (examples of the EK-FAC correction), got {self.sample}.")
+        _require(
+            self.factor_sample is None or self.factor_sample >= 1,
+            f"exact.factor_sample must be >= 1 (examples whose tokens feed the factors) or null (every example), "
+            f"got {self.factor_sample}.",
+        )
         _require(self.seed >= 0, f"exact.seed must be >= 0, got {self.seed}.")
         _require(
             self.memory_gb is None or self.memory_gb > 0,

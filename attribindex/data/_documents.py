@@ -58,6 +58,8 @@ class Corpus:
         self.limit = limit
         self._available = available
         self._length = available if limit is None or available is None else min(available, limit)
+        # Documents of the whole corpus, of which a `window` is a part (a streamed one: at most `limit`, or None).
+        self.whole_length = self._length if self._length is not None else limit
         self.start, self.stop = 0, None  # the positions this view covers (see `window`)
 
     def __len__(self) -> int:

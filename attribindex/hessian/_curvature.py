@@ -10,7 +10,9 @@ What is kept depends on the Hessian kind:
 
 With the config's `exact` section, any kind also keeps the unprojected factors of each layer, Σ_n Σ_t x̄ x̄ᵀ
 (n_in' × n_in', x̄ = [x, 1] with a bias), Σ_n Σ_t δ δᵀ (n_out × n_out) and Σ_n ‖G_n‖² (`attribindex.exact`),
-in the same file, so they resume, merge and grow with appends exactly as the projected sums do.
+in the same file, so they resume, merge and grow with appends exactly as the projected sums do. Those sums run
+over a seeded sample of the examples (`exact.factor_sample`, counted in `exact_examples`), weighted to estimate
+the sums over all of them.
 """
 
 from __future__ import annotations
@@ -67,8 +69,10 @@ class CurvatureSums:
         retained_deleted: int = 0,
         exact_shapes: dict[str, tuple[int, int]] | None = None,
         device: str = "cpu",  # "meta": the same tensors' shapes and dtypes, nothing allocated (a build's plan)
+        exact_examples: int = 0,
     ):
         self.count = count
+        self.exact_examples = exact_examples  # examples whose tokens the exact factors summed (their sample)
         # Deleted examples whose token statistics could not be subtracted (factor sums keep no per-example part).
         self.retained_deleted = retained_deleted
         if sums is None:
@@ -146,11 +150,14 @@ class CurvatureSums:
                 self.traces[name] += blocks[name].detach().to(device="cpu", dtype=torch.float64).square().sum()
         if self.tracks_exact:
             if exact is None:
-                raise ValueError("these curvature sums keep the exact section's factors; pass them.")
-            for name, activations in self.exact_activations.items():
+                raise ValueError(
+                    "these curvature sums keep the exact section's factors; pass them (empty: none of the batch was sampled)."
+                )
+            for name, activations in self.exact_activations.items() if exact else ():
                 activations.add_(exact[name].activations.cpu())
                 self.exact_gradients[name].add_(exact[name].gradients.cpu())
                 self.exact_traces[name].add_(exact[name].trace.cpu())
+            self.exact_examples += next(iter(exact.values())).examples if exact else 0
         self.count += batch
 
     def remove(self, blocks: dict[str, torch.Tensor]) -> None:
@@ -174,12 +181,14 @@ class CurvatureSums:
         for name, total in self.tensors.items():
             total.add_(other.tensors[name])
         self.count += other.count
+        self.exact_examples += other.exact_examples
         self.retained_deleted += other.retained_deleted
 
     def save(self, path: Path, note: dict | None = None) -> None:
         """Write atomically; `note` is a JSON record kept with the sums (a build stores its resume state there,
         so sums and state are committed together by one rename)."""
         metadata = {"count": str(self.count), "retained_deleted": str(self.retained_deleted)}
+        metadata |= {"exact_examples": str(self.exact_examples)} if self.tracks_exact else {}
         metadata |= {"note": json.dumps(note)} if note is not None else {}
         # Spelled out (not save_safetensors) so crash tests can stop a checkpoint between its write and its rename.
         with atomic_path(path) as tmp:
@@ -195,6 +204,7 @@ class CurvatureSums:
             count=int(metadata["count"]),
             sums=load_file(str(path)),
             retained_deleted=int(metadata.get("retained_deleted", 0)),
+            exact_examples=int(metadata.get("exact_examples", metadata["count"])),  # before sampling: every example
         )
         return sums, note
 

@@ -194,7 +194,11 @@ def append_documents(
             label="append",
             checkpoint=layout.APPEND_CHECKPOINT,
             first_chunk=first_chunk,
-            exact=ExactFactors(index.extractor, manifest.config.exact) if manifest.config.exact.enabled else None,
+            exact=(
+                ExactFactors(index.extractor, manifest.config.exact, corpus.whole_length)
+                if manifest.config.exact.enabled
+                else None
+            ),
         )
         state = extraction.state
         drift = _add_rows(change, index, extraction.curvature, state.chunks, progress)

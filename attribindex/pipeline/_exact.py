@@ -20,6 +20,8 @@ from attribindex.exact import (
     FactorListener,
     LayerShape,
     RotatedGradients,
+    factor_rate,
+    factor_selection,
     fit_exact_preconditioner,
     kfac_bases,
     layer_shapes,
@@ -66,26 +68,39 @@ def exact_shapes(extractor: GradientExtractor) -> dict[str, LayerShape]:
 
 
 class ExactFactors:
-    """The unprojected factor sums of each batch a build extracts: captured in the same backward pass as the
-    projected rows (empirical Fisher), or in one more pass with labels sampled from the model (true Fisher)."""
+    """The unprojected factor sums of the sampled examples of each batch a build extracts (`factor_sample`):
+    captured in the same backward pass as the projected rows (empirical Fisher), or in one more pass of those
+    examples with labels sampled from the model (true Fisher). `corpus_length`: the documents of the whole pass
+    (all shards of a build; an append's new corpus), which fixes the rate at which positions are sampled."""
 
-    def __init__(self, extractor: GradientExtractor, config: ExactConfig):
+    def __init__(self, extractor: GradientExtractor, config: ExactConfig, corpus_length: int | None):
         self.extractor = extractor
         self.config = config
         self.names = [spec.name for spec in extractor.projections.modules]
         self.shapes = exact_shapes(extractor)
-        self.listener = FactorListener(self.shapes)
+        self.rate = factor_rate(config.factor_sample, corpus_length)
+        self.listener = FactorListener(self.shapes, trace=config.kind == "kfac")
+        self._chosen: list[int] = []
 
     @property
     def same_pass(self) -> list[FactorListener]:
         """The listeners to hand to the projected pass (none when the factors need their own labels)."""
         return [self.listener] if self.config.fisher == "empirical" else []
 
+    def select(self, positions: list[int]) -> None:
+        """Before a batch's projected pass: the corpus positions of its examples, in batch order."""
+        chosen = factor_selection(np.asarray(positions), self.rate, self.config.seed)  # (B,) bool
+        self._chosen = np.flatnonzero(chosen).tolist()
+        rows = None if len(self._chosen) == len(positions) else torch.tensor(self._chosen, dtype=torch.long)
+        self.listener.select(rows if self.config.fisher == "empirical" else None, 1.0 / self.rate)
+
     def take(self, examples: list[TokenizedExample]) -> dict[str, FactorBatch]:
-        """The batch's factor sums, after its projected pass ran with `same_pass`."""
-        if self.config.fisher == "true":
+        """The selected examples' factor sums (empty when none was), after the batch's projected pass ran with
+        `same_pass`."""
+        if self.config.fisher == "true" and self._chosen:
             hooks = LayerHooks(self.extractor.model, self.names, self.extractor.dtype, [self.listener])
-            self.extractor.run(hooks, examples, labels="sampled", seed=self.config.seed)
+            chosen = [examples[i] for i in self._chosen]
+            self.extractor.run(hooks, chosen, labels="sampled", seed=self.config.seed)
         return self.listener.take()
 
     def empty_shapes(self) -> dict[str, tuple[int, int]]:
@@ -139,7 +154,7 @@ def fit_exact(
         kind=config.kind,
         fisher=config.fisher,
         damping=config.damping,
-        examples=curvature.count,
+        examples=curvature.exact_examples,
         sample=sample,
         factor_bytes=factor_bytes(shapes),
         file=layout.EXACT_PRECONDITIONER,

@@ -225,8 +225,9 @@ def extract(
         examples = [example for _, _, example in window]
         # The window is written as slices that each end in one chunk: the first fills the current chunk's room.
         slice_of = (np.arange(len(window)) + store.chunk_rows - writer.room) // store.chunk_rows  # (W,)
+        positions = [position for position, _, _ in window]
         rows, factor_sums, exact_sums = _window_rows(
-            extractor, examples, batch_size, names, slice_of, factors, exact, bar
+            extractor, examples, positions, batch_size, names, slice_of, factors, exact, bar
         )  # (W, D), (slices, F), {slice: {name: FactorBatch}}
         _check_finite(rows, window, names, dims)
         start = 0
@@ -280,6 +281,7 @@ def _tokenized(corpus: Corpus, first: int, extractor: GradientExtractor, skip_em
 def _window_rows(
     extractor: GradientExtractor,
     examples: list[TokenizedExample],
+    positions: list[int],
     batch_size: int,
     names: list[str],
     slice_of: np.ndarray,
@@ -292,8 +294,9 @@ def _window_rows(
     `slice_of` ((W,)) is the written slice each example falls in. With `factors`, also the Kronecker factor rows
     summed per slice, (slices, F) in float64 (modules in `names` order): per-example factors (2·rank² per module)
     are never held for the whole window, only as many sums as the window has slices (one or two, usually). With
-    `exact`, the unprojected factors summed per slice ({slice: {name: FactorBatch}}); batches are then split where
-    a slice ends, since those sums exist per batch only.
+    `exact`, the unprojected factors of the examples its sample picks by corpus position (`positions`, (W,)), summed
+    per slice ({slice: {name: FactorBatch}}); batches are then split where a slice ends, since those sums exist per
+    batch only.
     """
     by_length = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
@@ -301,6 +304,8 @@ def _window_rows(
     exact_sums: dict[int, dict] = {}
     for group in _batches(by_length, batch_size, slice_of if exact is not None else None):
         batch = [examples[i] for i in group]
+        if exact is not None:
+            exact.select([positions[i] for i in group])
         extracted = extractor.extract(batch, factors=factors, listeners=exact.same_pass if exact else ())
         for row, i in zip(extracted.concatenated(names), group):
             rows[i] = row

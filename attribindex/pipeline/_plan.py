@@ -178,7 +178,7 @@ def plan_build(
 
     exact_plan, exact_factors = None, None
     if config.exact.enabled:
-        exact_plan, exact_factors = _exact_plan(config, extractor)
+        exact_plan, exact_factors = _exact_plan(config, extractor, corpus.whole_length)
     time_plan, activations = None, None
     if weights and examples:
         say(
@@ -267,10 +267,12 @@ def _time_plan(
     )
 
 
-def _exact_plan(config: BuildConfig, extractor: GradientExtractor) -> tuple[ExactPlan, ExactFactors | None]:
+def _exact_plan(
+    config: BuildConfig, extractor: GradientExtractor, corpus_length: int | None
+) -> tuple[ExactPlan, ExactFactors | None]:
     """The build's own check of the exact section, reported instead of raised; the factors for the probe when
     they fit."""
-    factors = ExactFactors(extractor, config.exact)
+    factors = ExactFactors(extractor, config.exact, corpus_length)
     one = factor_bytes(factors.shapes)
     limit = config.exact.memory_gb * 2**30 if config.exact.memory_gb is not None else _physical_memory() / 2
     refusal = None

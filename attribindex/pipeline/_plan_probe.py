@@ -158,6 +158,8 @@ def probe(
         if timing.batches >= batches and timing.seconds >= PROBE_MIN_SECONDS:
             break
         started = time.perf_counter()
+        if exact is not None:  # the sample's share of the batch, as the build picks it by position
+            exact.select(list(range(number * len(batch), (number + 1) * len(batch))))
         extracted = extractor.extract(batch, factors=factors, listeners=exact.same_pass if exact else ())
         rows = extracted.concatenated(names)  # (B, D)
         factor_rows = None

@@ -156,7 +156,7 @@ def _extract_rows(
     extractor = GradientExtractor(lm, tokenizer, projections, config.extract.max_length, DTYPES[config.extract.dtype])
     exact = None
     if config.exact.enabled:
-        exact = ExactFactors(extractor, config.exact)
+        exact = ExactFactors(extractor, config.exact, corpus.whole_length)
         check_exact_memory(config.exact, exact.shapes)
     extraction = extract(
         corpus,

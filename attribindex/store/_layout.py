@@ -7,12 +7,13 @@ from pathlib import Path
 
 FORMAT_NAME = "attribindex-index"
 SHARD_FORMAT_NAME = "attribindex-shard"  # one slice of a sharded build: rows + curvature sums, no searchable index
-FORMAT_VERSION = 9  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
+FORMAT_VERSION = 10  # 2: index segments, deleted rows, versioned files; 3: approximate segments (`plan`);
 # 4: kfac/ekfac curvature and preconditioner tensors, optimizer-aware projections; 5: the `exact` section;
 # 6: captured biases (`modules[].bias`), the head excluded as the model's output embedding; 7: `training`, rows
 # captured while a model trains; 8: an append event's `request`, so a rerun of a committed append is recognised;
-# 9: exact segments over the row store (`from_store`, a norms file instead of a whitened float32 copy)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # 1 is read as one segment; 2 has flat segments only
+# 9: exact segments over the row store (`from_store`, a norms file instead of a whitened float32 copy); 10: the
+# exact section's factors over a seeded sample of the examples (`exact.factor_sample`)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # 1 is read as one segment; 2 has flat segments only
 
 MANIFEST = "manifest.json"  # written last: its presence marks a complete index
 BUILD_MARKER = "building.json"  # present while a build runs; an index folder with it is incomplete

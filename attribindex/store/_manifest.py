@@ -120,7 +120,8 @@ def upgraded(data: dict[str, Any]) -> dict[str, Any]:
     """Manifest data of any readable version, as the current version says it (a mutation then writes it so).
 
     1 → 2: one segment, nothing deleted, never mutated. 2 → 3: no operating point; the index's `metric` (always
-    inner product) is dropped. Before 6: no bias captured, the head excluded by name only. Any older version:
+    inner product) is dropped. Before 6: no bias captured, the head excluded by name only. Before 10: the exact
+    section's factors over every example. Any older version:
     config keys added since then at their defaults. Identity
     indexes no longer record a `null` drift.
     """
@@ -129,6 +130,8 @@ def upgraded(data: dict[str, Any]) -> dict[str, Any]:
         # Before 6 no bias was captured and the head was left out by name pattern only: say so explicitly,
         # or the current defaults would describe these rows wrongly.
         data["config"]["projection"] |= {"include_head": True, "bias": False}
+    if data["format_version"] < 10 and "exact" in data["config"]:
+        data["config"]["exact"].setdefault("factor_sample", None)  # before 10 the factors summed every example
     if data["format_version"] < layout.FORMAT_VERSION:
         data["config"] = to_json(from_json(BuildConfig, data["config"], "manifest.config"))
     if data["format"] == layout.FORMAT_NAME:

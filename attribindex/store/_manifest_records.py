@@ -167,7 +167,7 @@ class ExactRecord:
     kind: Literal["kfac", "ekfac"]
     fisher: Literal["empirical", "true"]  # labels of the factors: the data's, or sampled from the model
     damping: float  # α
-    examples: int  # examples in the factor sums
+    examples: int  # examples whose tokens the factor sums hold (exact.factor_sample's draw; weighted to all)
     sample: int  # examples of the EK-FAC correction pass (0 for kfac)
     factor_bytes: int  # Σ (n_in'² + n_out²) × 8 over the layers: the sums in the curvature file
     file: str  # the exact preconditioner

@@ -336,5 +336,5 @@ def test_info_shows_the_exact_section(exact_index):
     result = CliRunner().invoke(main, ["info", str(exact_index)])
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("exact"))
-    assert "ekfac unprojected, empirical Fisher, damping α=0.1 over 24 examples" in line
+    assert "ekfac unprojected, empirical Fisher, damping α=0.1, factors from 24 examples" in line
     assert "corrected on 16 examples" in line and "`query --exact C`" in line

@@ -48,6 +48,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ("extract:\n  batch_size: two\n", "expected an integer"),
         ("projection:\n  modules: '*'\n", "expected a list of strings"),
         ("projection:\n  rank_in: 0\n", "rank_in/rank_out must be >= 1"),
+        ("exact:\n  enabled: true\n  factor_sample: 0\n", "exact.factor_sample must be >= 1"),
         ("store: [1, 2]\n", "expected a mapping"),
         ("index: {mode: dot\n", "not valid YAML"),
     ],

@@ -309,6 +309,34 @@ def test_shards_and_merge_equal_the_single_build(exact_index, tiny_models, corpu
     _same_exact_preconditioner(exact_index, tmp_path / "merged")
 
 
+def _splitmix64_unit(position: int, seed: int) -> float:
+    """`exact.factor_sample`'s documented draw: SplitMix64 of position + seed·0x9E3779B97F4A7C15, top 53 bits."""
+    mask = 2**64 - 1
+    z = (position + seed * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return ((z ^ (z >> 31)) >> 11) / 2.0**53
+
+
+def test_a_factor_sample_sums_its_positions_weighted_and_shards_agree(plain, tiny_models, corpus_file, tmp_path):
+    """factor_sample 8 of 24 documents: the factors are 3 × the sums over the positions the hash draws, whatever the
+    batch (4, padded) or shard (2, merged) they fall in."""
+    config = exact_section_config(factor_sample=8)
+    _build(tiny_models["gpt2"], corpus_file, tmp_path / "single", config)
+    for i in range(2):
+        _build(tiny_models["gpt2"], corpus_file, tmp_path / f"s{i}", config, num_shards=2, shard_index=i)
+    merge_shards([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged", progress=False)
+    chosen = [p for p in range(24) if _splitmix64_unit(p, SEED) < 8 / 24]
+    assert 0 < len(chosen) < 24
+    for root in ("single", "merged"):
+        sums, _ = CurvatureSums.load(tmp_path / root / layout.CURVATURE)
+        assert sums.exact_examples == read_manifest(tmp_path / root).exact.examples == len(chosen)
+        for name in sums.exact_activations:
+            for part, attribute in ((1, "exact_activations"), (2, "exact_gradients")):
+                expected = 3 * sum(plain["corpus"][p][name][part] for p in chosen)
+                torch.testing.assert_close(getattr(sums, attribute)[name], expected, rtol=1e-9, atol=1e-12)
+
+
 def test_batch_size_does_not_change_the_exact_section(exact_index, tiny_models, corpus_file, tmp_path):
     _build(tiny_models["gpt2"], corpus_file, tmp_path / "idx", exact_section_config(batch_size=3))
     _same_exact_preconditioner(exact_index, tmp_path / "idx")
@@ -327,10 +355,10 @@ def test_true_fisher_factors_and_correction_use_labels_drawn_from_the_model(
     empirical, _ = CurvatureSums.load(exact_index / layout.CURVATURE)
     for name in layers:
         expected = [sum(c[name][part] for c in sampled) for part in (1, 2)]
-        expected.append(sum(c[name][0].square().sum() for c in sampled))
-        for part, total in zip(("exact_activations", "exact_gradients", "exact_traces"), expected):
+        for part, total in zip(("exact_activations", "exact_gradients"), expected):
             got = getattr(sums, part)[name].reshape(total.shape)
             torch.testing.assert_close(got, total, rtol=1e-9, atol=1e-12 * float(total.abs().max()))
+        assert float(sums.exact_traces[name]) == 0.0  # EK-FAC keeps no trace: its eigenvalues are corrected instead
         assert not torch.allclose(sums.exact_gradients[name], empirical.exact_gradients[name])  # labels matter
     assert read_manifest(tmp_path / "idx").exact.fisher == "true"
     stored = ExactPreconditioner.load(tmp_path / "idx" / layout.EXACT_PRECONDITIONER)

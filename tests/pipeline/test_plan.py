@@ -332,7 +332,7 @@ def test_time_estimate_within_a_factor_of_two(tiny_models, tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", tiny_corpus(200, seed=3))
     config, model = load_config("tiny"), str(tiny_models["gpt2"])
     ratios = []
-    for attempt in range(2):  # the machine is shared: one retry if another process stole the CPU meanwhile
+    for attempt in range(3):  # the machine is shared: retries if another process stole the CPU meanwhile
         plan = plan_build(config, model, corpus, progress=False)
         summary = build_index(config, model, corpus, tmp_path / f"idx{attempt}", progress=False)
         ratios.append(plan.time.extract_seconds / summary.extract_seconds)

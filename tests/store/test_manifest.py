@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from attribindex._records import to_json
+from attribindex.config import ExactConfig
 from attribindex.errors import AttribIndexError
 from attribindex.store import (
     BuildMarker,
@@ -83,6 +84,14 @@ def test_the_fixtures_hold_every_optional_part():
     assert any(e.event == "delete" for m in training for e in m.log)  # a mutation keeps the training record
     exact = [m.exact for m in indexes if m.exact is not None]
     assert {e.kind for e in exact} == {"kfac", "ekfac"} and {e.fisher for e in exact} == {"empirical", "true"}
+
+
+def test_exact_sections_before_version_10_read_as_factors_over_every_example(tmp_path):
+    """Their factors summed every example; the current default (a factor sample) would describe them wrongly."""
+    for version, expected in ((9, None), (10, ExactConfig().factor_sample)):
+        path = FIXTURES / f"v{version}-index-exact-kfac-cosine.manifest.json"
+        (tmp_path / layout.MANIFEST).write_text(path.read_text())
+        assert read_manifest(tmp_path).config.exact.factor_sample == expected
 
 
 def test_the_build_marker_round_trips(tmp_path):
