@@ -11,7 +11,9 @@ the repetitions (this machine's speed drifts between runs).
 
     python tools/bench_exact_stage.py [--hidden 128] [--candidates 256] [--dtype float32] [--out DIR]
 
-Prints plain examples/s, candidates/s for 1 and 16 queries, and each ratio (target ≥ 0.8).
+Prints plain examples/s, candidates/s for 1 and 16 queries, and each ratio (target ≥ 0.8); and, timed apart in
+each repetition, the share of a call spent tokenizing the candidates and preparing the queries, with the ratio of
+the candidates' passes alone.
 """
 
 from __future__ import annotations
@@ -64,11 +66,16 @@ def rates(index: AttributionIndex, texts: list[str], rows: list[int], repeats: i
     batches = [collate(group, extractor.pad_token_id) for group in batched(examples, BATCH)]
     plain_step(extractor.model, batches[0])  # warm-ups
     index.exact_scores(texts, rows[:BATCH])
-    out: dict[str, list[float]] = {"plain": [], "1": [], "16": []}
+    out: dict[str, list[float]] = {"plain": [], "1": [], "16": [], "tokenize": [], "prepare 1": [], "prepare 16": []}
     for _ in range(repeats):
         out["plain"].append(len(rows) / timed(lambda: [plain_step(extractor.model, b) for b in batches]))
         for count in (1, 16):
             out[str(count)].append(len(rows) / timed(lambda c=count: index.exact_scores(texts[:c], rows)))
+        # What the calls spend besides the candidates' passes: reading and tokenizing them, and preparing the
+        # queries (a call with one candidate: the queries' own forward + backward and preconditioning).
+        out["tokenize"].append(timed(lambda: extractor.tokenize([d.text for d in index.store.documents(rows)])))
+        for count in (1, 16):
+            out[f"prepare {count}"].append(timed(lambda c=count: index.exact_scores(texts[:c], rows[:1])))
     return out
 
 
@@ -99,6 +106,13 @@ def main() -> None:
             ratio = statistics.median(r / p for r, p in zip(measured[str(count)], measured["plain"]))
             label = "query  " if count == 1 else "queries"
             print(f"  exact stage, {count:2d} {label}: {rate:8.1f} candidates/s  (÷ plain: {ratio:.2f}; target ≥ 0.8)")
+            besides = [t + p for t, p in zip(measured["tokenize"], measured[f"prepare {count}"])]
+            alone = [len(rows) / (len(rows) / r - b) for r, b in zip(measured[str(count)], besides)]
+            share = statistics.median(b * r / len(rows) for b, r in zip(besides, measured[str(count)]))
+            print(
+                f"    of its time {share:.0%} tokenizing the candidates and preparing the queries; the candidates' "
+                f"passes alone ÷ plain: {statistics.median(a / p for a, p in zip(alone, measured['plain'])):.2f}"
+            )
 
 
 if __name__ == "__main__":
