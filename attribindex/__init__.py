@@ -19,6 +19,7 @@ from attribindex.errors import (
     ResourceError,
 )
 from attribindex.eval import RecallReport, measure_recall
+from attribindex.harness import SampleTrace, read_eval_results, trace_eval
 from attribindex.milvus import PushSummary, push_index
 from attribindex.pipeline import (
     AppendSummary,
@@ -75,6 +76,7 @@ __all__ = [
     "QueryVectors",
     "RecallReport",
     "ResourceError",
+    "SampleTrace",
     "TokenContribution",
     "TrainingCapture",
     "append_documents",
@@ -85,11 +87,13 @@ __all__ = [
     "delete_ids",
     "load_config",
     "measure_recall",
+    "read_eval_results",
     "merge_shards",
     "plan_build",
     "push_index",
     "refresh_index",
     "set_operating_point",
+    "trace_eval",
 ]
 
 

@@ -146,3 +146,29 @@ def installed_wheel(tmp_path_factory) -> tuple[Path, dict]:
     ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))  # one folder in a venv
     (site / "dependencies.pth").write_text("".join(f"{path}\n" for path in ours))
     return venv, env
+
+
+BROWSER_INSTALL = "apt-get install -y chromium chromium-driver (or run tools/setup.sh), and pip install selenium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium from the OS packages, driven by selenium (tests of the explorer and of reports)."""
+    # A missing browser fails, never skips: a skipped test would let the page break unnoticed.
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail(f"selenium is not installed; {BROWSER_INSTALL}")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.fail(f"Chromium or chromedriver is not on PATH; {BROWSER_INSTALL}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1400"):
+        options.add_argument(flag)
+    # both paths given: selenium's driver manager would otherwise try to download a matching driver
+    chrome = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    yield chrome
+    chrome.quit()

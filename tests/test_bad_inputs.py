@@ -386,6 +386,42 @@ def _busy_lite_file(w: World, tmp: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 
+
+def _lm_eval_output(w: World, tmp: Path, version: str = "0.4.13", model: Path | None = None, samples: bool = True):
+    """What `lm_eval --log_samples --output_path OUT` writes for one generate_until sample of a task `qa` (the
+    0.4 layout: results_<date>.json beside samples_<task>_<date>.jsonl, in a folder named after the model), with
+    the given lm-eval version, evaluated model and samples (real runs: tests/harness)."""
+    folder = tmp / "lm-eval-out" / "model"
+    folder.mkdir(parents=True)
+    date = "2026-12-05T10-00-00.000000"
+    results = {
+        "results": {"qa": {"exact_match,none": 0.0}},
+        "configs": {"qa": {"task": "qa", "output_type": "generate_until"}},
+        "config": {"model": "hf", "model_args": {"pretrained": str(model or w.model)}},
+        "lm_eval_version": version,
+    }
+    (folder / f"results_{date}.json").write_text(json.dumps(results))
+    sample = {
+        "doc_id": 0,
+        "doc": {"question": "who wears the crown"},
+        "target": " the king",
+        "arguments": {"gen_args_0": {"arg_0": "Q: who wears the crown\nA:", "arg_1": {"until": ["\n"]}}},
+        "resps": [[" the queen"]],
+        "filtered_resps": [" the queen"],
+        "filter": "none",
+        "metrics": ["exact_match"],
+        "exact_match": 0.0,
+    }
+    if samples:
+        (folder / f"samples_qa_{date}.jsonl").write_text(json.dumps(sample) + "\n")
+    return tmp / "lm-eval-out"
+
+
+def _trace_eval(w: World, tmp: Path, results: Path, *extra: str) -> Run:
+    out = tmp / "traces"
+    return Run(args=["trace-eval", str(w.index), str(results), "--out", str(out), *extra], absent=out)
+
+
 CASES = [
     # --- corpora -------------------------------------------------------------------------------------------------
     # A bad first record fails before the model loads (the build reads one document up front); a bad record further
@@ -913,6 +949,37 @@ CASES = [
         lambda w, t: Run(args=["push", str(w.index), _busy_lite_file(w, t)], unchanged=[w.index]),
         ("another process",),
         ("milvus-lite server", "milvus://"),
+    ),
+    # --- evaluation harnesses (tests/harness: real lm-eval and Inspect runs) -----------------------------------
+    Case(
+        "trace-eval-results-of-another-lm-eval-version",
+        lambda w, t: _trace_eval(w, t, _lm_eval_output(w, t, version="0.3.0")),
+        ("written by lm-eval 0.3.0",),
+        ("lm-eval 0.4",),
+    ),
+    Case(
+        "trace-eval-a-run-without-samples",
+        lambda w, t: _trace_eval(w, t, _lm_eval_output(w, t, samples=False)),
+        ("holds no samples",),
+        ("--log_samples",),
+    ),
+    Case(
+        "trace-eval-a-task-not-in-the-run",
+        lambda w, t: _trace_eval(w, t, _lm_eval_output(w, t), "--task", "qa_typo"),
+        ("task 'qa_typo' is not in", "it holds qa"),
+        ("--task",),
+    ),
+    Case(
+        "trace-eval-samples-of-another-model",
+        lambda w, t: _trace_eval(w, t, _lm_eval_output(w, t, model=w.other_model)),
+        ("evaluated with the model", "the index explains"),
+        ("--any-model",),
+    ),
+    Case(
+        "trace-eval-a-file-that-is-no-eval-log",
+        lambda w, t: _trace_eval(w, t, _corpus(t, _good(2), name="log.json")),
+        ("not a readable inspect eval log",),
+        ("a log inspect wrote",),
     ),
 ]
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,29 @@ def test_every_package_folder_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "attribindex").rglob("__init__.py")}
     assert on_disk | {"attribindex.presets"} == listed
+
+
+def test_the_core_needs_neither_harness(tmp_path):
+    """lm-eval and Inspect are extras: without them installed (imports of both refused), attribindex and its
+    harness module import, and reading an Inspect log says which extra to install."""
+    script = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lm_eval", "inspect_ai"):
+            raise ImportError(f"no module named {name}")
+sys.meta_path.insert(0, Refuse())
+import attribindex, attribindex.cli
+from attribindex.harness import read_eval_results
+try:
+    read_eval_results(sys.argv[1])
+except attribindex.AttribIndexError as err:
+    print(err)
+"""
+    log = tmp_path / "run.eval"
+    log.write_bytes(b"PK")
+    printed = run_checked([sys.executable, "-c", script, str(log)], cwd=tmp_path, env=dict(os.environ))
+    assert "pip install 'attribindex[inspect]'" in printed
 
 
 def test_the_milvus_extras_keep_faiss_gpu_machines_working():

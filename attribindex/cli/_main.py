@@ -1,7 +1,7 @@
 """The `attribindex` command line: parse, call the library, print. No logic of its own.
 
 Each command group lives in a module of its own (`_build`, `_query`, `_inspect`, `_mutations`, `_serve`, `_eval`,
-`_demo`, `_milvus`), the options several of them share in `_options`, and the command classes that turn a library error
+`_harness`, `_demo`, `_milvus`), the options several of them share in `_options`, and the command classes that turn a library error
 into one clean line in `_base`. This module only assembles them: adding a command is one new module and one line
 in `COMMANDS`.
 """
@@ -16,6 +16,7 @@ from attribindex.cli._base import Group
 from attribindex.cli._build import build, merge, plan
 from attribindex.cli._demo import demo
 from attribindex.cli._eval import eval_group
+from attribindex.cli._harness import trace_eval
 from attribindex.cli._inspect import info, verify
 from attribindex.cli._milvus import push
 from attribindex.cli._mutations import append, compact, delete, refresh
@@ -37,6 +38,7 @@ COMMANDS: tuple[click.Command, ...] = (
     push,
     serve,
     eval_group,
+    trace_eval,
     demo,
 )
 

@@ -53,6 +53,7 @@ def tokenize(
     least one completion character: a token straddling the boundary (prompt "A: " + completion "Hamlet" fuse into
     " Hamlet") counts, so a completion never loses its only token. Special tokens (BOS, EOS) never count.
 
+    A pair whose completion starts past `max_length` keeps the end of its prompt instead (`_completion_in_reach`).
     Raises AttribIndexError when no token is left to carry loss, naming the item `name`. `ids`: a text's ids from
     `encode_texts` (one call for many texts), instead of tokenising it here.
 
@@ -65,23 +66,38 @@ def tokenize(
     """
     if isinstance(item, PromptCompletion):
         full, mask = _tokenize_joined(tokenizer, item)
+        truncated = len(full) > max_length
+        full, mask = _completion_in_reach(tokenizer, full, mask, max_length)
         mask = mask[:max_length]
     else:
         full = ids if ids is not None else encode_texts(tokenizer, [item])[0]
+        truncated = len(full) > max_length
         mask = [1] * min(len(full), max_length)
     ids = full[:max_length]
     if mask:
         mask[0] = 0  # the first token is never predicted
     if sum(mask) == 0:
         what = (
-            "its completion is empty or truncated away by max_length"
+            "its completion is empty, or its first token is the only one max_length leaves"
             if isinstance(item, PromptCompletion)
             else ("it tokenises to fewer than 2 tokens")
         )
         raise AttribIndexError(
             f"{name}: no token carries loss ({what}). Remove it, lengthen it, or raise max_length ({max_length})."
         )
-    return TokenizedExample(input_ids=ids, loss_mask=mask, truncated=len(full) > max_length)
+    return TokenizedExample(input_ids=ids, loss_mask=mask, truncated=truncated)
+
+
+def _completion_in_reach(tokenizer, ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """A pair whose completion starts past `max_length` (a long few-shot prompt) loses the start of its prompt
+    instead of its whole completion: the prompt's first tokens are dropped (a leading special token, BOS, stays
+    first) until the whole pair fits, or the whole prompt is gone. Any other pair is returned as it is."""
+    first = mask.index(1) if 1 in mask else len(mask)
+    if first < max_length or first == len(mask):
+        return ids, mask
+    keep = 1 if ids and ids[0] in set(tokenizer.all_special_ids) else 0
+    drop = min(len(ids) - max_length, first - keep)  # prompt tokens [keep, keep + drop) go
+    return ids[:keep] + ids[keep + drop :], mask[:keep] + mask[keep + drop :]
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -62,6 +62,21 @@ def test_pair_is_the_joined_text_with_loss_on_the_completion_tokens(kind):
         assert example.loss_mask == [0] * start + [1] * (len(example.input_ids) - start), pair
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-bpe"])
+def test_a_prompt_too_long_for_max_length_loses_its_start_not_the_completion(kind):
+    """A few-shot prompt past max_length: its first tokens go (a leading BOS stays), the completion stays whole."""
+    tokenizer = _tokenizers()[kind]
+    pair = PromptCompletion(" ".join(TEXTS[:30]), " daughter mother brother.")
+    whole = tokenize(tokenizer, pair, 10_000, "query")
+    completion = whole.loss_mask.count(1)
+    example = tokenize(tokenizer, pair, 32, "query")
+    assert len(example.input_ids) == 32 and example.truncated and example.loss_mask.count(1) == completion
+    assert example.input_ids[-completion:] == whole.input_ids[-completion:]  # the completion, whole, at the end
+    bos = whole.input_ids[0] in tokenizer.all_special_ids
+    assert example.input_ids[: int(bos)] == whole.input_ids[: int(bos)]
+    assert example.input_ids[int(bos) :] == whole.input_ids[len(whole.input_ids) - 32 + int(bos) :]
+
+
 def test_separate_tokenisation_would_add_a_word_start_marker():
     # What joined tokenisation fixes: SentencePiece marks the start of any text it is given, so the completion
     # tokenised alone starts with an extra "▁" (or a different merge) that the model never reads in the joined text.

@@ -17,7 +17,6 @@ from attribindex.testing import serving, write_jsonl
 from tests.conftest import exact_config
 
 TOKEN = "explorer-token"
-INSTALL = "apt-get install -y chromium chromium-driver (or run tools/setup.sh), and pip install selenium"
 QUERY = "King queen crown sword love death night."
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "explorer.png"
 STRONGEST = 8  # highlights per example (explorer.js)
@@ -65,28 +64,6 @@ def server(index_dir):
 def local(index_dir):
     """The library's own answers, from an index opened apart from the server's."""
     return AttributionIndex.open(index_dir)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    # A missing browser fails, never skips: a skipped test would let the page break unnoticed.
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail(f"selenium is not installed; {INSTALL}")
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if binary is None or driver is None:
-        pytest.fail(f"Chromium or chromedriver is not on PATH; {INSTALL}")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1400"):
-        options.add_argument(flag)
-    # both paths given: selenium's driver manager would otherwise try to download a matching driver
-    chrome = webdriver.Chrome(options=options, service=Service(executable_path=driver))
-    yield chrome
-    chrome.quit()
 
 
 def _wait(browser, condition, timeout: float = 30):
