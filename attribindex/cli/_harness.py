@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -13,20 +14,11 @@ from attribindex.cli._base import Command
 @click.command(name="trace-eval", cls=Command)
 @click.argument("paths", nargs=-1, required=True, metavar="[INDEX_DIR] RESULTS")
 @click.option("--server", default=None, help="Trace through a running `attribindex serve` instead of INDEX_DIR.")
-@click.option(
-    "--token", envvar="ATTRIBINDEX_TOKEN", default=None, help="Bearer token for --server (env ATTRIBINDEX_TOKEN)."
-)
+@options.server_token
 @click.option("--task", "tasks", multiple=True, help="Only this task's samples (repeatable; default: every task).")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Proponents per text of a sample.")
 @click.option("--bottom", type=int, default=0, show_default=True, help="Opponents per text of a sample.")
-@click.option(
-    "--exact",
-    "exact_candidates",
-    type=int,
-    default=None,
-    metavar="C",
-    help="Re-score the index's top-C candidates with exact unprojected influence (an index built with `exact`).",
-)
+@options.exact_candidates
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for traces.jsonl and report.html.")
 @click.option(
     "--any-model", is_flag=True, help="Trace samples of another model path (the same model, copied elsewhere)."
@@ -55,27 +47,16 @@ def trace_eval(paths, server, token, tasks, k, bottom, exact_candidates, out, an
         raise click.UsageError("with --server give RESULTS only (the server holds the index).")
     if server is None and len(paths) != 2:
         raise click.UsageError("give INDEX_DIR and RESULTS, or --server URL and RESULTS.")
-    results = Path(paths[-1])
     if server is not None:
         from attribindex.serve import Client
 
-        with Client(server, token=token) as remote:
-            run = trace_eval_report(
-                remote,
-                results,
-                out,
-                k=k,
-                bottom=bottom,
-                exact=exact_candidates,
-                tasks=tasks,
-                any_model=any_model,
-                overwrite=overwrite,
-            )
+        opened = Client(server, token=token)
     else:
-        index = AttributionIndex.open(paths[0], model=model, device=device)
+        opened = contextlib.nullcontext(AttributionIndex.open(paths[0], model=model, device=device))
+    with opened as index:
         run = trace_eval_report(
             index,
-            results,
+            Path(paths[-1]),
             out,
             k=k,
             bottom=bottom,

@@ -25,6 +25,21 @@ model_instead = click.option(
 )
 
 
+server_token = click.option(
+    "--token", envvar="ATTRIBINDEX_TOKEN", default=None, help="Bearer token for --server (env ATTRIBINDEX_TOKEN)."
+)
+# named apart from `exact`: library messages that say "the `exact` section" mean the config key, not this flag
+exact_candidates = click.option(
+    "--exact",
+    "exact_candidates",
+    type=int,
+    default=None,
+    metavar="C",
+    help="Re-score the index's top-C (and bottom-C) candidates with exact unprojected influence; needs an index "
+    "built with the `exact` config section.",
+)
+
+
 search_uri = click.option(
     "--search",
     "search_uri",

@@ -19,24 +19,13 @@ from attribindex.query._render import explained_lines
 @click.option(
     "--server", default=None, help="Ask a running `attribindex serve` at this URL instead of opening INDEX_DIR."
 )
-@click.option(
-    "--token", envvar="ATTRIBINDEX_TOKEN", default=None, help="Bearer token for --server (env ATTRIBINDEX_TOKEN)."
-)
+@options.server_token
 @click.option("--text", "texts", multiple=True, help="A query text (repeatable).")
 @click.option("--prompt", default=None, help="Prompt of a (prompt, completion) query; only completion tokens count.")
 @click.option("--completion", default=None, help="Completion of a (prompt, completion) query.")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Number of most influential examples.")
 @click.option("--bottom", type=int, default=0, show_default=True, help="Number of least influential examples.")
-# named apart from `exact`: library messages that say "the `exact` section" mean the config key, not this flag
-@click.option(
-    "--exact",
-    "exact_candidates",
-    type=int,
-    default=None,
-    metavar="C",
-    help="Re-score the index's top-C (and bottom-C) candidates with exact unprojected influence; needs an index "
-    "built with the `exact` config section.",
-)
+@options.exact_candidates
 @options.model_instead
 @options.device("Where the model and the index run.")
 @options.search_uri
