@@ -33,7 +33,8 @@ def is_lm_eval_results(value: Any) -> bool:
 
 def read_lm_eval(source: dict | str | Path, tasks: tuple[str, ...] = ()) -> list[EvalSample]:
     """The samples of an lm-eval run: `simple_evaluate`'s results dict (run with `log_samples=True`), an
-    `--output_path` folder, one model's folder in it, or a `results_<date>.json` file; only `tasks` when given.
+    `--output_path` folder, one model's folder in it, or a `results_<date>.json` file; only `tasks` when given
+    (a group, such as `mmlu`, stands for its subtasks).
 
     Example:
         >>> results = lm_eval.simple_evaluate(model="hf", model_args="pretrained=./m", tasks=["qa"], log_samples=True)  # doctest: +SKIP
@@ -54,11 +55,13 @@ def read_lm_eval(source: dict | str | Path, tasks: tuple[str, ...] = ()) -> list
     _check_version(results, where)
     model = _model_of(results.get("config", {}))
     configs = results.get("configs", {})
-    chosen = {task: rows for task, rows in samples.items() if not tasks or task in tasks}
-    if tasks and (missing := sorted(set(tasks) - set(chosen))):
+    groups = results.get("group_subtasks") or {}
+    wanted = _subtasks(tasks, groups)
+    chosen = {task: rows for task, rows in samples.items() if not tasks or task in wanted}
+    if tasks and (missing := sorted(t for t in tasks if not _subtasks((t,), groups) & set(chosen))):
+        names = ", ".join(sorted({*samples, *groups})) or "no samples"
         raise AttribIndexError(
-            f"task {missing[0]!r} is not in {where}; it holds {', '.join(sorted(samples)) or 'no samples'}. Pass one "
-            f"of those with --task."
+            f"task {missing[0]!r} is not in {where}; it holds {names}. Pass one of those with --task."
         )
     out = []
     for task, rows in chosen.items():
@@ -67,6 +70,18 @@ def read_lm_eval(source: dict | str | Path, tasks: tuple[str, ...] = ()) -> list
         output_type = configs.get(task, {}).get("output_type") or _guess_output_type(rows[0])
         out.extend(_sample(task, output_type, row, model, where) for row in rows)
     return out
+
+
+def _subtasks(tasks: tuple[str, ...], groups: dict[str, list[str]]) -> set[str]:
+    """`tasks` with every group among them replaced by its subtasks, at any depth (lm-eval's `group_subtasks`:
+    `mmlu` → `mmlu_stem` → `mmlu_abstract_algebra`, …)."""
+    found, pending = set(), list(tasks)
+    while pending:
+        task = pending.pop()
+        if task not in found:
+            found.add(task)
+            pending.extend(groups.get(task, []))
+    return found
 
 
 def _results_file(path: Path) -> Path:

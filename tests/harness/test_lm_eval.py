@@ -83,3 +83,10 @@ def test_a_killed_run_resumes_without_tracing_finished_samples_again(qa_index, l
             assert [a["score"] for a in q["top"]] == pytest.approx([a["score"] for a in e["top"]], rel=1e-5)
     other = CliRunner().invoke(main, [*args[:-2], "-k", "3"])  # other options into the same folder: refused
     assert other.exit_code != 0 and "--overwrite" in other.output
+
+
+def test_a_task_group_stands_for_its_subtasks(lm_eval_results):
+    """lm-eval records a group's subtasks (`group_subtasks`, nested for mmlu → mmlu_stem → …): --task takes either."""
+    grouped = lm_eval_results | {"group_subtasks": {"qa_all": ["qa_sub"], "qa_sub": ["qa_gen", "qa_mc"]}}
+    assert {s.task for s in read_eval_results(grouped, tasks=["qa_all"])} == {"qa_gen", "qa_mc"}
+    assert {s.task for s in read_eval_results(grouped, tasks=["qa_mc"])} == {"qa_mc"}
