@@ -177,14 +177,11 @@ def trace_samples(
     batch_queries: int = 16,
     progress: bool = True,
 ) -> Iterator[list[SampleTrace]]:
-    """Trace `samples` in batches of about `batch_queries` texts; yields each batch's traces as it finishes. A
-    sample with nothing to attribute (no text from the model, no target) gets a trace without queries."""
+    """Trace `samples` in batches of at most `batch_queries` texts (a sample's texts stay in one batch); yields
+    each batch's traces as it finishes. A sample with nothing to attribute (no text from the model, no target) gets
+    a trace without queries."""
     with progress_bar(total=len(samples), desc="trace", unit="sample", enabled=progress) as bar:
-        batch: list[EvalSample] = []
-        for number, sample in enumerate(samples):
-            batch.append(sample)
-            if sum(len(s.queries) for s in batch) < batch_queries and number < len(samples) - 1:
-                continue
+        for batch in _batches(samples, batch_queries):
             queries = [q.query for s in batch for q in s.queries]
             found = iter(attributor.attribute(queries, k=k, bottom=bottom, exact=exact).results if queries else ())
             traces = []
@@ -195,7 +192,20 @@ def trace_samples(
                 )
             bar.update(len(batch))
             yield traces
-            batch = []
+
+
+def _batches(samples: Sequence[EvalSample], most: int) -> Iterator[list[EvalSample]]:
+    """Consecutive samples whose texts add up to at most `most` (one sample alone when it has more)."""
+    batch: list[EvalSample] = []
+    texts = 0
+    for sample in samples:
+        if batch and texts + len(sample.queries) > most:
+            yield batch
+            batch, texts = [], 0
+        batch.append(sample)
+        texts += len(sample.queries)
+    if batch:
+        yield batch
 
 
 def trace_eval(
