@@ -17,7 +17,7 @@ from attribindex.harness._samples import OUTCOMES
 from attribindex.harness._trace import SampleTrace
 from attribindex.query import Explanation, TokenContribution
 
-SHOWN_ATTRIBUTIONS = 5  # proponents shown per text of a sample
+SHOWN_ATTRIBUTIONS = 5  # proponents (and opponents) shown per text of a sample
 SUMMARY_ROWS = 20
 PREVIEW = 240  # characters of a training example shown
 
@@ -126,13 +126,18 @@ def _sample_block(trace: SampleTrace, explanation: Explanation | None) -> str:
     for query in trace.queries:
         lines.append(
             f"<div class='query'><p><b>{_e(query.query.role)}</b>: <span class='prompt'>{_e(query.query.prompt)}</span>"
-            f"<span class='completion'>{_e(query.query.completion)}</span></p><ol>"
+            f"<span class='completion'>{_e(query.query.completion)}</span></p>"
         )
-        lines.extend(
-            f"<li><span class='score'>{a.score:+.4g}</span> <b>{_e(a.id)}</b> {_e(a.text[:PREVIEW])}</li>"
-            for a in query.top[:SHOWN_ATTRIBUTIONS]
-        )
-        lines.append("</ol></div>")
+        for kind, found in (("top", query.top), ("bottom", query.bottom)):
+            if found:
+                title = "most influential" if kind == "top" else "least influential"
+                lines.append(f"<p class='list'>{title}</p><ol class='{kind}'>")
+                lines.extend(
+                    f"<li><span class='score'>{a.score:+.4g}</span> <b>{_e(a.id)}</b> {_e(a.text[:PREVIEW])}</li>"
+                    for a in found[:SHOWN_ATTRIBUTIONS]
+                )
+                lines.append("</ol>")
+        lines.append("</div>")
     if explanation is not None and explanation.examples:
         first = explanation.examples[0]
         lines.append(
@@ -174,5 +179,5 @@ table { border-collapse: collapse; width: 100%; } td, th { border-bottom: 1px so
 .text { color: #444; } .sample { border-left: 4px solid #999; padding: .4em .8em; margin: .8em 0; background: #fafafa; }
 .sample.wrong { border-color: #c33; } .sample.right { border-color: #393; }
 .prompt { color: #555; white-space: pre-wrap; } .completion { background: #fff3b0; white-space: pre-wrap; }
-.score { font-family: monospace; color: #555; } .tokens { white-space: pre-wrap; font-family: monospace; }
+.score { font-family: monospace; color: #555; } .list { margin: .2em 0; color: #666; font-size: .9em; } .tokens { white-space: pre-wrap; font-family: monospace; }
 """

@@ -20,14 +20,24 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "trace-eval-
 def test_the_report_shows_every_sample_by_outcome_with_highlights(qa_index, lm_eval_results, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    run = trace_eval_report(AttributionIndex.open(qa_index), lm_eval_results, tmp_path / "out", k=4, progress=False)
+    index = AttributionIndex.open(qa_index)
+    run = trace_eval_report(index, lm_eval_results, tmp_path / "out", k=4, bottom=2, progress=False)
     browser.get((tmp_path / "out" / "report.html").as_uri())
     shown = {a.get_attribute("data-key"): a for a in browser.find_elements(By.CSS_SELECTOR, "article.sample")}
     assert set(shown) == {t.sample.key for t in run.traces} and all(a.is_displayed() for a in shown.values())
     for trace in run.traces:
         article = shown[trace.sample.key]
         assert article.find_element(By.XPATH, "ancestor::section").get_attribute("id") == trace.sample.outcome
-        assert trace.queries[0].top[0].id in article.text  # its first proponent is listed
+        texts = article.find_elements(By.CSS_SELECTOR, ".query")
+        assert len(texts) == len(trace.queries)
+        for query, listed in zip(trace.queries, texts):
+            shown_top = [
+                li.find_element(By.TAG_NAME, "b").text for li in listed.find_elements(By.CSS_SELECTOR, "ol.top li")
+            ]
+            shown_bottom = [
+                li.find_element(By.TAG_NAME, "b").text for li in listed.find_elements(By.CSS_SELECTOR, "ol.bottom li")
+            ]
+            assert shown_top == [a.id for a in query.top] and shown_bottom == [a.id for a in query.bottom]
     highlighted = [a for a in shown.values() if a.find_elements(By.CSS_SELECTOR, ".explain .token")]
     outcomes = Counter(t.sample.outcome for t in run.traces if t.answer is not None)
     assert len(highlighted) == sum(min(3, n) for o, n in outcomes.items() if o in ("wrong", "right")) > 0
