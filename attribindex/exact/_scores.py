@@ -90,6 +90,12 @@ class ContractedScores:
                 layer = layer + delta.sum(dim=1) @ self._biases[name].to(delta.dtype).T  # Σ_t δ_t: the bias column
         self.scores = layer if self.scores is None else self.scores + layer
 
+    def take(self) -> torch.Tensor:
+        """The scores of the batch that just ran backward; the listener is then ready for the next batch (the
+        queries' split into weight and bias columns is made once, not per batch)."""
+        scores, self.scores = self.scores, None
+        return scores
+
 
 @dataclass
 class PreparedQueries:
@@ -149,32 +155,29 @@ class ExactScorer:
         """(N, Q) float64 influence of each example on each query: ⟨G_q, (H + λ)⁻¹ G⟩, divided by both
         self-influences' square roots in cosine mode (0 for a zero gradient)."""
         out = torch.zeros(len(examples), len(queries.losses), dtype=torch.float64)
+        contracted = ContractedScores(self.shapes, queries.preconditioned) if mode != "cosine" else None
         for group in self._batches(examples, len(queries.losses), mode):
             batch = [examples[i] for i in group]
-            if mode == "cosine":
+            if contracted is None:
                 dot, self_influence = self._rotated_scores(queries, batch)
                 norms = torch.sqrt(self_influence[:, None] * queries.self_influence[None, :])  # (B, Q)
                 out[group] = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
             else:
-                out[group] = self._contracted_scores(queries, batch)
+                self._run(contracted, batch)
+                out[group] = contracted.take().double().cpu()  # (B, Q)
         return out
 
     def token_scores(self, queries: PreparedQueries, examples: list[TokenizedExample]) -> list[torch.Tensor]:
         """Per example, its (Q, T) float64 terms δ_tᵀ (H + λ)⁻¹ G_q x̄_t, one per token: they add up to the dot-mode
         score on each query. `queries` may be any prepared texts (`prepare` of training examples too)."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+        listener = ContractedScores(self.shapes, queries.preconditioned, per_token=True)
         for group in self._batches(examples, len(queries.losses), "per_token"):
-            batch = [examples[i] for i in group]
-            listener = ContractedScores(self.shapes, queries.preconditioned, per_token=True)
-            self._run(listener, batch)
+            self._run(listener, [examples[i] for i in group])
+            scores = listener.take()  # (B, Q, T)
             for b, i in enumerate(group):
-                out[i] = listener.scores[b, :, : len(examples[i].input_ids)].double().cpu()
+                out[i] = scores[b, :, : len(examples[i].input_ids)].double().cpu()
         return out
-
-    def _contracted_scores(self, queries: PreparedQueries, batch: list[TokenizedExample]) -> torch.Tensor:
-        listener = ContractedScores(self.shapes, queries.preconditioned)
-        self._run(listener, batch)
-        return listener.scores.double().cpu()  # (B, Q)
 
     def _rotated_scores(
         self, queries: PreparedQueries, batch: list[TokenizedExample]
