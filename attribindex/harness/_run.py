@@ -13,7 +13,7 @@ from attribindex.harness._trace import (
     Attributor,
     TraceRun,
     check_model,
-    index_model,
+    describe,
     read_eval_results,
     trace_eval_to,
 )
@@ -49,18 +49,18 @@ def trace_eval_report(
     if out.exists() and not out.is_dir():
         raise AttribIndexError(f"{out} is a file. Give a folder for the traces and the report (--out).")
     samples = read_eval_results(results, tasks)
-    model = index_model(index)
-    check_model(samples, model, any_model)
+    facts = describe(index)
+    check_model(samples, facts.model, any_model)
     keys = "\n".join(s.key for s in samples).encode()
     request = {
-        "index": getattr(index, "index_id", None) or index.info()["index_id"],
-        "model": model,
+        "index": facts.index_id,
+        "model": facts.model,
         "samples": hashlib.sha256(keys).hexdigest(),
         "k": k,
         "bottom": bottom,
         "exact": exact,
     }
-    run = trace_eval_to(out, index, samples, request, k, bottom, exact, overwrite, progress)
+    run = trace_eval_to(out, index, samples, request, facts.batch_queries, k, bottom, exact, overwrite, progress)
     explanations = {}
     for outcome in ("wrong", "right"):
         chosen = [t for t in run.traces if t.sample.outcome == outcome and t.answer is not None and t.answer.top]
@@ -69,7 +69,7 @@ def trace_eval_report(
             explanations[trace.sample.key] = index.explain(
                 answer.query.query, [answer.top[0].id], exact=exact is not None
             )
-    title = f"Training data behind {', '.join(sorted({s.task for s in samples}))} ({model})"
+    title = f"Training data behind {', '.join(sorted({s.task for s in samples}))} ({facts.model})"
     with atomic_open(out / REPORT) as handle:
         handle.write(render_report(run.traces, explanations, title).encode("utf-8"))
     return run

@@ -22,7 +22,7 @@ from attribindex.harness._inspect import is_inspect_log, read_inspect
 from attribindex.harness._lm_eval import is_lm_eval_results, read_lm_eval
 from attribindex.harness._samples import EvalSample, SampleQuery
 from attribindex.query import Attribution, Attributions, Explanation
-from attribindex.store import write_json
+from attribindex.store import atomic_open, write_json
 
 TRACES = "traces.jsonl"
 REQUEST = "trace-eval.json"  # what the traces in a folder were asked with: a resumed run must ask the same
@@ -230,25 +230,29 @@ def trace_eval(
         'doc-0042'
     """
     samples = read_eval_results(results, tasks)
-    check_model(samples, index_model(index), any_model)
-    return [
-        trace
-        for batch in trace_samples(index, samples, k, bottom, exact, _batch_queries(index), progress)
-        for trace in batch
-    ]
+    facts = describe(index)
+    check_model(samples, facts.model, any_model)
+    batches = trace_samples(index, samples, k, bottom, exact, facts.batch_queries, progress)
+    return [trace for batch in batches for trace in batch]
 
 
-def index_model(index: Attributor) -> str:
-    """The model an index (or a server's index) explains."""
-    manifest = getattr(index, "manifest", None)
-    return manifest.model.name_or_path if manifest is not None else str(index.info()["model"])
+@dataclass(frozen=True)
+class IndexFacts:
+    """What tracing needs to know of an index: the model it explains, its id, and the texts per `attribute` call
+    (a server's `max_queries`; twice the build's batch for an open index)."""
+
+    model: str
+    index_id: str
+    batch_queries: int
 
 
-def _batch_queries(index: Attributor) -> int:
+def describe(index: Attributor) -> IndexFacts:
+    """`IndexFacts` of an open index (its manifest), or of a server's (one `info` request)."""
     manifest = getattr(index, "manifest", None)
     if manifest is not None:
-        return manifest.config.extract.batch_size * 2
-    return int(index.info()["limits"]["max_queries"])
+        return IndexFacts(manifest.model.name_or_path, index.index_id, manifest.config.extract.batch_size * 2)
+    info = index.info()
+    return IndexFacts(str(info["model"]), str(info["index_id"]), int(info["limits"]["max_queries"]))
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,7 @@ def trace_eval_to(
     index: Attributor,
     samples: Sequence[EvalSample],
     request: dict,
+    batch_queries: int,
     k: int = 10,
     bottom: int = 0,
     exact: int | None = None,
@@ -281,7 +286,7 @@ def trace_eval_to(
     pending = [s for s in samples if s.key not in done]
     traced_now = 0
     with open(out / TRACES, "a", encoding="utf-8") as lines:
-        for batch in trace_samples(index, pending, k, bottom, exact, _batch_queries(index), progress):
+        for batch in trace_samples(index, pending, k, bottom, exact, batch_queries, progress):
             lines.write("".join(json.dumps(trace.to_dict()) + "\n" for trace in batch))
             lines.flush()
             os.fsync(lines.fileno())  # a batch is durable before the next starts: a kill loses at most one
@@ -308,6 +313,7 @@ def _resumed(out: Path, request: dict, overwrite: bool) -> dict[str, SampleTrace
     text = traces.read_text(encoding="utf-8")
     whole = text[: text.rfind("\n") + 1]  # a line cut short by a kill is dropped, and traced again
     if len(whole) != len(text):
-        traces.write_text(whole, encoding="utf-8")
+        with atomic_open(traces) as handle:  # a kill now leaves the old file, cut line and all, not a lost one
+            handle.write(whole.encode("utf-8"))
     found = (SampleTrace.from_dict(json.loads(line)) for line in whole.splitlines() if line)
     return {trace.sample.key: trace for trace in found}
