@@ -84,7 +84,7 @@ def lm_eval_tasks(tmp_path_factory) -> Path:
     return root
 
 
-def lm_eval_args(model: Path, tasks: Path) -> dict:
+def lm_eval_args(model: Path) -> dict:
     return {"model": "hf", "model_args": f"pretrained={model},dtype=float32", "tasks": ["qa_gen", "qa_mc"]}
 
 
@@ -98,7 +98,7 @@ def lm_eval_results(tiny_models, lm_eval_tasks) -> dict:
     os.environ.update(OFFLINE)
     try:
         return lm_eval.simple_evaluate(
-            **lm_eval_args(tiny_models["gpt2"], lm_eval_tasks),
+            **lm_eval_args(tiny_models["gpt2"]),
             task_manager=TaskManager(include_path=str(lm_eval_tasks)),
             log_samples=True,
             device="cpu",
@@ -113,7 +113,7 @@ def lm_eval_results(tiny_models, lm_eval_tasks) -> dict:
 def lm_eval_folder(tiny_models, lm_eval_tasks, tmp_path_factory) -> Path:
     """What the `lm_eval` command writes with --log_samples --output_path (a process of its own)."""
     out = tmp_path_factory.mktemp("lm-eval-out")
-    args = lm_eval_args(tiny_models["gpt2"], lm_eval_tasks)
+    args = lm_eval_args(tiny_models["gpt2"])
     command = [sys.executable, "-m", "lm_eval", "--model", args["model"], "--model_args", args["model_args"]]
     command += ["--tasks", ",".join(args["tasks"]), "--include_path", str(lm_eval_tasks), "--device", "cpu"]
     command += ["--batch_size", "2", "--log_samples", "--output_path", str(out)]
